@@ -1,0 +1,284 @@
+"""The typed configuration of a seqpar run: the schema that `configs/` is checked against.
+
+The dataclasses here are registered with Hydra's ConfigStore, so a YAML key or value of the wrong type is refused
+while the config is composed. `validate()` then checks what types cannot: ranges, names and the relations between
+sections. It runs once, at the entry point, before any work; every failure is a `ConfigError` whose text is one
+line, `<field> <problem>; <fix>`, which `train.py` prints as `error: ...`.
+
+The `DictConfig` from Hydra is converted to these dataclasses once (`to_config`) and never passed deeper.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHS = ("gpt", "bert")
+ACTIVATIONS = ("gelu", "gelu_tanh")
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_SOURCES = ("builtin", "text_files", "hf_dataset")
+SP_IMPLS = ("ring", "rsa", "ulysses")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: `field` names the setting, the message says what is wrong and the fix."""
+
+    def __init__(self, field_name: str, problem: str, fix: str):
+        self.field = field_name
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{field_name} {problem}; {fix}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a GPT (GPT-2: pre-LN, learned positions, tied head) or BERT (post-LN, MLM head) model."""
+
+    name: str = "gpt_tiny"
+    arch: str = "gpt"
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    ffn_hidden_size: int | None = None  # None: 4 * hidden_size
+    vocab_size: int = 4096
+    max_seq_len: int = 256
+    dropout: float = 0.0  # embeddings and residual branches
+    attn_dropout: float = 0.0  # attention probabilities; keep 0 for fused kernels and sp > 1
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # GPT-2 uses the tanh approximation, BERT the exact erf GELU
+    type_vocab_size: int = 2  # BERT token types
+    init_std: float = 0.02
+    init_from: str | None = None  # a local transformers checkpoint directory to start from
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    @property
+    def causal(self) -> bool:
+        return self.arch == "gpt"
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from, how it is tokenized, and how sequences are made."""
+
+    source: str = "builtin"  # builtin | text_files | hf_dataset
+    paths: list[str] = field(default_factory=list)  # text_files: local files (globs allowed)
+    sample_by: str = "paragraph"  # text_files: line | paragraph | document
+    hf_name: str | None = None  # hf_dataset: a `datasets.load_dataset` name or local path
+    hf_config: str | None = None
+    hf_split: str = "train"
+    text_column: str = "text"
+    tokenizer: str | None = None  # None: train one on the corpus (cached); else a local tokenizer directory
+    seq_len: int = 128
+    val_fraction: float = 0.02  # documents held out for evaluation
+    mlm_probability: float = 0.15  # BERT: share of tokens selected for masking (80/10/10)
+    cache_dir: str | None = None  # None: $SEQPAR_CACHE or ~/.cache/seqpar
+    num_proc: int = 1  # processes for datasets.map tokenization
+
+
+@dataclass
+class ParallelConfig:
+    """The 4D mesh dp x pp x tp x sp (tp innermost). All 1 is a single process."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    sp: int = 1
+    sp_impl: str = "ring"
+    pp_schedule: str = "1f1b"
+    microbatches: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp * self.sp
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    global_batch_size: int = 16  # sequences per optimizer step, whatever the layout
+    micro_batch_size: int | None = None  # sequences per forward on one data-parallel rank; None: all at once
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic evaluation (a final evaluation still runs)
+    eval_batches: int = 4
+    peak_flops: float | None = None  # per device, for MFU; None: known GPUs only
+    threads: int | None = None  # torch intra-op threads; None: torch's default
+    save_final: bool = True  # write <run_dir>/final_model (transformers format) at the end
+
+
+@dataclass
+class WandbConfig:
+    mode: str | None = None  # None: $WANDB_MODE if set, else offline
+    project: str = "seqpar"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    device: str = "auto"
+    run_dir: str | None = None  # set from Hydra's output directory
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore; `configs/config.yaml` lists it first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="seqpar_schema", node=Config)
+
+
+def to_config(cfg: Any) -> Config:
+    """Convert a composed DictConfig to the dataclasses (once, at the entry point)."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj
+
+
+def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(field_name, f"is {value!r}, not one of {', '.join(allowed)}", f"set {field_name}=<one of those>")
+
+
+def _positive(field_name: str, value: int | float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok) or (isinstance(value, float) and not math.isfinite(value)):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(field_name, f"is {value}, must be {bound}", f"set {field_name} to a value {bound}")
+
+
+def _fraction(field_name: str, value: float, lo_open: bool = False, hi: float = 1.0) -> None:
+    ok = (0.0 < value if lo_open else 0.0 <= value) and value < hi
+    if not ok:
+        lo = "(0" if lo_open else "[0"
+        raise ConfigError(field_name, f"is {value}, must be in {lo}, {hi})", f"set {field_name} inside that range")
+
+
+def validate_model(m: ModelConfig) -> None:
+    _choice("model.arch", m.arch, ARCHS)
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    for name in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_seq_len"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.ffn_hidden_size is not None:
+        _positive("model.ffn_hidden_size", m.ffn_hidden_size)
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(
+            "model.hidden_size",
+            f"({m.hidden_size}) is not divisible by model.num_heads ({m.num_heads})",
+            "choose num_heads that divides hidden_size",
+        )
+    _fraction("model.dropout", m.dropout)
+    _fraction("model.attn_dropout", m.attn_dropout)
+    _positive("model.layer_norm_eps", m.layer_norm_eps)
+    _positive("model.init_std", m.init_std)
+    _positive("model.type_vocab_size", m.type_vocab_size)
+
+
+def validate(cfg: Config) -> None:
+    """Check everything types cannot. Raises ConfigError with one line: `<field> <problem>; <fix>`."""
+    m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
+    validate_model(m)
+
+    _choice("data.source", d.source, DATA_SOURCES)
+    _choice("data.sample_by", d.sample_by, ("line", "paragraph", "document"))
+    if d.source == "text_files" and not d.paths:
+        raise ConfigError("data.paths", "is empty for data.source=text_files", "pass data.paths=[file1.txt,dir/*.txt]")
+    if d.source == "hf_dataset" and not d.hf_name:
+        raise ConfigError("data.hf_name", "is not set for data.source=hf_dataset", "pass data.hf_name=<dataset name or path>")
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len < 4:
+        raise ConfigError("data.seq_len", f"is {d.seq_len}, too short to train on", "use data.seq_len >= 4")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            "data.seq_len",
+            f"({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}), the model's learned positions",
+            f"lower data.seq_len or raise model.max_seq_len to at least {d.seq_len}",
+        )
+    _fraction("data.val_fraction", d.val_fraction, lo_open=True, hi=0.5)
+    _fraction("data.mlm_probability", d.mlm_probability, lo_open=True)
+    _positive("data.num_proc", d.num_proc)
+
+    for name in ("dp", "pp", "tp", "sp", "microbatches"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    _choice("parallel.sp_impl", p.sp_impl, SP_IMPLS)
+    _choice("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
+    if p.sp > 1 and m.attn_dropout > 0:
+        raise ConfigError(
+            "model.attn_dropout",
+            f"is {m.attn_dropout} with parallel.sp={p.sp}; sequence-parallel attention uses fused kernels without it",
+            "set model.attn_dropout=0 (hidden dropout model.dropout still applies)",
+        )
+
+    _positive("trainer.max_steps", t.max_steps)
+    _positive("trainer.global_batch_size", t.global_batch_size)
+    data_ranks = p.dp
+    if t.global_batch_size % data_ranks:
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"({t.global_batch_size}) is not divisible by parallel.dp ({p.dp})",
+            "make the global batch a multiple of the data-parallel degree",
+        )
+    per_rank = t.global_batch_size // data_ranks
+    if t.micro_batch_size is not None:
+        _positive("trainer.micro_batch_size", t.micro_batch_size)
+        if per_rank % t.micro_batch_size:
+            raise ConfigError(
+                "trainer.micro_batch_size",
+                f"({t.micro_batch_size}) does not divide the per-rank batch ({per_rank} = global_batch_size / dp)",
+                "choose a micro_batch_size that divides it",
+            )
+    _positive("trainer.lr", t.lr)
+    _fraction("trainer.min_lr_ratio", t.min_lr_ratio, hi=1.0 + 1e-9)
+    _positive("trainer.warmup_steps", t.warmup_steps, zero_ok=True)
+    _positive("trainer.weight_decay", t.weight_decay, zero_ok=True)
+    _fraction("trainer.beta1", t.beta1)
+    _fraction("trainer.beta2", t.beta2)
+    _positive("trainer.eps", t.eps)
+    _positive("trainer.grad_clip", t.grad_clip, zero_ok=True)
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _positive("trainer.log_every", t.log_every)
+    _positive("trainer.eval_every", t.eval_every, zero_ok=True)
+    _positive("trainer.eval_batches", t.eval_batches)
+    if t.peak_flops is not None:
+        _positive("trainer.peak_flops", t.peak_flops)
+    if t.threads is not None:
+        _positive("trainer.threads", t.threads)
+    if t.seed < 0:
+        raise ConfigError("trainer.seed", f"is {t.seed}, must be >= 0", "pass a non-negative seed")
+
+    if cfg.logger.wandb.mode is not None:
+        _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    _choice("device", cfg.device, DEVICES)

@@ -1,0 +1,20 @@
+"""Single-device GPT and BERT. Nothing here imports torch.distributed: parallelism is applied from outside."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seqpar.config import ModelConfig
+from seqpar.models.attention import CoreAttention, sdpa_attention, set_core_attention
+from seqpar.models.bert import BERT
+from seqpar.models.gpt import GPT
+
+__all__ = ["BERT", "GPT", "CoreAttention", "build_model", "sdpa_attention", "set_core_attention"]
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the model for `cfg` on `device` ("meta" builds it without memory, for later sharding)."""
+    cls = {"gpt": GPT, "bert": BERT}[cfg.arch]
+    with torch.device(device):
+        return cls(cfg)

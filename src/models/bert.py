@@ -1,0 +1,76 @@
+"""BERT for masked-language modelling: post-LayerNorm encoder, token-type embeddings, MLM head tied to the embedding.
+
+Single-device code, bidirectional attention with a key padding mask. Positions are an input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seqpar.config import ModelConfig
+from seqpar.models.layers import MLP, SelfAttention, activation_fn, init_weights
+
+
+class BertBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.ln_1(x + self.dropout(self.attn(x, key_padding_mask)))
+        x = self.ln_2(x + self.dropout(self.mlp(x)))
+        return x  # (B, T, C)
+
+
+class MLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder (weight tied to the word embedding) + bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.act = activation_fn(cfg.activation)
+        self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
+        return self.decoder(self.ln(self.act(self.dense(x))))
+
+
+class BERT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.arch == "bert", cfg.arch
+        self.config = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.emb_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(BertBlock(cfg) for _ in range(cfg.num_layers))
+        self.mlm_head = MLMHead(cfg)
+        self.mlm_head.decoder.weight = self.word_embeddings.weight  # tied
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.config.init_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor,  # (B, T) or (T,)
+        attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token, 0 = padding
+        token_type_ids: torch.Tensor | None = None,  # (B, T); None = all zeros
+    ) -> torch.Tensor:  # logits (B, T, V)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = self.drop(self.emb_ln(x + self.token_type_embeddings(token_type_ids)))  # (B, T, C)
+        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        for block in self.layers:
+            x = block(x, key_padding_mask)
+        return self.mlm_head(x)

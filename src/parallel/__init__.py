@@ -1,0 +1,1 @@
+"""Parallelism applied to single-device models: the mesh and, per axis, one module."""
