@@ -1,0 +1,135 @@
+"""Text sources: the built-in offline corpus, local text files and `datasets` hub datasets.
+
+The built-in corpus is English prose that every Python installation carries: the docstrings of the standard
+library's modules, classes and functions, plus the reference topics of `pydoc_data` (the language reference pages
+that `help()` shows). It is extracted with `ast` (no module is imported), one document per docstring, in a fixed
+order, and cached as JSON lines keyed by the Python version.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import inspect
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+from seqpar.config import ConfigError, DataConfig
+
+MIN_DOC_CHARS = 80  # shorter docstrings ("Return self.") carry little language
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("SEQPAR_CACHE") or os.path.join(Path.home(), ".cache", "seqpar")
+    path = Path(root).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _docstrings(source: str) -> list[str]:
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and len(doc) >= MIN_DOC_CHARS:
+                docs.append(doc)
+    return docs
+
+
+def builtin_documents() -> list[str]:
+    """The built-in corpus as a list of documents (deterministic for a given Python installation)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs: list[str] = []
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib).parts
+        if any(part in ("site-packages", "dist-packages", "test", "tests", "idle_test") for part in rel):
+            continue
+        try:
+            docs += _docstrings(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    try:
+        from pydoc_data.topics import topics
+
+        docs += [inspect.cleandoc(topics[k]) for k in sorted(topics)]
+    except ImportError:
+        pass
+    return docs
+
+
+def builtin_corpus_file(cfg: DataConfig) -> Path:
+    """Path of the cached built-in corpus (JSON lines, one {"text": ...} per document); built on first use."""
+    tag = f"py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    path = cache_root(cfg) / f"builtin-corpus-{tag}.jsonl"
+    if not path.exists():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc in builtin_documents():
+                f.write(json.dumps({"text": doc}) + "\n")
+        os.replace(tmp, path)  # atomic: a half-written corpus is never used
+    return path
+
+
+def resolve_text_files(paths: list[str]) -> list[str]:
+    """Expand globs and check each file is present, non-empty UTF-8 text (one error line otherwise)."""
+    files: list[str] = []
+    for pattern in paths:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise ConfigError("data.paths", f"entry {pattern!r} matches no file", "check the path (globs are allowed)")
+        files += matches
+    for f in files:
+        if os.path.isdir(f):
+            raise ConfigError("data.paths", f"entry {f!r} is a directory", f"use a glob such as {f}/*.txt")
+        if os.path.getsize(f) == 0:
+            raise ConfigError("data.paths", f"file {f!r} is empty", "remove it from data.paths")
+        with open(f, "rb") as fh:
+            head = fh.read(1 << 16)
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # A multi-byte character cut at the end of the sample is fine; anything earlier is not text.
+            if e.start < len(head) - 4 or b"\x00" in head:
+                raise ConfigError("data.paths", f"file {f!r} is not UTF-8 text", "convert it to UTF-8 or remove it") from None
+        if b"\x00" in head:
+            raise ConfigError("data.paths", f"file {f!r} looks binary (NUL bytes)", "pass text files only")
+    return files
+
+
+def load_text_dataset(cfg: DataConfig):
+    """A `datasets.Dataset` with a "text" column, one row per document, for the configured source."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    cache = str(cache_root(cfg) / "datasets")
+    if cfg.source == "builtin":
+        ds = datasets.load_dataset("json", data_files=str(builtin_corpus_file(cfg)), split="train", cache_dir=cache)
+    elif cfg.source == "text_files":
+        files = resolve_text_files(cfg.paths)
+        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by=cfg.sample_by, cache_dir=cache)
+    else:
+        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split)
+    if cfg.text_column not in ds.column_names:
+        raise ConfigError(
+            "data.text_column", f"{cfg.text_column!r} is not a column of the dataset ({ds.column_names})", "set data.text_column"
+        )
+    if cfg.text_column != "text":
+        ds = ds.rename_column(cfg.text_column, "text")
+    ds = ds.select_columns(["text"]).filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+    if len(ds) == 0:
+        raise ConfigError("data", "has no non-empty text", "point data.paths / data.hf_name at text")
+    return ds
+
+
+def corpus_fingerprint(ds) -> str:
+    """A short stable id of a dataset's contents (used to key cached tokenizers)."""
+    fp = getattr(ds, "_fingerprint", None) or str(len(ds))
+    return hashlib.sha1(fp.encode()).hexdigest()[:12]

@@ -1,0 +1,147 @@
+"""Training sequences made from tokenized documents, with everything computed on the whole sequence.
+
+- GPT (`PackedSequences`): documents joined by the end-of-text token into one stream, cut into windows of `seq_len`
+  tokens; the labels are the next tokens of the stream, so the last position of a window has a target too.
+- BERT (`MLMSequences`): documents packed greedily into windows of `seq_len - 2` tokens (a document longer than
+  that is split), framed by [CLS] ... [SEP] and padded, with an attention mask; MLM corruption is applied when an
+  example is read (`mlm.py`), deterministic from (seed, epoch, index).
+
+Position ids, labels and padding masks are made here, on whole sequences, so that a sequence-parallel chunk carries
+its own positions and targets and nothing is lost at a chunk boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from seqpar.config import ConfigError, Config
+from seqpar.data.mlm import example_rng, mlm_mask
+
+Example = dict[str, np.ndarray]
+
+
+class PackedSequences:
+    def __init__(self, stream: np.ndarray, seq_len: int):
+        self.stream = stream  # (N,) int32 token ids, documents separated by EOS
+        self.seq_len = seq_len
+        self.positions = np.arange(seq_len, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.stream) - 1) // self.seq_len)
+
+    def get(self, index: int, epoch: int = 0) -> Example:
+        s = index * self.seq_len
+        window = self.stream[s : s + self.seq_len + 1].astype(np.int64)
+        return {"input_ids": window[:-1], "labels": window[1:], "position_ids": self.positions}
+
+
+class MLMSequences:
+    def __init__(self, windows: np.ndarray, lengths: np.ndarray, tok, seed: int, probability: float):
+        self.windows = windows  # (N, L) int32, [CLS] ... [SEP] then [PAD]
+        self.lengths = lengths  # (N,) real tokens per window, [CLS] and [SEP] included
+        self.seed = seed
+        self.probability = probability
+        self.mask_id = tok.mask_token_id
+        self.special = np.array(sorted(set(tok.all_special_ids)), dtype=np.int64)
+        self.random_ids = np.setdiff1d(np.arange(len(tok), dtype=np.int64), self.special)
+        self.positions = np.arange(windows.shape[1], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def get(self, index: int, epoch: int = 0) -> Example:
+        ids = self.windows[index].astype(np.int64)
+        attention_mask = (self.positions < self.lengths[index]).astype(np.int64)
+        maskable = attention_mask.astype(bool) & ~np.isin(ids, self.special)
+        rng = example_rng(self.seed, epoch, index)
+        input_ids, labels = mlm_mask(ids, maskable, rng, self.mask_id, self.random_ids, self.probability)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": self.positions,
+            "attention_mask": attention_mask,
+            "token_type_ids": np.zeros_like(ids),
+        }
+
+
+def pack_stream(docs: list[list[int]], eos_id: int) -> np.ndarray:
+    """Concatenate documents, each followed by `eos_id`."""
+    total = sum(len(d) + 1 for d in docs)
+    out = np.empty(total, dtype=np.int32)
+    i = 0
+    for d in docs:
+        out[i : i + len(d)] = d
+        out[i + len(d)] = eos_id
+        i += len(d) + 1
+    return out
+
+
+def pack_windows(docs: list[list[int]], seq_len: int, cls_id: int, sep_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy packing of documents into [CLS] body [SEP] [PAD]... windows of `seq_len` tokens."""
+    body = seq_len - 2
+    bodies: list[list[int]] = []
+    current: list[int] = []
+    for doc in docs:
+        pieces = [doc[i : i + body] for i in range(0, len(doc), body)] or []
+        for piece in pieces:
+            if len(current) + len(piece) > body:
+                bodies.append(current)
+                current = []
+            current = current + piece
+    if current:
+        bodies.append(current)
+    windows = np.full((len(bodies), seq_len), pad_id, dtype=np.int32)
+    lengths = np.empty(len(bodies), dtype=np.int64)
+    for i, b in enumerate(bodies):
+        windows[i, 0] = cls_id
+        windows[i, 1 : 1 + len(b)] = b
+        windows[i, 1 + len(b)] = sep_id
+        lengths[i] = len(b) + 2
+    return windows, lengths
+
+
+@dataclass
+class SequenceData:
+    train: PackedSequences | MLMSequences
+    val: PackedSequences | MLMSequences
+    tokenizer: object
+
+
+def build_sequences(cfg: Config) -> SequenceData:
+    """Load text, tokenize (with `datasets`, cached), split by document and make the training sequences."""
+    from seqpar.data.corpus import cache_root, corpus_fingerprint, load_text_dataset
+    from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, trained_tokenizer
+
+    d, arch = cfg.data, cfg.model.arch
+    ds = load_text_dataset(d)
+    if d.tokenizer:
+        tok = load_tokenizer_dir(d.tokenizer, arch)
+    else:
+        tok = trained_tokenizer(arch, cfg.model.vocab_size, lambda: iter(ds["text"]), cache_root(d), corpus_fingerprint(ds))
+    check_vocab(tok, cfg.model.vocab_size)
+
+    split = ds.train_test_split(test_size=d.val_fraction, seed=0, shuffle=True)
+
+    def tokenize(batch):
+        return {"ids": tok(batch["text"], add_special_tokens=False)["input_ids"]}
+
+    out = []
+    for part in (split["train"], split["test"]):
+        ids = part.map(tokenize, batched=True, remove_columns=["text"], num_proc=d.num_proc if d.num_proc > 1 else None)["ids"]
+        if arch == "gpt":
+            out.append(PackedSequences(pack_stream(ids, tok.eos_token_id), d.seq_len))
+        else:
+            windows, lengths = pack_windows(ids, d.seq_len, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
+            out.append(MLMSequences(windows, lengths, tok, cfg.trainer.seed, d.mlm_probability))
+    train, val = out
+    if len(train) < cfg.trainer.global_batch_size:
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"({cfg.trainer.global_batch_size}) is more than the {len(train)} training sequences of length {d.seq_len}",
+            "use a smaller global batch or data.seq_len, or more data",
+        )
+    if len(val) == 0:
+        raise ConfigError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
+    return SequenceData(train=train, val=val, tokenizer=tok)

@@ -1,0 +1,165 @@
+"""The training loop: build everything from the config and a mesh, train, evaluate, log, save.
+
+The loss of a step is the mean over every target token of the global batch: each micro-batch contributes its summed
+cross-entropy divided by the global target count, so gradient accumulation, data parallelism and (later) sequence
+chunks all give the same number as one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqpar.config import Config
+from seqpar.data.loader import GlobalBatchLoader, eval_batches
+from seqpar.data.mlm import IGNORE_INDEX
+from seqpar.data.sequences import build_sequences
+from seqpar.models import build_model
+from seqpar.models.hf import from_pretrained, save_pretrained
+from seqpar.parallel.mesh import ParallelMesh
+from seqpar.trainer.loggers import build_loggers
+from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib
+from seqpar.trainer.optim import build_optimizer, build_scheduler
+from seqpar.trainer.progress import Progress
+
+MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids")
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over target tokens (labels != -100), in fp32."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in backward instead of keeping its activations."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
+
+
+def init_model(cfg: Config, device: torch.device) -> nn.Module:
+    """The model with the seed's weights, or the weights of `model.init_from` (same for every layout)."""
+    if cfg.model.init_from:
+        model, _ = from_pretrained(cfg.model.init_from, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
+        return model.to(device)
+    torch.manual_seed(cfg.trainer.seed)
+    return build_model(cfg.model, device)
+
+
+def _split(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    n = next(iter(batch.values())).shape[0]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, mesh: ParallelMesh):
+        self.cfg, self.mesh, t = cfg, mesh, cfg.trainer
+        self.device = mesh.device
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.data = build_sequences(cfg)
+        self.model = init_model(cfg, self.device)
+        if t.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.loader = GlobalBatchLoader(
+            self.data.train, t.global_batch_size, mesh.dp_rank, mesh.dp, seed=t.seed, shuffle=True
+        )
+        self.micro_batch_size = t.micro_batch_size or t.global_batch_size // mesh.dp
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
+        )
+        self.logger = build_loggers(cfg, mesh.is_logging_rank)
+        self.step = 0
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(self.model, cfg.model, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(self.device, t.peak_flops)
+
+    def forward_loss(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: micro[k].to(self.device) for k in MODEL_INPUTS if k in micro}
+        with self.autocast:
+            logits = self.model(**inputs)
+        return loss_sum(logits, micro["labels"].to(self.device))
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over one global batch; returns (loss, grad_norm)."""
+        self.model.train()
+        batch = next(self.loader)
+        targets = self.mesh.sum_over_data((batch["labels"] != IGNORE_INDEX).sum().to(self.device, torch.float32))
+        total = torch.zeros((), device=self.device)
+        for micro in _split(batch, self.micro_batch_size):
+            loss = self.forward_loss(micro)
+            (loss / targets).backward()
+            total += loss.detach()
+        max_norm = self.cfg.trainer.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = self.mesh.sum_over_data(total) / targets
+        return loss.item(), grad_norm.item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        t = self.cfg.trainer
+        for batch in eval_batches(self.data.val, t.global_batch_size, t.eval_batches, self.mesh.dp_rank, self.mesh.dp):
+            for micro in _split(batch, self.micro_batch_size):
+                total += self.forward_loss(micro)
+                count += (micro["labels"] != IGNORE_INDEX).sum()
+        return (self.mesh.sum_over_data(total) / self.mesh.sum_over_data(count).clamp(min=1)).item()
+
+    def _record(self, losses: list[float], grad_norm: float, elapsed: float, steps: int) -> dict:
+        tokens_per_s = self.tokens_per_step * steps / elapsed
+        rec = {
+            "step": self.step,
+            "loss": sum(losses) / len(losses),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": self.step * self.tokens_per_step,
+            "tokens_per_s": tokens_per_s,
+            "peak_mem_mib": self.mesh.max_over_all(peak_mem_mib(self.device)),
+        }
+        if self.peak_flops:
+            rec["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.mesh.world_size)
+        return rec
+
+    def fit(self) -> dict:
+        t = self.cfg.trainer
+        progress = Progress(t.max_steps, enabled=self.mesh.is_logging_rank)
+        losses: list[float] = []
+        last: dict = {}
+        tick, steps_since = time.perf_counter(), 0
+        with progress:
+            while self.step < t.max_steps:
+                loss, grad_norm = self.train_step()
+                losses.append(loss)
+                steps_since += 1
+                if self.step % t.log_every == 0 or self.step == 1 or self.step == t.max_steps:
+                    last = self._record(losses, grad_norm, time.perf_counter() - tick, steps_since)
+                    self.logger.log(last)
+                    progress.log(last)
+                    losses, steps_since, tick = [], 0, time.perf_counter()
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.max_steps:
+                    rec = {"step": self.step, "eval_loss": self.evaluate()}
+                    self.logger.log(rec)
+                    progress.log(rec)
+                    last.update(rec)
+                    tick = time.perf_counter()  # evaluation time is not training throughput
+                progress.advance(loss)
+        if t.save_final and self.mesh.is_logging_rank:
+            out = save_pretrained(self.model, Path(self.cfg.run_dir) / "final_model", tokenizer=self.data.tokenizer)
+            progress.print(f"saved final weights (transformers format) to {out}")
+        self.logger.close()
+        return last

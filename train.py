@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Train a seqpar model: compose the Hydra config -> validate -> launch.
+
+    python train.py                                   # gpt_tiny on the built-in corpus
+    python train.py model=bert_tiny trainer.max_steps=30 hydra.run.dir=/tmp/run
+    python train.py +experiment=bert_seq64k           # a preset experiment
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from seqpar.cli import fail, preflight
+from seqpar.config import ConfigError, register_configs, to_config
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@hydra.main(config_path="configs", config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from seqpar.trainer import prepare, run
+
+    cfg = to_config(dcfg)
+    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run(prepare(cfg))
+    except ConfigError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    register_configs()
+    preflight(CONFIG_DIR, sys.argv[1:])
+    main()
