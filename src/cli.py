@@ -43,8 +43,11 @@ def describe_hydra_error(exc: BaseException) -> str:
         options = re.findall(r"^\t(\S+)$", text, flags=re.M)
         choices = f"choose one of: {', '.join(options)}" if options else f"see configs/{group}/"
         return f"{group} {name!r} is not a known option; {choices}"
+    m = re.search(r"Error parsing override '([^']*)'", text)
+    if m:
+        return f"override {m.group(1)!r} is not of the form key=value; write key=value, or +key=value to add a key"
     first = text.splitlines()[0] if text else type(exc).__name__
-    return f"override {first.rstrip('.')}; check the override syntax (key=value, +experiment=<name>)"
+    return f"override failed: {first.rstrip('.')}; check the override (key=value, +experiment=<name>)"
 
 
 def compose(config_dir: str | Path, overrides: list[str], config_name: str = "config") -> Config:

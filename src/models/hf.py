@@ -281,6 +281,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     """Write `model` (and optionally its tokenizer) as a transformers directory (safetensors)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     to_hf(model).save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -1,0 +1,133 @@
+"""Our GPT and BERT against transformers' GPT2LMHeadModel and BertForMaskedLM at the same weights (fp32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from seqpar.config import ConfigError, ModelConfig
+from seqpar.models import build_model
+from seqpar.models.hf import from_pretrained, read_checkpoint_config, save_pretrained, to_hf
+
+TOL = 1e-4  # max abs logit difference, fp32
+
+CONFIGS = [
+    # (arch, layers, hidden, heads, ffn, vocab, positions, activation)
+    ("gpt", 2, 64, 4, 256, 512, 64, "gelu_tanh"),
+    ("gpt", 3, 45, 5, 70, 97, 40, "gelu_tanh"),  # odd heads, odd vocab
+    ("gpt", 1, 21, 3, 33, 1013, 33, "gelu"),
+    ("bert", 2, 64, 4, 256, 512, 64, "gelu"),
+    ("bert", 3, 45, 5, 70, 97, 40, "gelu"),
+    ("bert", 1, 21, 7, 33, 1013, 33, "gelu_tanh"),
+]
+
+
+def make_model(arch, layers, hidden, heads, ffn, vocab, positions, act, seed=0):
+    cfg = ModelConfig(
+        name="t", arch=arch, num_layers=layers, hidden_size=hidden, num_heads=heads, ffn_hidden_size=ffn,
+        vocab_size=vocab, max_seq_len=positions, activation=act, layer_norm_eps=1e-5 if arch == "gpt" else 1e-12,
+    )
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # move away from the init's zero biases / unit norms so every weight matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def inputs(cfg: ModelConfig, b=3, t=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t = t or cfg.max_seq_len - 3
+    ids = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, t // 2 :] = 0  # a padded sequence
+    types = torch.randint(0, 2, (b, t), generator=g)
+    return ids, mask, types
+
+
+def ours(model, ids, mask, types):
+    pos = torch.arange(ids.shape[1])
+    with torch.no_grad():
+        if model.config.arch == "gpt":
+            return model(ids, pos)
+        return model(ids, pos, mask, types)
+
+
+def theirs(hf, arch, ids, mask, types):
+    with torch.no_grad():
+        if arch == "gpt":
+            return hf(input_ids=ids).logits
+        return hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+
+
+@pytest.mark.parametrize("spec", CONFIGS, ids=[f"{c[0]}-L{c[1]}-H{c[3]}-V{c[5]}-{c[7]}" for c in CONFIGS])
+def test_ours_to_transformers(spec):
+    model = make_model(*spec)
+    hf = to_hf(model)
+    ids, mask, types = inputs(model.config)
+    a, b = ours(model, ids, mask, types), theirs(hf, spec[0], ids, mask, types)
+    real = mask.bool() if spec[0] == "bert" else torch.ones_like(mask, dtype=torch.bool)
+    assert (a - b)[real].abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("spec", CONFIGS, ids=[f"{c[0]}-L{c[1]}-H{c[3]}-V{c[5]}-{c[7]}" for c in CONFIGS])
+def test_transformers_to_ours(spec):
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    arch, layers, hidden, heads, ffn, vocab, positions, act = spec
+    torch.manual_seed(3)
+    if arch == "gpt":
+        hf_act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[act]
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, n_inner=ffn, vocab_size=vocab,
+                                        n_positions=positions, activation_function=hf_act, bos_token_id=None, eos_token_id=None))
+    else:
+        hf_act = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[act]
+        hf = BertForMaskedLM(BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                        intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=positions,
+                                        hidden_act=hf_act, pad_token_id=0))
+    hf.eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model, cfg = from_pretrained(hf)
+    model.eval()
+    assert (cfg.arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.ffn_size, cfg.vocab_size) == (
+        arch, layers, hidden, heads, ffn, vocab)
+    ids, mask, types = inputs(cfg)
+    a, b = ours(model, ids, mask, types), theirs(hf, arch, ids, mask, types)
+    real = mask.bool() if arch == "bert" else torch.ones_like(mask, dtype=torch.bool)
+    assert (a - b)[real].abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_directory_round_trip(tmp_path, arch):
+    """save_pretrained writes what transformers loads; from_pretrained reads it back bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    spec = next(c for c in CONFIGS if c[0] == arch and c[3] == 5)
+    model = make_model(*spec)
+    save_pretrained(model, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    auto = AutoModelForCausalLM if arch == "gpt" else AutoModelForMaskedLM
+    hf = auto.from_pretrained(tmp_path / "ckpt", local_files_only=True).eval()
+    ids, mask, types = inputs(model.config)
+    real = mask.bool() if arch == "bert" else torch.ones_like(mask, dtype=torch.bool)
+    assert (ours(model, ids, mask, types) - theirs(hf, arch, ids, mask, types))[real].abs().max().item() < TOL
+    back, cfg = from_pretrained(tmp_path / "ckpt")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+    assert read_checkpoint_config(tmp_path / "ckpt").num_heads == 5
+
+
+def test_unsupported_checkpoint_is_refused(tmp_path):
+    model = make_model(*CONFIGS[0])
+    save_pretrained(model, tmp_path / "c")
+    conf = json.loads((tmp_path / "c" / "config.json").read_text())
+    conf["activation_function"] = "relu"
+    (tmp_path / "c" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="model.init_from.*activation_function=relu"):
+        from_pretrained(tmp_path / "c")
+    with pytest.raises(ConfigError, match="no config.json"):
+        read_checkpoint_config(tmp_path)
