@@ -19,7 +19,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare(cfg: Config) -> Config:
-    """Resolve what the config points at (an init_from checkpoint's architecture) and validate everything.
+    """Resolve what the config points at (an init_from checkpoint's architecture) and validate everything,
+    including that data files and a tokenizer directory exist and are readable.
 
     Cheap and side-effect free: it runs at the entry point before any process or data is touched.
     """
@@ -32,6 +33,14 @@ def prepare(cfg: Config) -> Config:
             ckpt, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout, init_from=cfg.model.init_from
         )
     validate(cfg)
+    if cfg.data.source == "text_files":
+        from seqpar.data.corpus import resolve_text_files
+
+        resolve_text_files(cfg.data.paths)
+    if cfg.data.tokenizer:
+        from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir
+
+        check_vocab(load_tokenizer_dir(cfg.data.tokenizer, cfg.model.arch), cfg.model.vocab_size)
     ParallelMesh.from_config(cfg.parallel, torch.device("cpu"))  # layout checks
     resolve_device(cfg.device)
     return cfg

@@ -1,0 +1,93 @@
+"""End-to-end runs of `python train.py` through the command line, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ..conftest import run_train
+
+FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mib"}
+FAST = ["trainer.threads=1", "trainer.log_every=1", "trainer.eval_batches=1"]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r], [r for r in lines if "eval_loss" in r]
+
+
+def train_ok(args, cache_dir, **kw):
+    proc = run_train(args, cache_dir, **kw)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny"])
+def test_training_run_logs_metrics_and_loss_falls(tmp_path, cache_dir, model):
+    run = tmp_path / "run"
+    train_ok([f"model={model}", "trainer.max_steps=40", "trainer.eval_every=20", "trainer.warmup_steps=5",
+              "trainer.log_every=5", "trainer.threads=1", f"hydra.run.dir={run}"], cache_dir)
+    steps, evals = read_metrics(run)
+    assert [r["step"] for r in steps] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    for r in steps:
+        assert FIELDS <= r.keys()
+        assert r["tokens"] == r["step"] * 16 * 128
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mib"] > 0 and r["grad_norm"] > 0
+    assert [r["step"] for r in evals] == [20, 40]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, [r["loss"] for r in steps]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert (run / ".hydra" / "config.yaml").is_file()
+
+    # The final weights are a transformers directory that loads and predicts like our model.
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    auto = AutoModelForCausalLM if model.startswith("gpt") else AutoModelForMaskedLM
+    hf = auto.from_pretrained(run / "final_model", local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(run / "final_model", local_files_only=True)
+    from seqpar.models.hf import from_pretrained
+
+    ours, _ = from_pretrained(run / "final_model")
+    enc = tok("Return a new list containing the items.", return_tensors="pt")
+    with torch.no_grad():
+        a = ours.eval()(enc["input_ids"], torch.arange(enc["input_ids"].shape[1]))
+        b = hf(input_ids=enc["input_ids"]).logits
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_gradient_accumulation_matches_whole_batch(tmp_path, cache_dir):
+    """Micro-batches of 4 and of 16 give the same token-weighted losses and gradient norms."""
+    results = []
+    for mbs in (16, 4):
+        run = tmp_path / f"mbs{mbs}"
+        train_ok(["model=bert_tiny", "trainer.max_steps=3", f"trainer.micro_batch_size={mbs}", "trainer.eval_every=0",
+                  *FAST, "trainer.save_final=false", f"hydra.run.dir={run}"], cache_dir)
+        results.append(read_metrics(run)[0])
+    for a, b in zip(*results, strict=True):
+        assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-5
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+
+
+def test_init_from_continues_from_saved_weights(tmp_path, cache_dir):
+    first = tmp_path / "first"
+    train_ok(["trainer.max_steps=30", "trainer.eval_every=0", *FAST, f"hydra.run.dir={first}"], cache_dir)
+    second = tmp_path / "second"
+    train_ok([f"model.init_from={first / 'final_model'}", "trainer.max_steps=2", "trainer.eval_every=0", *FAST,
+              "trainer.save_final=false", f"hydra.run.dir={second}"], cache_dir)
+    trained, _ = read_metrics(first)
+    resumed, _ = read_metrics(second)
+    assert resumed[0]["loss"] < trained[0]["loss"] - 1.0  # starts where the first run ended, not from scratch
+
+
+def test_bf16_activation_checkpointing_and_wandb_offline(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    train_ok(["model=gpt_tiny", "trainer.max_steps=3", "trainer.precision=bf16", "trainer.activation_checkpointing=true",
+              "trainer.micro_batch_size=8", "trainer.eval_every=0", *FAST, "logger.wandb.mode=offline",
+              f"hydra.run.dir={run}"], cache_dir)  # WANDB_MODE=disabled in the env: the explicit mode wins
+    steps, evals = read_metrics(run)
+    assert len(steps) == 3 and len(evals) == 1
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert list((run / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    assert (run / "final_model" / "model.safetensors").is_file()
