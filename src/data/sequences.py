@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from seqpar.config import ConfigError, Config
+from seqpar.config import Config, ConfigError
 from seqpar.data.mlm import example_rng, mlm_mask
 
 Example = dict[str, np.ndarray]

@@ -69,7 +69,7 @@ def test_bert_windows_frame_pad_and_keep_every_token():
     docs = [[10, 11], [12, 13, 14], list(range(20, 31)), [40]]
     windows, lengths = pack_windows(docs, seq_len=8, cls_id=2, sep_id=3, pad_id=0)
     body_tokens = []
-    for w, n in zip(windows, lengths):
+    for w, n in zip(windows, lengths, strict=True):
         assert w[0] == 2 and w[n - 1] == 3 and (w[n:] == 0).all() and n <= 8
         body_tokens += w[1 : n - 1].tolist()
     assert body_tokens == [t for d in docs for t in d]  # nothing lost, order kept

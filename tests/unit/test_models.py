@@ -45,7 +45,7 @@ def test_sdpa_attention_matches_reference(causal, padded):
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    for a, b in zip(grads, ref_grads):
+    for a, b in zip(grads, ref_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 
@@ -105,7 +105,7 @@ def test_initialisation_is_seeded_and_meta_buildable():
     a = build_model(tiny("gpt"))
     torch.manual_seed(5)
     b = build_model(tiny("gpt"))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     meta = build_model(tiny("bert"), device="meta")
     assert all(p.is_meta for p in meta.parameters())
 
