@@ -81,13 +81,14 @@ def test_init_from_continues_from_saved_weights(tmp_path, cache_dir):
     assert resumed[0]["loss"] < trained[0]["loss"] - 1.0  # starts where the first run ended, not from scratch
 
 
-def test_bf16_activation_checkpointing_and_wandb_offline(tmp_path, cache_dir):
+def test_bf16_activation_checkpointing_mfu_and_wandb_offline(tmp_path, cache_dir):
     run = tmp_path / "run"
     train_ok(["model=gpt_tiny", "trainer.max_steps=3", "trainer.precision=bf16", "trainer.activation_checkpointing=true",
-              "trainer.micro_batch_size=8", "trainer.eval_every=0", *FAST, "logger.wandb.mode=offline",
+              "trainer.micro_batch_size=8", "trainer.eval_every=0", *FAST, "logger.wandb.mode=offline", "trainer.peak_flops=1e11",
               f"hydra.run.dir={run}"], cache_dir)  # WANDB_MODE=disabled in the env: the explicit mode wins
     steps, evals = read_metrics(run)
     assert len(steps) == 3 and len(evals) == 1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert all(0 < r["mfu"] < 1 for r in steps)  # reported once the device's peak FLOP/s is known
     assert list((run / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
     assert (run / "final_model" / "model.safetensors").is_file()

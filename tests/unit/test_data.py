@@ -172,3 +172,23 @@ def test_text_files_source_builds_sequences(tmp_path, cache_dir):
     )
     d = build_sequences(cfg)
     assert len(d.train) > 4 and len(d.tokenizer) <= 300
+
+
+def test_hf_dataset_source_loads_a_local_dataset(tmp_path, cache_dir):
+    """`data=hf_dataset` goes through datasets.load_dataset; a local directory stands in for a hub name offline."""
+    import json
+
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    rows = [{"body": f"Record {i}: the sequence is split into chunks, one per device, and passed around."} for i in range(300)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = Config(
+        model=ModelConfig(arch="bert", vocab_size=300, max_seq_len=32),
+        data=DataConfig(source="hf_dataset", hf_name=str(folder), text_column="body", seq_len=32, cache_dir=str(cache_dir)),
+        trainer=TrainerConfig(global_batch_size=4),
+    )
+    d = build_sequences(cfg)
+    assert len(d.train) >= 4 and d.train.get(0)["attention_mask"].sum() > 2
+    bad = Config(model=cfg.model, data=DataConfig(source="hf_dataset", hf_name=str(folder), text_column="text"))
+    with pytest.raises(ConfigError, match="data.text_column"):
+        build_sequences(bad)
