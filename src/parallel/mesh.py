@@ -1,46 +1,76 @@
-"""ParallelMesh: the one object that owns the layout dp x pp x tp x sp and every process group.
+"""ParallelMesh: the one object that owns the layout dp x pp x sp x tp and every process group.
 
 Code that needs to know where it runs (the loader's data-parallel rank, which rank writes metrics, what to reduce
-over) asks the mesh it is handed; nothing reads globals. A single process is a mesh of size 1 with no process
-groups, and every reduction is then the identity.
+over) asks the mesh it is handed; nothing reads globals. With more than one process the mesh is a torch DeviceMesh
+with named axes in the order dp, pp, sp, tp (tp innermost, so tensor-parallel peers are neighbours), plus the
+flattened `dp_sp` axis over which gradients and token counts are summed (sp ranks hold different tokens of the same
+sequences and replicated parameters). A single process is a mesh of size 1 with no process groups, and every
+reduction is then the identity.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from seqpar.config import ConfigError, ParallelConfig
+
+AXES = ("dp", "pp", "sp", "tp")
 
 
 @dataclass
 class ParallelMesh:
     dp: int = 1
     pp: int = 1
-    tp: int = 1
     sp: int = 1
+    tp: int = 1
     rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device_mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
 
     @classmethod
     def from_config(cls, p: ParallelConfig, device: torch.device) -> ParallelMesh:
-        if p.world_size != 1:
+        """The mesh for this process. More than one process needs torch.distributed initialised first."""
+        if p.world_size == 1:
+            return cls(device=device)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
             raise ConfigError(
                 "parallel",
                 f"asks for {p.world_size} processes (dp={p.dp} pp={p.pp} tp={p.tp} sp={p.sp}); this version trains on one process",
                 "set parallel.dp=1 parallel.pp=1 parallel.tp=1 parallel.sp=1",
             )
-        return cls(p.dp, p.pp, p.tp, p.sp, rank=0, device=device)
+        world = dist.get_world_size()
+        if world != p.world_size:
+            raise ConfigError(
+                "parallel",
+                f"dp*pp*tp*sp = {p.dp}*{p.pp}*{p.tp}*{p.sp} = {p.world_size} but {world} processes are running",
+                f"choose degrees whose product is {world}, or launch {p.world_size} processes",
+            )
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (p.dp, p.pp, p.sp, p.tp), mesh_dim_names=AXES)
+        mesh["dp", "sp"]._flatten("dp_sp")
+        return cls(p.dp, p.pp, p.sp, p.tp, rank=dist.get_rank(), device=device, device_mesh=mesh)
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp * self.tp * self.sp
+        return self.dp * self.pp * self.sp * self.tp
+
+    def local_rank(self, axis: str) -> int:
+        """This process's index along `axis` (dp, pp, sp, tp or dp_sp)."""
+        return 0 if self.device_mesh is None else self.device_mesh.get_local_rank(axis)
+
+    def group(self, axis: str):
+        """The process group of `axis` (None for a single process)."""
+        return None if self.device_mesh is None else self.device_mesh.get_group(axis)
 
     @property
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel replicas (the loader reads the dp_rank-th share)."""
-        return 0
+        return self.local_rank("dp")
 
     @property
     def is_logging_rank(self) -> bool:
@@ -48,9 +78,21 @@ class ParallelMesh:
         return self.rank == 0
 
     def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the dp x sp ranks that hold different tokens (token counts, loss sums)."""
+        """Sum over the dp x sp ranks that hold different tokens (token counts, loss sums). Not differentiable."""
+        if self.device_mesh is None or self.dp * self.sp == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t, group=self.group("dp_sp"))
         return t
 
     def max_over_all(self, value: float) -> float:
         """Maximum over every rank (peak memory)."""
-        return value
+        if self.device_mesh is None:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
