@@ -1,0 +1,71 @@
+"""The launcher: rank detection under torchrun/srun, and a failing or dead rank ending a local job quickly."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from seqpar.parallel.launch import RankFailed, first_host, launch_local, launched_rank
+
+
+def _raise_on_rank1() -> None:
+    if dist.get_rank() == 1:
+        raise ValueError("rank one broke on purpose")
+    dist.all_reduce(torch.ones(1))  # rank 0 blocks here, waiting for a peer that is gone
+
+
+def _die_on_rank2() -> None:
+    if dist.get_rank() == 2:
+        os._exit(3)
+    dist.all_reduce(torch.ones(1))
+
+
+def _ok(path: str) -> None:
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            f.write(str(t.item()))
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_message():
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 1 failed: ValueError: rank one broke on purpose") as e:
+        launch_local(_raise_on_rank1, 2, deadline_s=90)
+    assert e.value.exit_code == 1
+    assert time.monotonic() - start < 60  # the blocked peer is stopped, not waited for
+
+
+def test_a_rank_that_dies_ends_the_job():
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match="rank 2 failed: exited with code 3"):
+        launch_local(_die_on_rank2, 3, deadline_s=90)
+    assert time.monotonic() - start < 60
+
+
+def test_a_healthy_job_runs_every_rank(tmp_path):
+    out = tmp_path / "sum"
+    launch_local(_ok, 3, str(out), deadline_s=90)
+    assert out.read_text() == "3.0"
+
+
+def test_rank_detection_from_launcher_variables():
+    assert launched_rank({}) is None
+    assert launched_rank({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # one task: start processes here
+    tr = launched_rank({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                        "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (tr.rank, tr.world, tr.local_rank, tr.local_world, tr.master_addr, tr.master_port) == (3, 8, 1, 4, "n1", 1234)
+    sl = launched_rank({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+                        "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS_PER_NODE": "4"})
+    assert (sl.rank, sl.world, sl.local_rank, sl.local_world, sl.master_addr, sl.master_port) == (
+        5, 8, 1, 4, "gpu07", 24242)
+
+
+@pytest.mark.parametrize("nodes,host", [("node1", "node1"), ("gpu[03-05,09]", "gpu03"), ("a[1,2],b3", "a1"),
+                                        ("c-12", "c-12"), ("x[010-011]", "x010")])
+def test_first_host_of_a_slurm_nodelist(nodes, host):
+    assert first_host(nodes) == host
