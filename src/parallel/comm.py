@@ -6,6 +6,11 @@
   transfer overlaps the compute. These are used inside autograd functions whose backward runs its own exchanges,
   so the primitive itself has no backward.
 - `all_gather_list(t, group)`: all-gather of a small non-differentiable tensor (the padding masks of every chunk).
+- `ring_pass(x, group, visit, grad)`: n - 1 ring exchanges that show every rank's chunk to `visit`; with `grad`,
+  n more exchanges carry a gradient accumulator with each chunk back to its owner (Ring Self-Attention uses it
+  in forward for keys and values, and in backward for their gradients).
+- `seq_to_heads` / `heads_to_seq`: one `all_to_all_single` each way between sequence and head sharding; each is
+  the other's backward (Ulysses).
 """
 
 from __future__ import annotations
@@ -51,3 +56,69 @@ def all_gather_list(t: torch.Tensor, group: dist.ProcessGroup | None) -> list[to
     out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, t.contiguous(), group=group)
     return out
+
+
+def ring_pass(x: torch.Tensor, group, visit, grad: bool = False) -> torch.Tensor | None:
+    """Show this rank every rank's `x` in turn: `visit(src, x_src)` for src = r, r-1, ..., r-n+1 (n - 1 ring
+    exchanges, each overlapped with the visit of the current chunk).
+
+    With `grad=True`, `visit` returns a gradient for `x_src`; an fp32 accumulator travels with each chunk (n more
+    exchanges) and the sum of every rank's gradient for this rank's own `x` is returned.
+    """
+    ring, acc_ring = RingExchange(group, tag=2), RingExchange(group, tag=3)
+    n, r = ring.size, ring.rank
+    acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if grad else None
+    for i in range(n):
+        src = (r - i) % n
+        if i < n - 1:
+            ring.start(x)
+        g = visit(src, x)
+        if grad:
+            if i > 0:
+                acc = acc_ring.wait()  # the accumulator of chunk `src`, from the previous rank
+            acc += g
+            acc_ring.start(acc)  # on to the next rank, with the chunk it belongs to
+        if i < n - 1:
+            x = ring.wait()
+    return acc_ring.wait() if grad else None  # after n exchanges our own chunk's accumulator is home
+
+
+class _AllToAll(torch.autograd.Function):
+    """Sequence-sharded (B, H, T/n, D) <-> head-sharded (B, H/n, T, D) by one `all_to_all_single`.
+
+    Forward to heads: rank r sends head group j of its chunk to rank j and receives every rank's chunk of head
+    group r (sequence in rank order). Backward is the inverse all-to-all, so gradients go back where they came from.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return _all_to_all(x, group, to_heads)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_to_all(g.contiguous(), ctx.group, not ctx.to_heads), None, None
+
+
+def _all_to_all(x: torch.Tensor, group, to_heads: bool) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    b, h, t, d = x.shape
+    if to_heads:  # (B, H, c, D) -> (n, B, H/n, c, D): piece j goes to rank j
+        send = x.reshape(b, n, h // n, t, d).transpose(0, 1).contiguous()
+    else:  # (B, H/n, L, D) -> (n, B, H/n, L/n, D): sequence chunk j goes back to rank j
+        send = x.reshape(b, h, n, t // n, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    if to_heads:  # recv[i] = rank i's chunk of our heads -> (B, H/n, n*c, D)
+        return recv.permute(1, 2, 0, 3, 4).reshape(b, h // n, n * t, d)
+    return recv.transpose(0, 1).reshape(b, n * h, t // n, d)  # recv[i] = our chunk of head group i
+
+
+def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, H, T/n, D) sequence chunk -> (B, H/n, T, D) all of the sequence for this rank's heads (differentiable)."""
+    return _AllToAll.apply(x, group, True)
+
+
+def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Inverse of `seq_to_heads` (differentiable)."""
+    return _AllToAll.apply(x, group, False)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqpar.parallel.sequence import (
-    _bias,
+from seqpar.parallel.sequence.kernels import (
     _math_backward,
     _math_forward,
-    _no_keys,
     block_backward,
     block_forward,
+    key_bias,
+    no_key_rows,
 )
 
 
@@ -26,9 +26,9 @@ def test_math_kernel_matches_fused_kernel(causal, padded):
         mask = torch.ones(2, 11, dtype=torch.bool)
         mask[1, :] = False  # a block with no attendable key for one sequence
         mask[0, 7:] = False
-    bias = _bias(mask, q.dtype)
+    bias = key_bias(mask, q.dtype)
     out, lse = block_forward(q, k, v, causal, bias)
-    lse = _no_keys(lse, mask)
+    lse = no_key_rows(lse, mask)
     m_out, m_lse = _math_forward(q, k, v, causal, bias)
     ok = torch.isfinite(m_lse)
     torch.testing.assert_close(m_lse[ok], lse[ok], atol=1e-5, rtol=0)

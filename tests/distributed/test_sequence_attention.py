@@ -1,4 +1,5 @@
-"""Ring attention over gloo processes against F.scaled_dot_product_attention on the whole sequence, fwd and bwd."""
+"""Every sequence-parallel attention (ring, rsa, ulysses) over gloo processes against
+F.scaled_dot_product_attention on the whole sequence, forward and backward."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from seqpar.parallel.sequence import RingAttention, chunk_indices, shard_sequence
+from seqpar.parallel.sequence import IMPLS, chunk_indices, shard_sequence
 
 from .spawn import spawn
 
@@ -25,15 +26,16 @@ def reference(q, k, v, causal, mask):
     return out, q, k, v
 
 
-def _check(rank, world, causal, padded, seq_len):
+def _check_one(rank, world, impl, causal, padded):
     torch.manual_seed(0)
-    b, h, d = 2, 3, 8
+    seq_len = 2 * world * 5 if causal else world * 7  # not powers of two
+    b, h, d = 2, 2 * world, 8  # ulysses needs heads divisible by sp
     q, k, v = (torch.randn(b, h, seq_len, d) for _ in range(3))
     dout = torch.randn(b, h, seq_len, d)
     mask = None
     if padded:
         mask = torch.ones(b, seq_len, dtype=torch.bool)
-        mask[1, seq_len // 3 :] = False  # whole chunks of keys are padding for this sequence
+        mask[1, seq_len // 3 :] = False  # the last chunks of this sequence are all padding
         mask[0, -1] = False
     out, rq, rk, rv = reference(q, k, v, causal, mask)
     out.backward(dout)
@@ -41,22 +43,31 @@ def _check(rank, world, causal, padded, seq_len):
     idx = chunk_indices(seq_len, world, rank, zigzag=causal)
     local = [shard_sequence(x, world, rank, causal, dim=2).clone().requires_grad_() for x in (q, k, v)]
     local_mask = shard_sequence(mask, world, rank, causal, dim=1) if padded else None
-    attn = RingAttention(dist.group.WORLD)
+    attn = IMPLS[impl](dist.group.WORLD)
     y = attn(*local, causal=causal, key_padding_mask=local_mask, dropout_p=0.0)
     y.backward(dout[:, :, idx])
     rows = slice(None)
     if padded:  # padded queries are free to attend to anything; compare real ones
         rows = local_mask[:, None, :, None].expand_as(y)
     torch.testing.assert_close(y[rows], out.detach()[:, :, idx][rows], atol=ATOL, rtol=0)
-    for mine, ref in zip(local, (rq, rk, rv), strict=True):
-        torch.testing.assert_close(mine.grad, ref.grad[:, :, idx], atol=ATOL, rtol=0)
+    for name, mine, ref in zip("qkv", local, (rq, rk, rv), strict=True):
+        torch.testing.assert_close(mine.grad, ref.grad[:, :, idx], atol=ATOL, rtol=0, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("causal,padded", [(False, False), (False, True), (True, False), (True, True)])
-def test_ring_attention_matches_sdpa(world, causal, padded):
-    seq_len = 2 * world * 9 if causal else world * 13  # not powers of two
-    spawn(_check, world, causal, padded, seq_len)
+def _check_all(rank, world):
+    for impl in IMPLS:
+        for causal in (False, True):
+            for padded in (False, True):
+                try:
+                    _check_one(rank, world, impl, causal, padded)
+                except AssertionError as e:
+                    raise AssertionError(f"{impl} sp={world} causal={causal} padded={padded}: {e}") from None
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_sequence_parallel_attention_matches_sdpa(world):
+    """ring, rsa and ulysses x causal/bidirectional x with/without padding, in one job per sp degree."""
+    spawn(_check_all, world, timeout=240)
 
 
 def test_chunk_layouts():

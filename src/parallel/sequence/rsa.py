@@ -1,0 +1,113 @@
+"""Ring Self-Attention (`parallel.sp_impl=rsa`), as in Li et al., "Sequence Parallelism: Long Sequence Training
+from System Perspective": the reference implementation and the baseline the others are measured against.
+
+Forward on rank r of n, holding queries, keys and values of one chunk (c = L/n tokens):
+1. ring-pass the keys: S[:, :, :, chunk j] = Q_r K_j^T / sqrt(D) for every j, i.e. this rank's c x L scores;
+2. softmax over the whole row (padding and causal masks applied by global position);
+3. ring-pass the values: O_r = sum_j P[:, :, :, chunk j] V_j.
+The c x L probabilities are kept for backward: memory grows with L^2 / n, which is what `ring` avoids.
+
+Backward: ring-pass the values again for dP_j = dO_r V_j^T, while dV_j = P_j^T dO_r travels with V_j back to its
+owner; softmax backward dS = P * (dP - rowsum(dP * P)); ring-pass the keys for dQ_r = sum_j dS_j K_j / sqrt(D), while
+dK_j = dS_j^T Q_r / sqrt(D) travels home. Communication: forward 2(n-1) exchanges; backward 2(n-1) for K and V and
+2n for their gradient accumulators (see `seqpar.parallel.comm.ring_pass`), plus one all-gather of padding masks.
+
+Causal attention expects the zigzag layout of the other implementations (it masks by global position).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from seqpar.parallel.comm import all_gather_list, ring_pass
+
+
+def _bias(masks: list[torch.Tensor | None], q_pos: torch.Tensor, positions: list[torch.Tensor], causal: bool):
+    """Boolean (B or 1, 1, c, L) "may attend" mask with key columns in rank order, or None."""
+    allowed = None
+    if causal:
+        allowed = (q_pos[:, None] >= torch.cat(positions)[None, :])[None, None]
+    if masks[0] is not None:
+        keys = torch.cat(masks, dim=1)[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    return allowed
+
+
+class _RSAFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, causal: bool, group):
+        from seqpar.parallel.sequence import chunk_indices
+
+        b, h, c, d = q.shape
+        n = torch.distributed.get_world_size(group)
+        r = torch.distributed.get_rank(group)
+        scale = 1.0 / math.sqrt(d)
+        masks = all_gather_list(key_mask, group) if key_mask is not None else [None] * n
+        positions = [chunk_indices(c * n, n, j, causal).to(q.device) for j in range(n)]
+
+        s = torch.empty(b, h, c, n * c, dtype=q.dtype, device=q.device)  # this rank's rows of the score matrix
+
+        def scores(src, k_src):
+            s[..., src * c : (src + 1) * c] = (q @ k_src.transpose(-1, -2)) * scale
+
+        ring_pass(k, group, scores)
+        allowed = _bias(masks, positions[r], positions, causal)
+        if allowed is not None:
+            s.masked_fill_(~allowed, float("-inf"))
+        p = torch.softmax(s, dim=-1, dtype=torch.float32)
+        s = None  # free the scores (the closure above shares this variable)
+        if allowed is not None:
+            p = p.nan_to_num_(0.0)  # a query with no attendable key at all
+        p = p.to(q.dtype)
+
+        out = torch.zeros(b, h, c, d, dtype=torch.float32, device=q.device)
+
+        def weighted_values(src, v_src):
+            out.add_(p[..., src * c : (src + 1) * c] @ v_src)
+
+        ring_pass(v, group, weighted_values)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.group, ctx.scale, ctx.c = group, scale, c
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, p = ctx.saved_tensors
+        group, scale, c = ctx.group, ctx.scale, ctx.c
+        dout = dout.contiguous()
+        dp = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+
+        def grad_values(src, v_src):
+            cols = slice(src * c, (src + 1) * c)
+            dp[..., cols] = dout @ v_src.transpose(-1, -2)
+            return p[..., cols].transpose(-1, -2) @ dout  # dV_src from our queries
+
+        dv = ring_pass(v, group, grad_values, grad=True)
+        pf = p.float()
+        ds = pf * (dp - (dp * pf).sum(-1, keepdim=True))  # softmax backward
+        dp = pf = None
+        ds = ds.to(q.dtype)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+
+        def grad_keys(src, k_src):
+            cols = slice(src * c, (src + 1) * c)
+            dq.add_(ds[..., cols] @ k_src, alpha=scale)
+            return (ds[..., cols].transpose(-1, -2) @ q) * scale  # dK_src from our queries
+
+        dk = ring_pass(k, group, grad_keys, grad=True)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+class RingSelfAttention:
+    """The paper's Ring Self-Attention as a core-attention function over `group` (this rank's chunk in, out)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float):
+        if dropout_p:
+            raise ValueError("Ring Self-Attention here has no attention dropout; set model.attn_dropout=0")
+        mask = key_padding_mask.bool() if key_padding_mask is not None else None
+        return _RSAFn.apply(q, k, v, mask, causal, self.group)

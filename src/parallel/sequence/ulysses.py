@@ -1,0 +1,45 @@
+"""Ulysses attention (`parallel.sp_impl=ulysses`): trade sequence sharding for head sharding and back.
+
+An all-to-all turns this rank's (B, H, L/n, D) chunk of q, k and v into (B, H/n, L, D): the whole sequence for
+H/n of the heads. Attention then runs locally with the fused single-device kernel, and a second all-to-all returns
+the output to sequence sharding. Communication: forward three all-to-alls in (q, k, v, stacked) and one out;
+backward the mirror images (`seqpar.parallel.comm.seq_to_heads`), plus one all-gather of the padding masks.
+Needs the (local) head count divisible by sp. Under the zigzag layout the gathered sequence is put back in
+natural order before the causal kernel runs, and returned to zigzag order after.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from seqpar.models.attention import sdpa_attention
+from seqpar.parallel.comm import all_gather_list, heads_to_seq, seq_to_heads
+
+
+class UlyssesAttention:
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float):
+        from seqpar.parallel.sequence import chunk_indices
+
+        n = dist.get_world_size(self.group)
+        b, h, c, d = q.shape
+        if h % n:
+            raise ValueError(f"ulysses needs the head count ({h} on this rank) divisible by sp ({n})")
+        # Head group j of q, k and v goes to rank j in one all-to-all: order the heads (group, q/k/v, head).
+        qkv = torch.stack([q, k, v], dim=1).view(b, 3, n, h // n, c, d).transpose(1, 2).reshape(b, 3 * h, c, d)
+        qkv = seq_to_heads(qkv, self.group).view(b, 3, h // n, n * c, d)  # whole sequence, our heads
+        mask = None
+        if key_padding_mask is not None:
+            mask = torch.cat(all_gather_list(key_padding_mask.bool(), self.group), dim=1)  # rank order
+        order = None
+        if causal:  # gathered rank order -> natural order of positions
+            order = torch.cat([chunk_indices(n * c, n, j, zigzag=True) for j in range(n)]).to(q.device)
+            qkv = qkv[..., order.argsort(), :]
+            mask = mask[:, order.argsort()] if mask is not None else None
+        y = sdpa_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], causal=causal, key_padding_mask=mask, dropout_p=dropout_p)
+        if order is not None:
+            y = y[..., order, :]
+        return heads_to_seq(y.contiguous(), self.group)
