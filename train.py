@@ -3,6 +3,7 @@
 
     python train.py                                   # gpt_tiny on the built-in corpus
     python train.py model=bert_tiny trainer.max_steps=30 hydra.run.dir=/tmp/run
+    python train.py model=gpt_tiny parallel.sp=4      # 4 local processes, sequence parallel (ring attention)
     python train.py +experiment=bert_seq64k           # a preset experiment
 """
 
@@ -22,14 +23,20 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 def main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from seqpar.trainer import prepare, run
+    from seqpar.parallel.launch import RankFailed, launch
+    from seqpar.trainer import prepare, resolve_device, run
 
     cfg = to_config(dcfg)
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
-        run(prepare(cfg))
+        cfg = prepare(cfg)
+        # One process, or this rank of a torchrun/srun job, or `world_size` local processes started here.
+        launch(run, cfg.parallel.world_size, cfg, device_type=resolve_device(cfg.device).type,
+               timeout_s=cfg.parallel.timeout_s)
     except ConfigError as e:
         fail(str(e))
+    except RankFailed as e:
+        fail(str(e), e.exit_code)
 
 
 if __name__ == "__main__":

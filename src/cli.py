@@ -16,9 +16,9 @@ from seqpar.config import Config, ConfigError, register_configs, to_config
 EXIT_CONFIG = 2
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = EXIT_CONFIG) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_CONFIG)
+    raise SystemExit(code)
 
 
 def describe_hydra_error(exc: BaseException) -> str:

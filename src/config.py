@@ -97,6 +97,7 @@ class ParallelConfig:
     sp_impl: str = "ring"
     pp_schedule: str = "1f1b"
     microbatches: int = 1
+    timeout_s: int = 1800  # a collective that waits longer (a hung or dead peer) fails the job
 
     @property
     def world_size(self) -> int:
@@ -207,6 +208,32 @@ def validate_model(m: ModelConfig) -> None:
     _positive("model.type_vocab_size", m.type_vocab_size)
 
 
+def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
+    """The degrees must fit the model and the sequence (each failure names the values)."""
+    for name in ("tp", "pp"):
+        if getattr(p, name) > 1:
+            kind = "tensor" if name == "tp" else "pipeline"
+            raise ConfigError(
+                f"parallel.{name}", f"is {getattr(p, name)}; {kind} parallelism is not available in this version",
+                f"set parallel.{name}=1 (use dp and sp)",
+            )
+    if p.sp > 1:
+        parts = 2 * p.sp if m.causal else p.sp
+        if d.seq_len % parts:
+            layout = f"causal models cut it into 2*sp = {parts} zigzag chunks" if m.causal else f"sp = {parts} chunks"
+            raise ConfigError(
+                "data.seq_len",
+                f"({d.seq_len}) is not divisible by {parts}: {layout}",
+                f"use a data.seq_len that is a multiple of {parts}",
+            )
+        if p.sp_impl == "ulysses" and (m.num_heads // p.tp) % p.sp:
+            raise ConfigError(
+                "parallel.sp",
+                f"({p.sp}) does not divide the {m.num_heads // p.tp} attention heads per rank, as ulysses needs",
+                "choose sp dividing model.num_heads / parallel.tp, or parallel.sp_impl=ring",
+            )
+
+
 def validate(cfg: Config) -> None:
     """Check everything types cannot. Raises ConfigError with one line: `<field> <problem>; <fix>`."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
@@ -231,10 +258,11 @@ def validate(cfg: Config) -> None:
     _fraction("data.mlm_probability", d.mlm_probability, lo_open=True)
     _positive("data.num_proc", d.num_proc)
 
-    for name in ("dp", "pp", "tp", "sp", "microbatches"):
+    for name in ("dp", "pp", "tp", "sp", "microbatches", "timeout_s"):
         _positive(f"parallel.{name}", getattr(p, name))
     _choice("parallel.sp_impl", p.sp_impl, SP_IMPLS)
     _choice("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
+    validate_layout(m, d, p)
     if p.sp > 1 and m.attn_dropout > 0:
         raise ConfigError(
             "model.attn_dropout",

@@ -10,7 +10,6 @@ parallelism divides), not to parameters; DDP keeps one all-reduce per gradient b
 while FSDP2 would add an all-gather per layer for every micro-batch in forward and again in backward.
 """
 
-from __future__ import annotations
 
 import torch
 import torch.distributed as dist

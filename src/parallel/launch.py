@@ -167,6 +167,7 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
         raise _root_cause(dict(failed), errors)
     finally:
         _stop(pc.processes, 0.0)
+        pc = errors = done = None  # release the queue's and barrier's semaphores now, not at interpreter exit
 
 
 def _root_cause(failed: dict[int, int], errors) -> RankFailed:

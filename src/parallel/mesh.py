@@ -37,10 +37,9 @@ class ParallelMesh:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            raise ConfigError(
-                "parallel",
-                f"asks for {p.world_size} processes (dp={p.dp} pp={p.pp} tp={p.tp} sp={p.sp}); this version trains on one process",
-                "set parallel.dp=1 parallel.pp=1 parallel.tp=1 parallel.sp=1",
+            raise RuntimeError(
+                f"a mesh of {p.world_size} processes needs torch.distributed initialised; "
+                "start the job with seqpar.parallel.launch.launch (train.py does)"
             )
         world = dist.get_world_size()
         if world != p.world_size:

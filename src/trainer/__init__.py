@@ -11,11 +11,25 @@ from seqpar.parallel.mesh import ParallelMesh
 
 
 def resolve_device(name: str) -> torch.device:
+    """`device` (auto|cpu|cuda) as a torch device; on CUDA, this process's current GPU (set by the launcher)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", "is cuda but no CUDA device is visible", "use device=cpu or device=auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
+
+
+def check_devices(cfg: Config) -> None:
+    """A job started here needs one GPU per process on CUDA."""
+    from seqpar.parallel.launch import launched_rank
+
+    world = cfg.parallel.world_size
+    if resolve_device(cfg.device).type == "cuda" and launched_rank() is None and world > torch.cuda.device_count():
+        raise ConfigError(
+            "parallel",
+            f"dp*pp*tp*sp = {world} processes need {world} GPUs but {torch.cuda.device_count()} are visible",
+            "lower the degrees, launch across nodes with torchrun/srun, or use device=cpu",
+        )
 
 
 def prepare(cfg: Config) -> Config:
@@ -41,13 +55,13 @@ def prepare(cfg: Config) -> Config:
         from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir
 
         check_vocab(load_tokenizer_dir(cfg.data.tokenizer, cfg.model.arch), cfg.model.vocab_size)
-    ParallelMesh.from_config(cfg.parallel, torch.device("cpu"))  # layout checks
-    resolve_device(cfg.device)
+    check_devices(cfg)
     return cfg
 
 
 def run(cfg: Config) -> dict:
-    """Train the configured job in this process; returns the last logged record."""
+    """Train the configured job as this rank (torch.distributed already initialised when there are several);
+    returns the last logged record."""
     from seqpar.trainer.loop import Trainer
 
     mesh = ParallelMesh.from_config(cfg.parallel, resolve_device(cfg.device))

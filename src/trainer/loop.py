@@ -1,8 +1,13 @@
 """The training loop: build everything from the config and a mesh, train, evaluate, log, save.
 
 The loss of a step is the mean over every target token of the global batch: each micro-batch contributes its summed
-cross-entropy divided by the global target count, so gradient accumulation, data parallelism and (later) sequence
-chunks all give the same number as one process with the whole batch.
+cross-entropy divided by the global target count (summed over the dp x sp ranks), and gradients are summed over
+those ranks, so gradient accumulation, data parallelism and sequence chunks all give the same loss and gradients as
+one process with the whole batch.
+
+Data flow per step: the loader gives this data-parallel rank its share of the global batch (whole sequences, with
+positions, labels and masks made on the whole sequence); with sp > 1 each rank keeps its chunk of every sequence
+(`shard_batch`: contiguous for BERT, zigzag for GPT); the batch is then cut into micro-batches.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from seqpar.data.sequences import build_sequences
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, save_pretrained
 from seqpar.parallel.mesh import ParallelMesh
+from seqpar.parallel.parallelize import parallelize
+from seqpar.parallel.sequence import shard_batch
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib
 from seqpar.trainer.optim import build_optimizer, build_scheduler
@@ -68,6 +75,7 @@ class Trainer:
         self.model = init_model(cfg, self.device)
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
+        self.train_model = parallelize(self.model, mesh, cfg)  # the model, or its data-parallel wrapper
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.loader = GlobalBatchLoader(
@@ -83,21 +91,31 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(self.device, t.peak_flops)
 
-    def forward_loss(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+    def local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of its data-parallel share: its sequence chunk when sp > 1."""
+        if self.mesh.sp == 1:
+            return batch
+        return shard_batch(batch, self.mesh.sp, self.mesh.local_rank("sp"), zigzag=self.cfg.model.causal)
+
+    def forward_loss(self, micro: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
         inputs = {k: micro[k].to(self.device) for k in MODEL_INPUTS if k in micro}
         with self.autocast:
-            logits = self.model(**inputs)
+            logits = (model or self.model)(**inputs)
         return loss_sum(logits, micro["labels"].to(self.device))
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over one global batch; returns (loss, grad_norm)."""
         self.model.train()
-        batch = next(self.loader)
+        batch = self.local(next(self.loader))
         targets = self.mesh.sum_over_data((batch["labels"] != IGNORE_INDEX).sum().to(self.device, torch.float32))
         total = torch.zeros((), device=self.device)
-        for micro in _split(batch, self.micro_batch_size):
-            loss = self.forward_loss(micro)
-            (loss / targets).backward()
+        micros = _split(batch, self.micro_batch_size)
+        for i, micro in enumerate(micros):
+            # Gradients are reduced over dp x sp once, in the backward of the last micro-batch.
+            sync = i == len(micros) - 1 or not hasattr(self.train_model, "no_sync")
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                loss = self.forward_loss(micro, self.train_model)
+                (loss / targets).backward()
             total += loss.detach()
         max_norm = self.cfg.trainer.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -115,6 +133,7 @@ class Trainer:
         count = torch.zeros((), device=self.device)
         t = self.cfg.trainer
         for batch in eval_batches(self.data.val, t.global_batch_size, t.eval_batches, self.mesh.dp_rank, self.mesh.dp):
+            batch = self.local(batch)
             for micro in _split(batch, self.micro_batch_size):
                 total += self.forward_loss(micro)
                 count += (micro["labels"] != IGNORE_INDEX).sum()

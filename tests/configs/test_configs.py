@@ -102,6 +102,12 @@ BAD = [
     (["parallel.pp_schedule=zb"], "parallel.pp_schedule"),
     (["parallel.sp=2", "model.attn_dropout=0.1"], "model.attn_dropout"),
     (["parallel.dp=3", "trainer.global_batch_size=16"], "trainer.global_batch_size"),
+    (["parallel.sp=3"], "data.seq_len"),  # GPT: 128 tokens in 2*sp = 6 zigzag chunks
+    (["model=bert_tiny", "parallel.sp=3"], "data.seq_len"),
+    (["parallel.sp=8", "parallel.sp_impl=ulysses"], "parallel.sp"),  # 4 heads over 8 ranks
+    (["parallel.tp=2"], "parallel.tp"),
+    (["parallel.pp=2"], "parallel.pp"),
+    (["parallel.timeout_s=0"], "parallel.timeout_s"),
     (["logger.wandb.mode=cloud"], "logger.wandb.mode"),
     (["device=tpu"], "device"),
 ]
@@ -127,7 +133,7 @@ CLI_BAD = [
     (["trainer.lr=0"], "error: trainer.lr is 0.0, must be > 0"),
     (["data=text_files", "data.paths=[/no/such/file.txt]"], "error: data.paths entry '/no/such/file.txt' matches no file"),
     (["model.init_from=/no/such/dir"], "error: model.init_from (/no/such/dir) is not a transformers checkpoint directory"),
-    (["parallel.sp=4"], "error: parallel asks for 4 processes"),
+    (["parallel.sp=3"], "error: data.seq_len (128) is not divisible by 6: causal models cut it into 2*sp = 6 zigzag"),
     (["device=cuda"], "error: device is cuda but no CUDA device is visible"),
 ]
 
