@@ -10,6 +10,7 @@ reduction is then the identity.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -95,3 +96,28 @@ class ParallelMesh:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
+
+    @contextlib.contextmanager
+    def rank_zero_first(self):
+        """Rank 0 runs the block first (building caches: corpus, tokenizer, tokenized data), then every other rank,
+        which finds them built. Two ranks never build the same cache at once."""
+        if self.device_mesh is None:
+            yield
+            return
+        import torch.distributed as dist
+
+        if self.rank != 0:
+            dist.barrier()
+        yield
+        if self.rank == 0:
+            dist.barrier()
+
+    def all_equal(self, value: int) -> bool:
+        """Whether every rank passed the same integer (a fingerprint of what must be identical everywhere)."""
+        if self.device_mesh is None:
+            return True
+        import torch.distributed as dist
+
+        t = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t[0].item() == value and -t[1].item() == value

@@ -13,15 +13,17 @@ positions, labels and masks made on the whole sequence); with sp > 1 each rank k
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
+import zlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqpar.config import Config
+from seqpar.config import Config, ConfigError
 from seqpar.data.loader import GlobalBatchLoader, eval_batches
 from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
@@ -65,13 +67,27 @@ def _split(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Te
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
+def check_same_data(data, mesh: ParallelMesh) -> None:
+    """Every rank must tokenize with the same vocabulary and see the same sequences. A cache that is not shared
+    between nodes would otherwise train a tokenizer per node (training breaks ties differently run to run)."""
+    vocab = json.dumps(sorted(data.tokenizer.get_vocab().items())).encode()
+    if not mesh.all_equal(zlib.crc32(vocab) * 1_000_003 + len(data.train)):
+        raise ConfigError(
+            "data.cache_dir",
+            "differs between ranks: they built different tokenizers or datasets (a cache not shared between nodes?)",
+            "point data.cache_dir (or $SEQPAR_CACHE) at storage every node shares, or pass data.tokenizer=<dir>",
+        )
+
+
 class Trainer:
     def __init__(self, cfg: Config, mesh: ParallelMesh):
         self.cfg, self.mesh, t = cfg, mesh, cfg.trainer
         self.device = mesh.device
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.data = build_sequences(cfg)
+        with mesh.rank_zero_first():
+            self.data = build_sequences(cfg)
+        check_same_data(self.data, mesh)
         self.model = init_model(cfg, self.device)
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)

@@ -29,6 +29,7 @@ def _check(rank, world, dp, pp, sp, tp):
     total = mesh.sum_over_data(torch.tensor(float(coords["dp"] * sp + coords["sp"] + 1)))
     assert total.item() == sum(range(1, dp * sp + 1))
     assert mesh.max_over_all(float(rank)) == world - 1
+    assert mesh.all_equal(7) and not mesh.all_equal(rank)
 
 
 @pytest.mark.parametrize("dp,pp,sp,tp", [(2, 1, 2, 1), (1, 1, 4, 1), (2, 1, 1, 2), (2, 1, 2, 2), (1, 2, 2, 2)])
@@ -55,3 +56,34 @@ def test_single_process_mesh_is_the_identity():
     assert mesh.sum_over_data(t) is t and mesh.max_over_all(2.0) == 2.0 and mesh.group("sp") is None
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         ParallelMesh.from_config(ParallelConfig(sp=2), torch.device("cpu"))
+
+
+def _rank_zero_first(rank, world, path):
+    import os
+    import types
+
+    from seqpar.trainer.loop import check_same_data
+
+    mesh = ParallelMesh.from_config(ParallelConfig(dp=world), torch.device("cpu"))
+    with mesh.rank_zero_first():
+        if rank == 0:
+            with open(path, "w") as f:
+                f.write("built")
+        else:
+            assert os.path.exists(path), "a rank ran before rank 0 finished building"
+
+    def data(vocab):
+        tok = types.SimpleNamespace(get_vocab=lambda: vocab)
+        return types.SimpleNamespace(tokenizer=tok, train=[0] * 10)
+
+    check_same_data(data({"a": 0, "b": 1}), mesh)
+    try:
+        check_same_data(data({"a": 0, "b": 1 + rank}), mesh)
+    except ConfigError as e:
+        assert e.field == "data.cache_dir"
+    else:
+        raise AssertionError("ranks with different tokenizers were accepted")
+
+
+def test_rank_zero_builds_first_and_ranks_must_agree_on_data(tmp_path):
+    spawn(_rank_zero_first, 3, str(tmp_path / "cache"))
