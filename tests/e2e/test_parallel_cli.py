@@ -55,3 +55,16 @@ def test_layout_matches_single_process(tmp_path, cache_dir, reference, model, im
     assert_same_run(read_metrics(run), reference(model), f"{model} {impl} {name}")
     assert proc.stdout.count("step 5 | loss") == 1  # progress from rank 0 only
 
+
+
+@pytest.mark.parametrize("experiment", ["bert_seq64k", "gpt_seq32k"])
+def test_experiment_layouts_run_at_debug_size(tmp_path, cache_dir, experiment):
+    """The cluster experiments keep their layout (sp=8 ring for BERT, sp=4 for GPT), activation checkpointing and
+    micro-batching under `+debug=tiny`, and match the same run on one process (hidden dropout off for the check)."""
+    runs = []
+    for name, extra in (("parallel", []), ("single", ["parallel.sp=1"])):
+        run = tmp_path / name
+        train_ok([f"+experiment={experiment}", "+debug=tiny", "model.dropout=0", "trainer.save_final=false", *extra,
+                  f"hydra.run.dir={run}"], cache_dir)
+        runs.append(read_metrics(run))
+    assert_same_run(*runs, experiment)
