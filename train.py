@@ -23,16 +23,14 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 def main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from seqpar.parallel.launch import RankFailed, launch
-    from seqpar.trainer import prepare, resolve_device, run
+    from seqpar.parallel.launch import RankFailed
+    from seqpar.trainer import prepare, train
 
     cfg = to_config(dcfg)
     cfg.run_dir = HydraConfig.get().runtime.output_dir
     try:
-        cfg = prepare(cfg)
         # One process, or this rank of a torchrun/srun job, or `world_size` local processes started here.
-        launch(run, cfg.parallel.world_size, cfg, device_type=resolve_device(cfg.device).type,
-               timeout_s=cfg.parallel.timeout_s)
+        train(prepare(cfg))
     except ConfigError as e:
         fail(str(e))
     except RankFailed as e:

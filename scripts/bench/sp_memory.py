@@ -12,7 +12,7 @@ MALLOC_MMAP_THRESHOLD_ is fixed). The reported number is the maximum over ranks.
 length doubles until a rank needs more than --budget-mib, so the table also shows the longest length that fits.
 
     pip install matplotlib
-    python scripts/bench/sp_memory.py --out docs/img/sp_memory.png --json /tmp/sp_memory.json
+    python scripts/bench/sp_memory.py --out docs/img/sp_memory.png --json docs/img/sp_memory.json
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def _model_step(impl: str, seq_len: int, group, sp: int, rank: int):
 def _rank(workload: str, impl: str, seq_len: int, out_path: str) -> None:
     group, sp, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     make = _layer_step if workload == "layer" else _model_step
+    make(impl, 256 * sp, group, sp, rank)()  # warm-up at a short length: kernels, autograd, communication
     step = make(impl, seq_len, group, sp, rank)
-    step()  # warm-up: kernels, autograd, communication buffers
     dist.barrier()
     base = _reset_peak()
     start = time.perf_counter()
@@ -149,8 +149,8 @@ def main() -> None:
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--sp", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--start", type=int, default=1024, help="first sequence length")
-    ap.add_argument("--max-len", type=int, default=65536, help="longest sequence length tried")
-    ap.add_argument("--budget-mib", type=float, default=1024.0, help="per-rank memory budget")
+    ap.add_argument("--max-len", type=int, default=32768, help="longest sequence length tried")
+    ap.add_argument("--budget-mib", type=float, default=512.0, help="per-rank memory budget")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per measurement")
     ap.add_argument("--out", default="docs/img/sp_memory.png")
     ap.add_argument("--json", default=None, help="also write the raw rows here")

@@ -77,10 +77,13 @@ def ring_pass(x: torch.Tensor, group, visit, grad: bool = False) -> torch.Tensor
             if i > 0:
                 acc = acc_ring.wait()  # the accumulator of chunk `src`, from the previous rank
             acc += g
-            acc_ring.start(acc)  # on to the next rank, with the chunk it belongs to
+            if n > 1:
+                acc_ring.start(acc)  # on to the next rank, with the chunk it belongs to
         if i < n - 1:
             x = ring.wait()
-    return acc_ring.wait() if grad else None  # after n exchanges our own chunk's accumulator is home
+    if not grad:
+        return None
+    return acc_ring.wait() if n > 1 else acc  # after n exchanges our own chunk's accumulator is home
 
 
 class _AllToAll(torch.autograd.Function):

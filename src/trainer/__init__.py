@@ -59,10 +59,26 @@ def prepare(cfg: Config) -> Config:
     return cfg
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, data=None) -> dict:
     """Train the configured job as this rank (torch.distributed already initialised when there are several);
-    returns the last logged record."""
+    returns the last logged record. `data` is the built SequenceData when the launcher's parent made it."""
     from seqpar.trainer.loop import Trainer
 
     mesh = ParallelMesh.from_config(cfg.parallel, resolve_device(cfg.device))
-    return Trainer(cfg, mesh).fit()
+    return Trainer(cfg, mesh, data).fit()
+
+
+def train(cfg: Config) -> None:
+    """Run a prepared config on every rank it needs: in this process, as a torchrun/srun rank, or on local
+    processes started here. Local CPU ranks are forked from this process after it has built the data once, so
+    they start without loading anything again."""
+    from seqpar.parallel.launch import launch, launched_rank, start_method
+
+    device = resolve_device(cfg.device)
+    world = cfg.parallel.world_size
+    data = None
+    if world > 1 and launched_rank() is None and start_method(device.type) == "fork":
+        from seqpar.data.sequences import build_sequences
+
+        data = build_sequences(cfg)
+    launch(run, world, cfg, data, device_type=device.type, timeout_s=cfg.parallel.timeout_s)

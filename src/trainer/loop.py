@@ -80,13 +80,15 @@ def check_same_data(data, mesh: ParallelMesh) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, mesh: ParallelMesh):
+    def __init__(self, cfg: Config, mesh: ParallelMesh, data=None):
         self.cfg, self.mesh, t = cfg, mesh, cfg.trainer
         self.device = mesh.device
         if t.threads:
             torch.set_num_threads(t.threads)
-        with mesh.rank_zero_first():
-            self.data = build_sequences(cfg)
+        if data is None:
+            with mesh.rank_zero_first():
+                data = build_sequences(cfg)
+        self.data = data
         check_same_data(self.data, mesh)
         self.model = init_model(cfg, self.device)
         if t.activation_checkpointing:

@@ -32,9 +32,17 @@ def _check(rank, world, dp, pp, sp, tp):
     assert mesh.all_equal(7) and not mesh.all_equal(rank)
 
 
-@pytest.mark.parametrize("dp,pp,sp,tp", [(2, 1, 2, 1), (1, 1, 4, 1), (2, 1, 1, 2), (2, 1, 2, 2), (1, 2, 2, 2)])
-def test_mesh_axes_and_groups(dp, pp, sp, tp):
-    spawn(_check, dp * pp * sp * tp, dp, pp, sp, tp)
+def _check_layouts(rank, world, layouts):
+    for layout in layouts:
+        _check(rank, world, *layout)
+
+
+@pytest.mark.parametrize("layouts", [[(2, 1, 2, 1), (1, 1, 4, 1), (2, 1, 1, 2)], [(2, 1, 2, 2), (1, 2, 2, 2)]],
+                         ids=["world4", "world8"])
+def test_mesh_axes_and_groups(layouts):
+    """(dp, pp, sp, tp) layouts of one world size, each checked in the same job."""
+    world = layouts[0][0] * layouts[0][1] * layouts[0][2] * layouts[0][3]
+    spawn(_check_layouts, world, layouts)
 
 
 def _wrong_world(rank, world):

@@ -88,11 +88,13 @@ class _RingAttentionFn(torch.autograd.Function):
                 dkv = dkv_ring.wait()  # the gradient buffer of block `src`, from the previous rank
             dkv[0][:, :, ks] += g[1]
             dkv[1][:, :, ks] += g[2]
-            dkv_ring.start(dkv)  # on to the next rank, with the block it belongs to
-            in_flight = True
+            if n > 1:
+                dkv_ring.start(dkv)  # on to the next rank, with the block it belongs to
+                in_flight = True
             if i < n - 1:
                 kv = kv_ring.wait()
-        dkv = dkv_ring.wait()  # after n exchanges our own block's gradients are home
+        if n > 1:
+            dkv = dkv_ring.wait()  # after n exchanges our own block's gradients are home
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
