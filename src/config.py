@@ -210,13 +210,19 @@ def validate_model(m: ModelConfig) -> None:
 
 def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
     """The degrees must fit the model and the sequence (each failure names the values)."""
-    for name in ("tp", "pp"):
-        if getattr(p, name) > 1:
-            kind = "tensor" if name == "tp" else "pipeline"
-            raise ConfigError(
-                f"parallel.{name}", f"is {getattr(p, name)}; {kind} parallelism is not available in this version",
-                f"set parallel.{name}=1 (use dp and sp)",
-            )
+    if p.pp > 1:
+        raise ConfigError(
+            "parallel.pp", f"is {p.pp}; pipeline parallelism is not available in this version",
+            "set parallel.pp=1 (use dp, tp and sp)",
+        )
+    if p.tp > 1:
+        for name, value in (("num_heads", m.num_heads), ("ffn_hidden_size", m.ffn_size), ("vocab_size", m.vocab_size)):
+            if value % p.tp:
+                raise ConfigError(
+                    "parallel.tp",
+                    f"({p.tp}) does not divide model.{name} ({value}); tensor parallelism shards it evenly",
+                    f"choose a parallel.tp that divides model.{name}",
+                )
     if p.sp > 1:
         parts = 2 * p.sp if m.causal else p.sp
         if d.seq_len % parts:

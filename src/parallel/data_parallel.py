@@ -1,38 +1,87 @@
-"""Data parallelism over the `dp_sp` ranks: DistributedDataParallel with a summing gradient all-reduce.
+"""Data parallelism over the `dp_sp` ranks, and gradient clipping by the global norm.
 
-Every rank of dp x sp holds a full replica of the parameters and computes gradients from different tokens
-(different sequences across dp, different chunks of the same sequences across sp). The trainer divides each
-rank's summed loss by the number of target tokens in the whole global batch, so the full gradient is the *sum*
-of the ranks' gradients; the comm hook below all-reduces with SUM instead of DDP's default mean.
+Every rank of dp x sp holds the same parameters (or the same tensor-parallel shards of them) and computes gradients
+from different tokens (different sequences across dp, different chunks of the same sequences across sp). The
+trainer divides each rank's summed loss by the number of target tokens in the whole global batch, so the full
+gradient is the *sum* of the ranks' gradients: `GradientReducer` all-reduces (SUM) every gradient over `dp_sp`
+once per optimizer step, after the last micro-batch, in flat buckets.
 
-Why DDP and not FSDP2: in the long-sequence regime seqpar targets, memory goes to activations (which sequence
-parallelism divides), not to parameters; DDP keeps one all-reduce per gradient bucket, overlapped with backward,
-while FSDP2 would add an all-gather per layer for every micro-batch in forward and again in backward.
+Why not DDP: DDP cannot wrap a model whose parameters are DTensors (tensor parallelism) with tied weights, and
+pipeline schedules run backward themselves; one explicit reduction after backward composes with both. It gives up
+DDP's overlap of the all-reduce with backward, which matters little here: in the long-sequence regime parameters
+are small next to activations (sp divides those). FSDP2 would also shard parameters and optimizer state; it is the
+next step when models outgrow one device.
 """
 
+from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+
+BUCKET_BYTES = 32 * 1024 * 1024
 
 
-def _sum_allreduce_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Forward: nothing. Backward, per bucket of gradients: all_reduce(SUM) over `group`, asynchronously."""
-    fut = dist.all_reduce(bucket.buffer(), group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
-def replicate(model: nn.Module, group: dist.ProcessGroup, device: torch.device) -> nn.Module:
-    """Wrap `model` so that backward sums its gradients over `group`."""
-    ddp = DistributedDataParallel(
-        model,
-        device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else None,
-        process_group=group,
-        broadcast_buffers=False,  # no buffers that change in training
-        init_sync=True,  # start every replica from rank 0's weights (they are equal anyway: same seed)
-    )
-    ddp.register_comm_hook(group, _sum_allreduce_hook)
-    return ddp
+class GradientReducer:
+    """Sum the gradients of `params` over `group` (one all-reduce per bucket of up to 32 MiB)."""
+
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup):
+        self.params, self.group = params, group
+
+    def reduce(self) -> None:
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
+        bucket, size = [], 0
+        for g in grads:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            if size >= BUCKET_BYTES:
+                self._flush(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._flush(bucket)
+
+    def _flush(self, bucket: list[torch.Tensor]) -> None:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in bucket:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for same in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for g in same:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "placements") and any(not pl.is_replicate() for pl in t.placements)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group=None, counted=None) -> torch.Tensor:
+    """Clip by the global 2-norm over all parameters and return it.
+
+    Sharded (DTensor) gradients contribute their local shard, summed over `tp_group`; replicated gradients count
+    once. `counted(p)` may exclude parameters whose gradient is a duplicate held elsewhere (a tied copy).
+    """
+    grads = [p.grad for p in params if p.grad is not None and (counted is None or counted(p))]
+    sharded = [local(g) for g in grads if _is_sharded(g)]
+    plain = [local(g) for g in grads if not _is_sharded(g)]  # plain tensors and replicated DTensors
+    device = (sharded or plain)[0].device if (sharded or plain) else torch.device("cpu")
+    sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    if tp_group is not None and sharded:
+        dist.all_reduce(sq_sharded, group=tp_group)
+    sq_plain = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))
+    total = (sq_sharded + sq_plain).sqrt()
+    if math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            if p.grad is not None:
+                local(p.grad).mul_(coef)
+    return total

@@ -1,11 +1,11 @@
 """parallelize(model, mesh, cfg): apply the layout to a single-device model, in one fixed order.
 
 1. sequence parallelism: swap the sp attention (`parallel.sp_impl`) into every attention layer over the sp group;
-2. data parallelism: wrap in DDP over the `dp_sp` ranks, gradients summed (see `data_parallel.py`).
-Tensor and pipeline parallelism slot in between (tp before pp before dp) when they land.
+2. tensor parallelism: shard attention heads, the MLP and the vocabulary over the tp group (`tensor.py`);
+3. data parallelism: a reducer that sums gradients over the `dp_sp` ranks (`data_parallel.py`).
 
-The model itself is changed in place and stays the object to save, evaluate and optimise; the returned module is
-the one to call in training (it is the model itself when there is nothing to wrap).
+The model is changed in place and stays the one object to train, evaluate, optimise and save. Returns the
+gradient reducer (None when there is one data replica).
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ from torch import nn
 
 from seqpar.config import Config
 from seqpar.models import set_core_attention
-from seqpar.parallel.data_parallel import replicate
+from seqpar.parallel.data_parallel import GradientReducer
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.sequence import sequence_attention
+from seqpar.parallel.tensor import apply_tensor_parallel
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config) -> nn.Module:
+def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config) -> GradientReducer | None:
     if mesh.sp > 1:
         set_core_attention(model, sequence_attention(cfg.parallel.sp_impl, mesh.group("sp")))
+    if mesh.tp > 1:
+        apply_tensor_parallel(model, mesh.device_mesh["tp"], cfg.model.arch)
     if mesh.dp * mesh.sp > 1:
-        return replicate(model, mesh.group("dp_sp"), mesh.device)
-    return model
+        return GradientReducer(list(model.parameters()), mesh.group("dp_sp"))
+    return None

@@ -29,9 +29,11 @@ from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, save_pretrained
+from seqpar.parallel.data_parallel import clip_grad_norm
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.parallelize import parallelize
 from seqpar.parallel.sequence import shard_batch
+from seqpar.parallel.tensor import loss_context
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib
 from seqpar.trainer.optim import build_optimizer, build_scheduler
@@ -60,6 +62,11 @@ def init_model(cfg: Config, device: torch.device) -> nn.Module:
         return model.to(device)
     torch.manual_seed(cfg.trainer.seed)
     return build_model(cfg.model, device)
+
+
+def _value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (replicated) DTensor loss."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _split(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
@@ -91,9 +98,10 @@ class Trainer:
         self.data = data
         check_same_data(self.data, mesh)
         self.model = init_model(cfg, self.device)
+        self.reducer = parallelize(self.model, mesh, cfg)  # sp attention, tp sharding; dp_sp gradient sums
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
-        self.train_model = parallelize(self.model, mesh, cfg)  # the model, or its data-parallel wrapper
+        self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.loader = GlobalBatchLoader(
@@ -115,10 +123,11 @@ class Trainer:
             return batch
         return shard_batch(batch, self.mesh.sp, self.mesh.local_rank("sp"), zigzag=self.cfg.model.causal)
 
-    def forward_loss(self, micro: dict[str, torch.Tensor], model: nn.Module | None = None) -> torch.Tensor:
+    def forward_loss(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed loss of a micro-batch (call inside `self.loss_context()`)."""
         inputs = {k: micro[k].to(self.device) for k in MODEL_INPUTS if k in micro}
         with self.autocast:
-            logits = (model or self.model)(**inputs)
+            logits = self.model(**inputs)
         return loss_sum(logits, micro["labels"].to(self.device))
 
     def train_step(self) -> tuple[float, float]:
@@ -127,16 +136,15 @@ class Trainer:
         batch = self.local(next(self.loader))
         targets = self.mesh.sum_over_data((batch["labels"] != IGNORE_INDEX).sum().to(self.device, torch.float32))
         total = torch.zeros((), device=self.device)
-        micros = _split(batch, self.micro_batch_size)
-        for i, micro in enumerate(micros):
-            # Gradients are reduced over dp x sp once, in the backward of the last micro-batch.
-            sync = i == len(micros) - 1 or not hasattr(self.train_model, "no_sync")
-            with contextlib.nullcontext() if sync else self.train_model.no_sync():
-                loss = self.forward_loss(micro, self.train_model)
+        with self.loss_context():
+            for micro in _split(batch, self.micro_batch_size):
+                loss = self.forward_loss(micro)
                 (loss / targets).backward()
-            total += loss.detach()
+                total += _value(loss.detach())
+        if self.reducer is not None:
+            self.reducer.reduce()  # sum over dp x sp, once per step
         max_norm = self.cfg.trainer.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(list(self.model.parameters()), max_norm, self.mesh.group("tp") if self.mesh.tp > 1 else None)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -153,7 +161,8 @@ class Trainer:
         for batch in eval_batches(self.data.val, t.global_batch_size, t.eval_batches, self.mesh.dp_rank, self.mesh.dp):
             batch = self.local(batch)
             for micro in _split(batch, self.micro_batch_size):
-                total += self.forward_loss(micro)
+                with self.loss_context():
+                    total += _value(self.forward_loss(micro))
                 count += (micro["labels"] != IGNORE_INDEX).sum()
         return (self.mesh.sum_over_data(total) / self.mesh.sum_over_data(count).clamp(min=1)).item()
 
@@ -171,6 +180,15 @@ class Trainer:
         if self.peak_flops:
             rec["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.mesh.world_size)
         return rec
+
+    def single_device_model(self) -> nn.Module:
+        """The trained weights as a plain single-device model (gathers tensor-parallel shards)."""
+        if self.mesh.tp == 1:
+            return self.model
+        state = {k: _value(v) for k, v in self.model.state_dict().items()}
+        model = build_model(self.cfg.model, "cpu")
+        model.load_state_dict({k.replace("._checkpoint_wrapped_module", ""): v.cpu() for k, v in state.items()})
+        return model
 
     def fit(self) -> dict:
         t = self.cfg.trainer
@@ -195,8 +213,10 @@ class Trainer:
                     last.update(rec)
                     tick = time.perf_counter()  # evaluation time is not training throughput
                 progress.advance(loss)
-        if t.save_final and self.mesh.is_logging_rank:
-            out = save_pretrained(self.model, Path(self.cfg.run_dir) / "final_model", tokenizer=self.data.tokenizer)
-            progress.print(f"saved final weights (transformers format) to {out}")
+        if t.save_final:
+            model = self.single_device_model()  # collective under tensor parallelism: every rank takes part
+            if self.mesh.is_logging_rank:
+                out = save_pretrained(model, Path(self.cfg.run_dir) / "final_model", tokenizer=self.data.tokenizer)
+                progress.print(f"saved final weights (transformers format) to {out}")
         self.logger.close()
         return last

@@ -105,7 +105,8 @@ BAD = [
     (["parallel.sp=3"], "data.seq_len"),  # GPT: 128 tokens in 2*sp = 6 zigzag chunks
     (["model=bert_tiny", "parallel.sp=3"], "data.seq_len"),
     (["parallel.sp=8", "parallel.sp_impl=ulysses"], "parallel.sp"),  # 4 heads over 8 ranks
-    (["parallel.tp=2"], "parallel.tp"),
+    (["parallel.tp=3"], "parallel.tp"),  # 4 heads
+    (["parallel.tp=2", "model.vocab_size=4097"], "parallel.tp"),
     (["parallel.pp=2"], "parallel.pp"),
     (["parallel.timeout_s=0"], "parallel.timeout_s"),
     (["logger.wandb.mode=cloud"], "logger.wandb.mode"),

@@ -1,7 +1,10 @@
 """Sequence and data parallel layouts through the command line, against the single-process run.
 
 Same seed and global batch, 5 steps: at every step the loss must agree to a relative 1e-5 and the gradient norm
-to 1e-4 (fp32 on CPU), and the final evaluation loss too. `python train.py ...` starts the processes itself.
+to 1e-4 (fp32 on CPU), the final evaluation loss too, and the saved final weights to 1e-4: Adam moves every
+weight by about the learning rate (1e-3) per step whatever its gradient's size, so a missing or doubled gradient
+contribution shows at that scale, while float rounding in near-zero gradients stays around 1e-5. `python train.py ...` starts
+the processes itself.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ import pytest
 from .test_train_cli import read_metrics, train_ok
 
 STEPS = ["trainer.max_steps=5", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1",
-         "trainer.threads=1", "trainer.save_final=false", "trainer.warmup_steps=2"]
-LOSS_RTOL, GRAD_ATOL = 1e-5, 1e-4
+         "trainer.threads=1", "trainer.warmup_steps=2"]
+LOSS_RTOL, GRAD_ATOL, WEIGHT_ATOL = 1e-5, 1e-4, 1e-4
 
 LAYOUTS = [("sp=2", ["parallel.sp=2"]), ("sp=4", ["parallel.sp=4"]), ("dp=2 x sp=2", ["parallel.dp=2", "parallel.sp=2"])]
 CASES = [(model, impl, name, layout) for model in ("gpt_tiny", "bert_tiny") for impl in ("ring", "rsa", "ulysses")
          for name, layout in LAYOUTS]
 CASES += [(model, "-", "dp=2", ["parallel.dp=2"]) for model in ("gpt_tiny", "bert_tiny")]
+TP_LAYOUTS = [("-", "tp=2", ["parallel.tp=2"]), ("-", "dp=2 x tp=2", ["parallel.dp=2", "parallel.tp=2"]),
+              ("ring", "tp=2 x sp=2", ["parallel.tp=2", "parallel.sp=2"]),
+              ("rsa", "tp=2 x sp=2", ["parallel.tp=2", "parallel.sp=2"])]
+CASES += [(model, impl, name, layout) for model in ("gpt_tiny", "bert_tiny") for impl, name, layout in TP_LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +36,31 @@ def reference(tmp_path_factory, cache_dir):
         if model not in runs:
             run = tmp_path_factory.mktemp(f"ref-{model}")
             train_ok([f"model={model}", *STEPS, f"hydra.run.dir={run}"], cache_dir)
-            runs[model] = read_metrics(run)
+            runs[model] = (*read_metrics(run), final_weights(run))
         return runs[model]
 
     return get
 
 
+def final_weights(run) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "final_model" / "model.safetensors"))
+
+
 def assert_same_run(got, want, label):
-    (steps, evals), (ref_steps, ref_evals) = got, want
+    (steps, evals, *weights), (ref_steps, ref_evals, *ref_weights) = got, want
     assert [r["step"] for r in steps] == [r["step"] for r in ref_steps] == [1, 2, 3, 4, 5], label
     for a, b in zip(steps, ref_steps, strict=True):
         assert abs(a["loss"] - b["loss"]) / b["loss"] < LOSS_RTOL, (label, a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) < GRAD_ATOL, (label, a["step"], a["grad_norm"], b["grad_norm"])
         assert a["tokens"] == b["tokens"]
     assert abs(evals[-1]["eval_loss"] - ref_evals[-1]["eval_loss"]) / ref_evals[-1]["eval_loss"] < LOSS_RTOL, label
+    if weights and ref_weights:
+        assert weights[0].keys() == ref_weights[0].keys()
+        for name, w in weights[0].items():
+            diff = (w - ref_weights[0][name]).abs().max().item()
+            assert diff < WEIGHT_ATOL, (label, name, diff)
 
 
 @pytest.mark.parametrize("model,impl,name,layout", CASES, ids=[f"{m}-{i}-{n}" for m, i, n, _ in CASES])
@@ -52,7 +70,7 @@ def test_layout_matches_single_process(tmp_path, cache_dir, reference, model, im
     # Micro-batches of 4 also exercise gradient accumulation with the data-parallel all-reduce deferred.
     proc = train_ok([f"model={model}", *layout, *impl_arg, "trainer.micro_batch_size=4", *STEPS,
                      f"hydra.run.dir={run}"], cache_dir)
-    assert_same_run(read_metrics(run), reference(model), f"{model} {impl} {name}")
+    assert_same_run((*read_metrics(run), final_weights(run)), reference(model), f"{model} {impl} {name}")
     assert proc.stdout.count("step 5 | loss") == 1  # progress from rank 0 only
 
 
@@ -64,7 +82,7 @@ def test_experiment_layouts_run_at_debug_size(tmp_path, cache_dir, experiment):
     runs = []
     for name, extra in (("parallel", []), ("single", ["parallel.sp=1"])):
         run = tmp_path / name
-        train_ok([f"+experiment={experiment}", "+debug=tiny", "model.dropout=0", "trainer.save_final=false", *extra,
+        train_ok([f"+experiment={experiment}", "+debug=tiny", "model.dropout=0", *extra,
                   f"hydra.run.dir={run}"], cache_dir)
-        runs.append(read_metrics(run))
+        runs.append((*read_metrics(run), final_weights(run)))
     assert_same_run(*runs, experiment)
