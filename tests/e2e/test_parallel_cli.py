@@ -86,3 +86,20 @@ def test_experiment_layouts_run_at_debug_size(tmp_path, cache_dir, experiment):
                   f"hydra.run.dir={run}"], cache_dir)
         runs.append((*read_metrics(run), final_weights(run)))
     assert_same_run(*runs, experiment)
+
+
+def test_torchrun_joins_instead_of_starting_processes(tmp_path, cache_dir, reference):
+    """Under torchrun every process is one rank (RANK/WORLD_SIZE), and the run equals the single-process one."""
+    import subprocess
+    import sys
+
+    from ..conftest import ROOT, cli_env
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "train.py"),
+         "model=gpt_tiny", "parallel.sp=2", *STEPS, f"hydra.run.dir={run}"],
+        cwd=ROOT, env={**cli_env(cache_dir), "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_run((*read_metrics(run), final_weights(run)), reference("gpt_tiny"), "torchrun sp=2")
