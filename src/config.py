@@ -96,7 +96,7 @@ class ParallelConfig:
     sp: int = 1
     sp_impl: str = "ring"
     pp_schedule: str = "1f1b"
-    microbatches: int = 1
+    microbatches: int = 4  # pipeline micro-batches per step (pp > 1)
     timeout_s: int = 1800  # a collective that waits longer (a hung or dead peer) fails the job
 
     @property
@@ -211,10 +211,13 @@ def validate_model(m: ModelConfig) -> None:
 def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
     """The degrees must fit the model and the sequence (each failure names the values)."""
     if p.pp > 1:
-        raise ConfigError(
-            "parallel.pp", f"is {p.pp}; pipeline parallelism is not available in this version",
-            "set parallel.pp=1 (use dp, tp and sp)",
-        )
+        stages = p.pp * (2 if p.pp_schedule == "interleaved_1f1b" else 1)
+        if m.num_layers < stages:
+            raise ConfigError(
+                "parallel.pp",
+                f"({p.pp}) needs {stages} pipeline stages of at least one layer but model.num_layers is {m.num_layers}",
+                "lower parallel.pp (interleaved_1f1b uses 2 stages per rank) or add layers",
+            )
     if p.tp > 1:
         for name, value in (("num_heads", m.num_heads), ("ffn_hidden_size", m.ffn_size), ("vocab_size", m.vocab_size)):
             if value % p.tp:
@@ -275,6 +278,14 @@ def validate(cfg: Config) -> None:
             f"is {m.attn_dropout} with parallel.sp={p.sp}; sequence-parallel attention uses fused kernels without it",
             "set model.attn_dropout=0 (hidden dropout model.dropout still applies)",
         )
+    if p.tp > 1 and m.attn_dropout > 0:
+        # Hidden dropout acts on activations that are replicated over tp and must agree (same seed, same stream);
+        # attention dropout acts on each rank's own heads and would need a separate stream per tp rank.
+        raise ConfigError(
+            "model.attn_dropout",
+            f"is {m.attn_dropout} with parallel.tp={p.tp}; per-shard dropout streams are not implemented",
+            "set model.attn_dropout=0 (hidden dropout model.dropout still applies)",
+        )
 
     _positive("trainer.max_steps", t.max_steps)
     _positive("trainer.global_batch_size", t.global_batch_size)
@@ -286,6 +297,27 @@ def validate(cfg: Config) -> None:
             "make the global batch a multiple of the data-parallel degree",
         )
     per_rank = t.global_batch_size // data_ranks
+    if p.pp > 1:
+        if per_rank % p.microbatches:
+            raise ConfigError(
+                "parallel.microbatches",
+                f"({p.microbatches}) does not divide the per-rank batch ({per_rank} = global_batch_size / dp)",
+                "choose microbatches that divide global_batch_size / dp",
+            )
+        if p.microbatches < p.pp or (p.pp_schedule == "interleaved_1f1b" and p.microbatches % p.pp):
+            raise ConfigError(
+                "parallel.microbatches",
+                f"({p.microbatches}) must be at least parallel.pp ({p.pp})"
+                + (" and a multiple of it for interleaved_1f1b" if p.pp_schedule == "interleaved_1f1b" else ""),
+                f"set parallel.microbatches to a multiple of {p.pp}",
+            )
+        if t.micro_batch_size is not None and t.micro_batch_size != per_rank // p.microbatches:
+            raise ConfigError(
+                "trainer.micro_batch_size",
+                f"({t.micro_batch_size}) is set with parallel.pp={p.pp}; the pipeline splits the batch into "
+                f"parallel.microbatches={p.microbatches}",
+                "leave trainer.micro_batch_size unset and use parallel.microbatches",
+            )
     if t.micro_batch_size is not None:
         _positive("trainer.micro_batch_size", t.micro_batch_size)
         if per_rank % t.micro_batch_size:

@@ -6,9 +6,8 @@ one-process group):
 - `layer`: one BERT-base-width self-attention layer (hidden 768, 12 heads): q/k/v/o projections + core attention;
 - `model`: the whole bert_tiny model (4 layers, hidden 128, 4 heads) with its MLM loss.
 
-Memory is the peak resident set of each rank during the step above its resident set just before it (Linux: the
-high-water mark is reset through /proc/self/clear_refs; large allocations are returned to the OS at once because
-MALLOC_MMAP_THRESHOLD_ is fixed). The reported number is the maximum over ranks. For each (workload, impl, sp) the
+Memory is measured as in `memlib.py`: each rank's peak resident set during the step above the one just before it,
+maximum over ranks. For each (workload, impl, sp) the
 length doubles until a rank needs more than --budget-mib, so the table also shows the longest length that fits.
 
     pip install matplotlib
@@ -21,32 +20,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # inherited by the spawned ranks (read at start-up)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
+from memlib import fixed_mmap_threshold, measure_step, run_ranks
 
 IMPLS = ("rsa", "ring", "ulysses")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    import gc
-
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current VmRSS
-    return _rss_kib("VmRSS")
 
 
 def _layer_step(impl: str, seq_len: int, group, sp: int, rank: int):
@@ -88,31 +67,15 @@ def _model_step(impl: str, seq_len: int, group, sp: int, rank: int):
 
 
 def _rank(workload: str, impl: str, seq_len: int, out_path: str) -> None:
+    fixed_mmap_threshold()
     group, sp, rank = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     make = _layer_step if workload == "layer" else _model_step
     make(impl, 256 * sp, group, sp, rank)()  # warm-up at a short length: kernels, autograd, communication
-    step = make(impl, seq_len, group, sp, rank)
-    dist.barrier()
-    base = _reset_peak()
-    start = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - start
-    peak = (_rss_kib("VmHWM") - base) / 1024
-    result = torch.tensor([peak, seconds], dtype=torch.float64)
-    dist.all_reduce(result, op=dist.ReduceOp.MAX)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump({"peak_mib": result[0].item(), "seconds": result[1].item()}, f)
+    measure_step(make(impl, seq_len, group, sp, rank), out_path)
 
 
 def measure(workload: str, impl: str, sp: int, seq_len: int, timeout: float) -> dict:
-    import tempfile
-
-    from seqpar.parallel.launch import launch_local
-
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        launch_local(_rank, sp, workload, impl, seq_len, f.name, deadline_s=timeout)
-        return json.load(open(f.name))
+    return run_ranks(_rank, sp, workload, impl, seq_len, timeout=timeout)
 
 
 def plot(rows: list[dict], path: str, budget: float) -> None:

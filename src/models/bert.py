@@ -66,11 +66,18 @@ class BERT(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token, 0 = padding
         token_type_ids: torch.Tensor | None = None,  # (B, T); None = all zeros
     ) -> torch.Tensor:  # logits (B, T, V)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-        x = self.drop(self.emb_ln(x + self.token_type_embeddings(token_type_ids)))  # (B, T, C)
+        x = self.embed(input_ids, position_ids, token_type_ids)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.layers:
             x = block(x, key_padding_mask)
+        return self.head(x)
+
+    # The three parts of forward, so a pipeline stage can run the ones it holds.
+    def embed(self, input_ids, position_ids, token_type_ids=None) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        return self.drop(self.emb_ln(x + self.token_type_embeddings(token_type_ids)))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> logits (B, T, V)
         return self.mlm_head(x)

@@ -58,8 +58,15 @@ class GPT(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token; None = no padding
         token_type_ids: torch.Tensor | None = None,  # unused by GPT; accepted for one calling convention
     ) -> torch.Tensor:  # logits (B, T, V)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        x = self.embed(input_ids, position_ids, token_type_ids)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.layers:
             x = block(x, key_padding_mask)
+        return self.head(x)
+
+    # The three parts of forward, so a pipeline stage can run the ones it holds.
+    def embed(self, input_ids, position_ids, token_type_ids=None) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        return self.drop(self.wte(input_ids) + self.wpe(position_ids))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> logits (B, T, V)
         return self.lm_head(self.ln_f(x))

@@ -29,6 +29,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def match_grad_placements(params: list[nn.Parameter]) -> None:
+    """Give every DTensor gradient its parameter's placement (autograd may leave e.g. a vocab-sharded embedding's
+    gradient replicated), so reductions and the optimizer see each rank's own shard."""
+    for p in params:
+        g = p.grad
+        if g is not None and hasattr(g, "placements") and tuple(g.placements) != tuple(p.placements):
+            p.grad = g.redistribute(p.device_mesh, p.placements)
+
+
 class GradientReducer:
     """Sum the gradients of `params` over `group` (one all-reduce per bucket of up to 32 MiB)."""
 
@@ -64,11 +73,12 @@ def _is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "placements") and any(not pl.is_replicate() for pl in t.placements)
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group=None, counted=None) -> torch.Tensor:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group=None, counted=None, pp_group=None) -> torch.Tensor:
     """Clip by the global 2-norm over all parameters and return it.
 
     Sharded (DTensor) gradients contribute their local shard, summed over `tp_group`; replicated gradients count
-    once. `counted(p)` may exclude parameters whose gradient is a duplicate held elsewhere (a tied copy).
+    once. `counted(p)` may exclude parameters whose gradient is a duplicate held elsewhere (a tied copy). Pipeline
+    stages hold different parameters: their squared norms are summed over `pp_group`.
     """
     grads = [p.grad for p in params if p.grad is not None and (counted is None or counted(p))]
     sharded = [local(g) for g in grads if _is_sharded(g)]
@@ -78,7 +88,10 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group=None, c
     if tp_group is not None and sharded:
         dist.all_reduce(sq_sharded, group=tp_group)
     sq_plain = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))
-    total = (sq_sharded + sq_plain).sqrt()
+    sq = sq_sharded + sq_plain
+    if pp_group is not None:
+        dist.all_reduce(sq, group=pp_group)
+    total = sq.sqrt()
     if math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in params:

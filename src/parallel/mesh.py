@@ -87,6 +87,16 @@ class ParallelMesh:
         dist.all_reduce(t, group=self.group("dp_sp"))
         return t
 
+    def sum_over_all(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over every rank (a value only some ranks hold, e.g. the last pipeline stage's loss)."""
+        if self.device_mesh is None:
+            return t
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
     def max_over_all(self, value: float) -> float:
         """Maximum over every rank (peak memory)."""
         if self.device_mesh is None:

@@ -29,9 +29,10 @@ from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, save_pretrained
-from seqpar.parallel.data_parallel import clip_grad_norm
+from seqpar.parallel.data_parallel import clip_grad_norm, match_grad_placements
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.parallelize import parallelize
+from seqpar.parallel.pipeline import Pipeline
 from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.tensor import loss_context
 from seqpar.trainer.loggers import build_loggers
@@ -98,10 +99,17 @@ class Trainer:
         self.data = data
         check_same_data(self.data, mesh)
         self.model = init_model(cfg, self.device)
+        self.flops_per_token = flops_per_token(self.model, cfg.model, cfg.data.seq_len)  # the whole model
         self.reducer = parallelize(self.model, mesh, cfg)  # sp attention, tp sharding; dp_sp gradient sums
         if t.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism
+        self.pipeline = None
+        self._targets = torch.ones((), device=self.device)
+        if mesh.pp > 1:  # cut into stages; the model is pruned to this rank's part
+            p = cfg.parallel
+            self.pipeline = Pipeline(self.model, mesh.local_rank("pp"), mesh.pp, mesh.group("pp"), p.pp_schedule,
+                                     p.microbatches, self.device, self._pipeline_loss)
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.loader = GlobalBatchLoader(
@@ -114,7 +122,6 @@ class Trainer:
         self.logger = build_loggers(cfg, mesh.is_logging_rank)
         self.step = 0
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        self.flops_per_token = flops_per_token(self.model, cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(self.device, t.peak_flops)
 
     def local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,6 +137,14 @@ class Trainer:
             logits = self.model(**inputs)
         return loss_sum(logits, micro["labels"].to(self.device))
 
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one pipeline micro-batch, normalised by the global target count."""
+        return loss_sum(logits, labels) / self._targets
+
+    def _loss_holder(self) -> bool:
+        """Under pipeline parallelism only the last stage has the loss; tp ranks hold copies: count one."""
+        return self.pipeline.last and self.mesh.local_rank("tp") == 0
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over one global batch; returns (loss, grad_norm)."""
         self.model.train()
@@ -137,19 +152,34 @@ class Trainer:
         targets = self.mesh.sum_over_data((batch["labels"] != IGNORE_INDEX).sum().to(self.device, torch.float32))
         total = torch.zeros((), device=self.device)
         with self.loss_context():
-            for micro in _split(batch, self.micro_batch_size):
-                loss = self.forward_loss(micro)
-                (loss / targets).backward()
-                total += _value(loss.detach())
+            if self.pipeline is not None:  # the schedule runs forward and backward of all micro-batches
+                self._targets = targets
+                with self.autocast:
+                    losses = self.pipeline.step(batch, MODEL_INPUTS)
+                if self._loss_holder():
+                    total += sum(_value(x.detach()) for x in losses) * targets
+            else:
+                for micro in _split(batch, self.micro_batch_size):
+                    loss = self.forward_loss(micro)
+                    (loss / targets).backward()
+                    total += _value(loss.detach())
+        if self.mesh.tp > 1:
+            match_grad_placements(list(self.model.parameters()))
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_grads()  # the embedding and head copies on the first and last stage
         if self.reducer is not None:
             self.reducer.reduce()  # sum over dp x sp, once per step
         max_norm = self.cfg.trainer.grad_clip or math.inf
-        grad_norm = clip_grad_norm(list(self.model.parameters()), max_norm, self.mesh.group("tp") if self.mesh.tp > 1 else None)
+        grad_norm = clip_grad_norm(
+            list(self.model.parameters()), max_norm, self.mesh.group("tp") if self.mesh.tp > 1 else None,
+            counted=self.pipeline.counted if self.pipeline else None,
+            pp_group=self.mesh.group("pp") if self.pipeline else None,
+        )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss = self.mesh.sum_over_data(total) / targets
+        loss = (self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)) / targets
         return loss.item(), grad_norm.item()
 
     @torch.no_grad()
@@ -161,10 +191,17 @@ class Trainer:
         for batch in eval_batches(self.data.val, t.global_batch_size, t.eval_batches, self.mesh.dp_rank, self.mesh.dp):
             batch = self.local(batch)
             for micro in _split(batch, self.micro_batch_size):
-                with self.loss_context():
-                    total += _value(self.forward_loss(micro))
+                with self.loss_context(), self.autocast:
+                    if self.pipeline is None:
+                        total += _value(self.forward_loss(micro))
+                    else:
+                        labels = micro["labels"].to(self.device)
+                        loss = self.pipeline.forward(micro, MODEL_INPUTS, lambda y, labels=labels: loss_sum(y, labels))
+                        if self._loss_holder():
+                            total += _value(loss)
                 count += (micro["labels"] != IGNORE_INDEX).sum()
-        return (self.mesh.sum_over_data(total) / self.mesh.sum_over_data(count).clamp(min=1)).item()
+        total = self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)
+        return (total / self.mesh.sum_over_data(count).clamp(min=1)).item()
 
     def _record(self, losses: list[float], grad_norm: float, elapsed: float, steps: int) -> dict:
         tokens_per_s = self.tokens_per_step * steps / elapsed
@@ -182,12 +219,20 @@ class Trainer:
         return rec
 
     def single_device_model(self) -> nn.Module:
-        """The trained weights as a plain single-device model (gathers tensor-parallel shards)."""
-        if self.mesh.tp == 1:
+        """The trained weights as a plain single-device model (gathers tensor-parallel shards and pipeline stages;
+        every rank must call it, the result is complete on rank 0)."""
+        if self.mesh.tp == 1 and self.mesh.pp == 1:
             return self.model
-        state = {k: _value(v) for k, v in self.model.state_dict().items()}
+        state = {k.replace("._checkpoint_wrapped_module", ""): _value(v).cpu() for k, v in self.model.state_dict().items()}
+        if self.mesh.pp > 1:
+            parts = [None] * self.mesh.pp
+            torch.distributed.all_gather_object(parts, state, group=self.mesh.group("pp"))
+            state = {k: v for part in parts for k, v in part.items()}
         model = build_model(self.cfg.model, "cpu")
-        model.load_state_dict({k.replace("._checkpoint_wrapped_module", ""): v.cpu() for k, v in state.items()})
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight", "mlm_head.decoder.weight"}  # the same tensor as the embedding's
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
         return model
 
     def fit(self) -> dict:

@@ -106,8 +106,13 @@ BAD = [
     (["model=bert_tiny", "parallel.sp=3"], "data.seq_len"),
     (["parallel.sp=8", "parallel.sp_impl=ulysses"], "parallel.sp"),  # 4 heads over 8 ranks
     (["parallel.tp=3"], "parallel.tp"),  # 4 heads
+    (["parallel.tp=2", "model.attn_dropout=0.1"], "model.attn_dropout"),
     (["parallel.tp=2", "model.vocab_size=4097"], "parallel.tp"),
-    (["parallel.pp=2"], "parallel.pp"),
+    (["parallel.pp=5"], "parallel.pp"),  # 4 layers
+    (["parallel.pp=3", "parallel.pp_schedule=interleaved_1f1b"], "parallel.pp"),  # 6 virtual stages
+    (["parallel.pp=2", "parallel.microbatches=3"], "parallel.microbatches"),  # 16 sequences
+    (["parallel.pp=4", "parallel.microbatches=2"], "parallel.microbatches"),  # fewer than stages
+    (["parallel.pp=2", "trainer.micro_batch_size=2"], "trainer.micro_batch_size"),
     (["parallel.timeout_s=0"], "parallel.timeout_s"),
     (["logger.wandb.mode=cloud"], "logger.wandb.mode"),
     (["device=tpu"], "device"),
@@ -136,6 +141,7 @@ CLI_BAD = [
     (["model.init_from=/no/such/dir"], "error: model.init_from (/no/such/dir) is not a transformers checkpoint directory"),
     (["parallel.sp=3"], "error: data.seq_len (128) is not divisible by 6: causal models cut it into 2*sp = 6 zigzag"),
     (["device=cuda"], "error: device is cuda but no CUDA device is visible"),
+    (["parallel.pp=8"], "error: parallel.pp (8) needs 8 pipeline stages of at least one layer but model.num_layers is 4"),
 ]
 
 

@@ -25,6 +25,13 @@ TP_LAYOUTS = [("-", "tp=2", ["parallel.tp=2"]), ("-", "dp=2 x tp=2", ["parallel.
               ("ring", "tp=2 x sp=2", ["parallel.tp=2", "parallel.sp=2"]),
               ("rsa", "tp=2 x sp=2", ["parallel.tp=2", "parallel.sp=2"])]
 CASES += [(model, impl, name, layout) for model in ("gpt_tiny", "bert_tiny") for impl, name, layout in TP_LAYOUTS]
+PP_LAYOUTS = [("-", f"pp=2 {s}", ["parallel.pp=2", f"parallel.pp_schedule={s}"]) for s in ("gpipe", "1f1b", "interleaved_1f1b")]
+PP_LAYOUTS += [("-", "pp=2 x tp=2", ["parallel.pp=2", "parallel.tp=2"]),
+               ("ring", "pp=2 x sp=2", ["parallel.pp=2", "parallel.sp=2"]),
+               ("rsa", "pp=2 x sp=2", ["parallel.pp=2", "parallel.sp=2"]),
+               ("-", "dp=2 x pp=2 x tp=2", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"]),
+               ("ring", "pp=2 x tp=2 x sp=2", ["parallel.pp=2", "parallel.tp=2", "parallel.sp=2"])]
+CASES += [(model, impl, name, layout) for model in ("gpt_tiny", "bert_tiny") for impl, name, layout in PP_LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +74,9 @@ def assert_same_run(got, want, label):
 def test_layout_matches_single_process(tmp_path, cache_dir, reference, model, impl, name, layout):
     run = tmp_path / "run"
     impl_arg = [f"parallel.sp_impl={impl}"] if impl != "-" else []
-    # Micro-batches of 4 also exercise gradient accumulation with the data-parallel all-reduce deferred.
-    proc = train_ok([f"model={model}", *layout, *impl_arg, "trainer.micro_batch_size=4", *STEPS,
-                     f"hydra.run.dir={run}"], cache_dir)
+    # Micro-batches of 4 (gradient accumulation, or the pipeline's micro-batches) against one batch of 16.
+    micro = ["parallel.microbatches=4"] if "parallel.pp=2" in layout else ["trainer.micro_batch_size=4"]
+    proc = train_ok([f"model={model}", *layout, *impl_arg, *micro, *STEPS, f"hydra.run.dir={run}"], cache_dir)
     assert_same_run((*read_metrics(run), final_weights(run)), reference(model), f"{model} {impl} {name}")
     assert proc.stdout.count("step 5 | loss") == 1  # progress from rank 0 only
 
@@ -103,3 +110,11 @@ def test_torchrun_joins_instead_of_starting_processes(tmp_path, cache_dir, refer
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_same_run((*read_metrics(run), final_weights(run)), reference("gpt_tiny"), "torchrun sp=2")
+
+
+def test_full_4d_layout_matches_single_process(tmp_path, cache_dir, reference):
+    """dp=2 x pp=2 x tp=2 x sp=2: 16 processes of bert_tiny, every parallelism at once."""
+    run = tmp_path / "run"
+    train_ok(["model=bert_tiny", "parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.sp=2",
+              "parallel.microbatches=4", *STEPS, f"hydra.run.dir={run}"], cache_dir, timeout=600)
+    assert_same_run((*read_metrics(run), final_weights(run)), reference("bert_tiny"), "4D")

@@ -122,3 +122,11 @@ def test_models_do_not_import_torch_distributed():
                 names = [node.module or ""]
             for name in names:
                 assert not name.startswith(("torch.distributed", "seqpar.parallel")), (path, name)
+
+
+def test_pipeline_layer_split_is_even_and_complete():
+    from seqpar.parallel.pipeline import layer_split
+
+    assert [list(r) for r in layer_split(4, 2)] == [[0, 1], [2, 3]]
+    assert [len(r) for r in layer_split(7, 3)] == [3, 2, 2]
+    assert [i for r in layer_split(24, 8) for i in r] == list(range(24))
