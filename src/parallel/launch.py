@@ -154,6 +154,9 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
     method = start_method(device_type)
     if method == "fork":
         import torch._dynamo  # noqa: F401 - the optimizer imports it; once here instead of once per rank
+
+        # tokenizers' thread pool does not survive a fork; say so instead of letting it warn in every rank.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     ctx = mp.get_context(method)
     errors, done = ctx.SimpleQueue(), ctx.Barrier(world)
     port = int(os.environ.get("MASTER_PORT") or free_port())

@@ -81,4 +81,6 @@ def train(cfg: Config) -> None:
         from seqpar.data.sequences import build_sequences
 
         data = build_sequences(cfg)
+        if cfg.trainer.save_final:  # rank 0 saves through transformers: import its model classes once, here
+            from transformers import BertForMaskedLM, GPT2LMHeadModel  # noqa: F401
     launch(run, world, cfg, data, device_type=device.type, timeout_s=cfg.parallel.timeout_s)

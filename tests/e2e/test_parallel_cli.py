@@ -1,37 +1,42 @@
-"""Sequence and data parallel layouts through the command line, against the single-process run.
+"""Every parallel layout through the command line, against the single-process run.
 
 Same seed and global batch, 5 steps: at every step the loss must agree to a relative 1e-5 and the gradient norm
 to 1e-4 (fp32 on CPU), the final evaluation loss too, and the saved final weights to 1e-4: Adam moves every
 weight by about the learning rate (1e-3) per step whatever its gradient's size, so a missing or doubled gradient
-contribution shows at that scale, while float rounding in near-zero gradients stays around 1e-5. `python train.py ...` starts
-the processes itself.
+contribution shows at that scale, while float rounding in near-zero gradients stays around 1e-5.
+
+Layouts are run as Hydra multiruns (`python train.py -m parallel.sp=2,4 parallel.sp_impl=ring,rsa,ulysses`): one
+command line runs several jobs one after another, each starting its own processes, which keeps the suite fast.
 """
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
 
+import pytest
+import yaml
+
+from ..conftest import ROOT, cli_env, run_train
 from .test_train_cli import read_metrics, train_ok
 
 STEPS = ["trainer.max_steps=5", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1",
          "trainer.threads=1", "trainer.warmup_steps=2"]
 LOSS_RTOL, GRAD_ATOL, WEIGHT_ATOL = 1e-5, 1e-4, 1e-4
+MODELS = ("gpt_tiny", "bert_tiny")
 
-LAYOUTS = [("sp=2", ["parallel.sp=2"]), ("sp=4", ["parallel.sp=4"]), ("dp=2 x sp=2", ["parallel.dp=2", "parallel.sp=2"])]
-CASES = [(model, impl, name, layout) for model in ("gpt_tiny", "bert_tiny") for impl in ("ring", "rsa", "ulysses")
-         for name, layout in LAYOUTS]
-CASES += [(model, "-", "dp=2", ["parallel.dp=2"]) for model in ("gpt_tiny", "bert_tiny")]
-TP_LAYOUTS = [("-", "tp=2", ["parallel.tp=2"]), ("-", "dp=2 x tp=2", ["parallel.dp=2", "parallel.tp=2"]),
-              ("ring", "tp=2 x sp=2", ["parallel.tp=2", "parallel.sp=2"]),
-              ("rsa", "tp=2 x sp=2", ["parallel.tp=2", "parallel.sp=2"])]
-CASES += [(model, impl, name, layout) for model in ("gpt_tiny", "bert_tiny") for impl, name, layout in TP_LAYOUTS]
-PP_LAYOUTS = [("-", f"pp=2 {s}", ["parallel.pp=2", f"parallel.pp_schedule={s}"]) for s in ("gpipe", "1f1b", "interleaved_1f1b")]
-PP_LAYOUTS += [("-", "pp=2 x tp=2", ["parallel.pp=2", "parallel.tp=2"]),
-               ("ring", "pp=2 x sp=2", ["parallel.pp=2", "parallel.sp=2"]),
-               ("rsa", "pp=2 x sp=2", ["parallel.pp=2", "parallel.sp=2"]),
-               ("-", "dp=2 x pp=2 x tp=2", ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2"]),
-               ("ring", "pp=2 x tp=2 x sp=2", ["parallel.pp=2", "parallel.tp=2", "parallel.sp=2"])]
-CASES += [(model, impl, name, layout) for model in ("gpt_tiny", "bert_tiny") for impl, name, layout in PP_LAYOUTS]
+# Each entry is one multirun: (what it covers, sweep overrides). Micro-batches of 4 sequences everywhere (gradient
+# accumulation, or the pipeline's micro-batches) against one batch of 16 in the reference.
+SWEEPS = {
+    "sp": ["parallel.sp=2,4", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
+    "dp x sp": ["parallel.dp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
+    "dp, tp, dp x tp": ["parallel.dp=1,2", "parallel.tp=1,2", "trainer.micro_batch_size=4"],  # (1, 1) too
+    "tp x sp": ["parallel.tp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa", "trainer.micro_batch_size=4"],
+    "pp schedules": ["parallel.pp=2", "parallel.pp_schedule=gpipe,1f1b,interleaved_1f1b", "parallel.microbatches=4"],
+    "pp x sp": ["parallel.pp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa", "parallel.microbatches=4"],
+    "pp x tp (x sp)": ["parallel.pp=2", "parallel.tp=2", "parallel.sp=1,2", "parallel.microbatches=4"],
+    "dp x pp x tp": ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +75,45 @@ def assert_same_run(got, want, label):
             assert diff < WEIGHT_ATOL, (label, name, diff)
 
 
-@pytest.mark.parametrize("model,impl,name,layout", CASES, ids=[f"{m}-{i}-{n}" for m, i, n, _ in CASES])
-def test_layout_matches_single_process(tmp_path, cache_dir, reference, model, impl, name, layout):
-    run = tmp_path / "run"
-    impl_arg = [f"parallel.sp_impl={impl}"] if impl != "-" else []
-    # Micro-batches of 4 (gradient accumulation, or the pipeline's micro-batches) against one batch of 16.
-    micro = ["parallel.microbatches=4"] if "parallel.pp=2" in layout else ["trainer.micro_batch_size=4"]
-    proc = train_ok([f"model={model}", *layout, *impl_arg, *micro, *STEPS, f"hydra.run.dir={run}"], cache_dir)
-    assert_same_run((*read_metrics(run), final_weights(run)), reference(model), f"{model} {impl} {name}")
-    assert proc.stdout.count("step 5 | loss") == 1  # progress from rank 0 only
+def multirun(args, cache_dir, sweep_dir) -> list[tuple[str, tuple]]:
+    """Run `python train.py -m <args>`; (the job's overrides, its metrics and final weights) for every job."""
+    proc = run_train(["-m", *args, f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"],
+                     cache_dir, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    out = []
+    for job in jobs:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        label = " ".join(o for o in overrides if o.startswith("parallel."))
+        out.append((label, (*read_metrics(job), final_weights(job))))
+    return out
 
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("sweep", list(SWEEPS))
+def test_layouts_match_single_process(tmp_path, cache_dir, reference, model, sweep):
+    jobs = multirun([f"model={model}", *SWEEPS[sweep], *STEPS], cache_dir, tmp_path / "sweep")
+    expected = 1
+    for arg in SWEEPS[sweep]:
+        expected *= len(arg.split("=", 1)[1].split(","))
+    assert len(jobs) == expected
+    for label, run in jobs:
+        assert_same_run(run, reference(model), f"{model} {label}")
+
+
+def test_single_runs_print_from_rank_zero_only(tmp_path, cache_dir):
+    """`python train.py model=gpt_tiny parallel.sp=4` as written: progress from rank 0 only."""
+    proc = train_ok(["model=gpt_tiny", "parallel.sp=4", *STEPS, "trainer.save_final=false",
+                     f"hydra.run.dir={tmp_path / 'run'}"], cache_dir)
+    assert proc.stdout.count("step 5 | loss") == 1
+
+
+def test_full_4d_layout_matches_single_process(tmp_path, cache_dir, reference):
+    """dp=2 x pp=2 x tp=2 x sp=2: 16 processes of bert_tiny, every parallelism at once."""
+    run = tmp_path / "run"
+    train_ok(["model=bert_tiny", "parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.sp=2",
+              "parallel.microbatches=2", *STEPS, f"hydra.run.dir={run}"], cache_dir, timeout=600)
+    assert_same_run((*read_metrics(run), final_weights(run)), reference("bert_tiny"), "4D")
 
 
 @pytest.mark.parametrize("experiment", ["bert_seq64k", "gpt_seq32k"])
@@ -97,11 +131,6 @@ def test_experiment_layouts_run_at_debug_size(tmp_path, cache_dir, experiment):
 
 def test_torchrun_joins_instead_of_starting_processes(tmp_path, cache_dir, reference):
     """Under torchrun every process is one rank (RANK/WORLD_SIZE), and the run equals the single-process one."""
-    import subprocess
-    import sys
-
-    from ..conftest import ROOT, cli_env
-
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(ROOT / "train.py"),
@@ -110,11 +139,3 @@ def test_torchrun_joins_instead_of_starting_processes(tmp_path, cache_dir, refer
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_same_run((*read_metrics(run), final_weights(run)), reference("gpt_tiny"), "torchrun sp=2")
-
-
-def test_full_4d_layout_matches_single_process(tmp_path, cache_dir, reference):
-    """dp=2 x pp=2 x tp=2 x sp=2: 16 processes of bert_tiny, every parallelism at once."""
-    run = tmp_path / "run"
-    train_ok(["model=bert_tiny", "parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.sp=2",
-              "parallel.microbatches=4", *STEPS, f"hydra.run.dir={run}"], cache_dir, timeout=600)
-    assert_same_run((*read_metrics(run), final_weights(run)), reference("bert_tiny"), "4D")
