@@ -75,8 +75,8 @@ def assert_same_run(got, want, label):
             assert diff < WEIGHT_ATOL, (label, name, diff)
 
 
-def multirun(args, cache_dir, sweep_dir) -> list[tuple[str, tuple]]:
-    """Run `python train.py -m <args>`; (the job's overrides, its metrics and final weights) for every job."""
+def multirun(args, cache_dir, sweep_dir) -> list[tuple[str, str, tuple]]:
+    """Run `python train.py -m <args>`; (model, parallel overrides, metrics and final weights) for every job."""
     proc = run_train(["-m", *args, f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"],
                      cache_dir, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -84,20 +84,21 @@ def multirun(args, cache_dir, sweep_dir) -> list[tuple[str, tuple]]:
     out = []
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        model = next(o.split("=", 1)[1] for o in overrides if o.startswith("model="))
         label = " ".join(o for o in overrides if o.startswith("parallel."))
-        out.append((label, (*read_metrics(job), final_weights(job))))
+        out.append((model, label, (*read_metrics(job), final_weights(job))))
     return out
 
 
-@pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("sweep", list(SWEEPS))
-def test_layouts_match_single_process(tmp_path, cache_dir, reference, model, sweep):
-    jobs = multirun([f"model={model}", *SWEEPS[sweep], *STEPS], cache_dir, tmp_path / "sweep")
-    expected = 1
+def test_layouts_match_single_process(tmp_path, cache_dir, reference, sweep):
+    """One multirun per family of layouts, over both models (GPT and BERT)."""
+    jobs = multirun([f"model={','.join(MODELS)}", *SWEEPS[sweep], *STEPS], cache_dir, tmp_path / "sweep")
+    expected = len(MODELS)
     for arg in SWEEPS[sweep]:
         expected *= len(arg.split("=", 1)[1].split(","))
     assert len(jobs) == expected
-    for label, run in jobs:
+    for model, label, run in jobs:
         assert_same_run(run, reference(model), f"{model} {label}")
 
 

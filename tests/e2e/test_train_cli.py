@@ -28,16 +28,16 @@ def train_ok(args, cache_dir, **kw):
 @pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny"])
 def test_training_run_logs_metrics_and_loss_falls(tmp_path, cache_dir, model):
     run = tmp_path / "run"
-    train_ok([f"model={model}", "trainer.max_steps=40", "trainer.eval_every=20", "trainer.warmup_steps=5",
-              "trainer.log_every=5", "trainer.threads=1", f"hydra.run.dir={run}"], cache_dir)
+    train_ok([f"model={model}", "trainer.max_steps=24", "trainer.eval_every=12", "trainer.warmup_steps=3",
+              "trainer.log_every=6", "trainer.threads=1", f"hydra.run.dir={run}"], cache_dir)
     steps, evals = read_metrics(run)
-    assert [r["step"] for r in steps] == [1, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert [r["step"] for r in steps] == [1, 6, 12, 18, 24]
     for r in steps:
         assert FIELDS <= r.keys()
         assert r["tokens"] == r["step"] * 16 * 128
         assert r["tokens_per_s"] > 0 and r["peak_mem_mib"] > 0 and r["grad_norm"] > 0
-    assert [r["step"] for r in evals] == [20, 40]
-    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, [r["loss"] for r in steps]
+    assert [r["step"] for r in evals] == [12, 24]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.8, [r["loss"] for r in steps]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert (run / ".hydra" / "config.yaml").is_file()
 
