@@ -16,27 +16,18 @@ from __future__ import annotations
 
 from torch import nn
 
+# Every transformer block: attention by heads (q/k/v column-parallel, o row-parallel), MLP by hidden units.
+BLOCK_PLAN = {
+    "layers.*.attn.q_proj": "colwise",
+    "layers.*.attn.k_proj": "colwise",
+    "layers.*.attn.v_proj": "colwise",
+    "layers.*.attn.o_proj": "rowwise",
+    "layers.*.mlp.up": "colwise",
+    "layers.*.mlp.down": "rowwise",
+}
 PLANS: dict[str, dict[str, str]] = {
-    "gpt": {
-        "wte": "vocab_embedding",
-        "layers.*.attn.q_proj": "colwise",
-        "layers.*.attn.k_proj": "colwise",
-        "layers.*.attn.v_proj": "colwise",
-        "layers.*.attn.o_proj": "rowwise",
-        "layers.*.mlp.up": "colwise",
-        "layers.*.mlp.down": "rowwise",
-        "lm_head": "vocab_head",
-    },
-    "bert": {
-        "word_embeddings": "vocab_embedding",
-        "layers.*.attn.q_proj": "colwise",
-        "layers.*.attn.k_proj": "colwise",
-        "layers.*.attn.v_proj": "colwise",
-        "layers.*.attn.o_proj": "rowwise",
-        "layers.*.mlp.up": "colwise",
-        "layers.*.mlp.down": "rowwise",
-        "mlm_head.decoder": "vocab_head",
-    },
+    "gpt": {"wte": "vocab_embedding", **BLOCK_PLAN, "lm_head": "vocab_head"},
+    "bert": {"word_embeddings": "vocab_embedding", **BLOCK_PLAN, "mlm_head.decoder": "vocab_head"},
 }
 
 # Output layer weight -> the embedding weight it is tied to (both are sharded by vocabulary rows).

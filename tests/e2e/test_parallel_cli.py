@@ -140,3 +140,11 @@ def test_torchrun_joins_instead_of_starting_processes(tmp_path, cache_dir, refer
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_same_run((*read_metrics(run), final_weights(run)), reference("gpt_tiny"), "torchrun sp=2")
+
+
+def test_tensor_parallel_dropout_agrees_with_one_process(tmp_path, cache_dir):
+    """Hidden dropout acts on activations replicated over the tp ranks: every rank must draw the same mask, the
+    one a single process draws, so tp=2 with dropout 0.1 reproduces the single-process run exactly."""
+    jobs = multirun(["model=gpt_tiny", "model.dropout=0.1", "parallel.tp=1,2", *STEPS], cache_dir, tmp_path / "sweep")
+    (_, _, single), (_, _, tp2) = jobs
+    assert_same_run(tp2, single, "dropout tp=2")
