@@ -25,6 +25,7 @@ def main(dcfg: DictConfig) -> None:
 
     from seqpar.parallel.launch import RankFailed
     from seqpar.trainer import prepare, train
+    from seqpar.trainer.loop import TrainingAborted
 
     cfg = to_config(dcfg)
     cfg.run_dir = HydraConfig.get().runtime.output_dir
@@ -33,6 +34,8 @@ def main(dcfg: DictConfig) -> None:
         train(prepare(cfg))
     except ConfigError as e:
         fail(str(e))
+    except TrainingAborted as e:
+        fail(str(e), e.exit_code)
     except RankFailed as e:
         fail(str(e), e.exit_code)
 

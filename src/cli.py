@@ -50,15 +50,24 @@ def describe_hydra_error(exc: BaseException) -> str:
     return f"override failed: {first.rstrip('.')}; check the override (key=value, +experiment=<name>)"
 
 
-def compose(config_dir: str | Path, overrides: list[str], config_name: str = "config") -> Config:
-    """Compose and convert the configuration as `train.py` would (used for preflight checks and tests)."""
+def compose(config_dir: str | Path, overrides: list[str], config_name: str = "config", with_run_dir: bool = False) -> Config:
+    """Compose and convert the configuration as `train.py` would (used for preflight checks and tests).
+    `with_run_dir`: also resolve Hydra's run directory (`hydra.run.dir`) into `run_dir`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf import open_dict
 
     register_configs()
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-        dcfg = hydra_compose(config_name=config_name, overrides=overrides)
-    return to_config(dcfg)
+        dcfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=with_run_dir)
+        run_dir = None
+        if with_run_dir:
+            run_dir = str(dcfg.hydra.run.dir)
+            with open_dict(dcfg):
+                del dcfg["hydra"]
+    cfg = to_config(dcfg)
+    cfg.run_dir = run_dir
+    return cfg
 
 
 def preflight(config_dir: str | Path, argv: list[str]) -> None:
@@ -71,9 +80,8 @@ def preflight(config_dir: str | Path, argv: list[str]) -> None:
         return
     from seqpar.trainer import prepare
 
-    overrides = [a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
     try:
-        prepare(compose(config_dir, overrides))
+        prepare(compose(config_dir, argv, with_run_dir=True))
     except ConfigError as e:
         fail(str(e))
     except Exception as e:  # Hydra/OmegaConf composition errors

@@ -27,6 +27,8 @@ WANDB_MODES = ("online", "offline", "disabled")
 class ConfigError(ValueError):
     """A user-facing configuration error: `field` names the setting, the message says what is wrong and the fix."""
 
+    exit_code = 2
+
     def __init__(self, field_name: str, problem: str, fix: str):
         self.field = field_name
         self.problem = problem
@@ -126,6 +128,18 @@ class TrainerConfig:
     peak_flops: float | None = None  # per device, for MFU; None: known GPUs only
     threads: int | None = None  # torch intra-op threads; None: torch's default
     save_final: bool = True  # write <run_dir>/final_model (transformers format) at the end
+    max_bad_steps: int = 3  # abort after this many non-finite losses in a row (each such step is skipped)
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint): model, optimizer, schedule, data position, RNG."""
+
+    dir: str | None = None  # None: <run_dir>/checkpoints
+    every: int = 100  # save every N steps (0: only at the end and on SIGTERM/SIGUSR1)
+    keep: int = 3  # keep the newest N complete checkpoints (0 keeps all)
+    resume: str = "auto"  # auto (newest complete in dir, if any) | never | <path of a step_* directory>
+    at_end: bool = True  # also save after the last step
 
 
 @dataclass
@@ -148,6 +162,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     device: str = "auto"
     run_dir: str | None = None  # set from Hydra's output directory
@@ -344,6 +359,13 @@ def validate(cfg: Config) -> None:
         _positive("trainer.threads", t.threads)
     if t.seed < 0:
         raise ConfigError("trainer.seed", f"is {t.seed}, must be >= 0", "pass a non-negative seed")
+    _positive("trainer.max_bad_steps", t.max_bad_steps)
+
+    c = cfg.checkpoint
+    _positive("checkpoint.every", c.every, zero_ok=True)
+    _positive("checkpoint.keep", c.keep, zero_ok=True)
+    if not c.resume:
+        raise ConfigError("checkpoint.resume", "is empty", "use auto, never, or the path of a step_* checkpoint directory")
 
     if cfg.logger.wandb.mode is not None:
         _choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)

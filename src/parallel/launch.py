@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -127,11 +128,11 @@ def _local_worker(local_rank, world, port, device_type, timeout_s, errors, done,
 
 
 def _describe(e: BaseException) -> tuple[str, int]:
-    """(one-line message, exit code): a configuration error exits 2 like the parent's own checks, others 1."""
-    from seqpar.config import ConfigError
-
-    if isinstance(e, ConfigError):
-        return str(e), 2
+    """(one-line message, exit code): an error meant for the user (a configuration error, exit 2; an aborted
+    training, exit 3: any exception with an `exit_code`) keeps its own text; others show their type, exit 1."""
+    code = getattr(e, "exit_code", None)
+    if isinstance(code, int):
+        return str(e), code
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": "), 1
 
@@ -160,10 +161,12 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
     ctx = mp.get_context(method)
     errors, done = ctx.SimpleQueue(), ctx.Barrier(world)
     port = int(os.environ.get("MASTER_PORT") or free_port())
+    forward = _SignalForwarder()
     pc = mp.start_processes(
         _local_worker, args=(world, port, device_type, timeout_s, errors, done, fn, args),
         nprocs=world, join=False, start_method=method,
     )
+    forward.processes = pc.processes
     start = time.monotonic()
     try:
         while True:
@@ -178,8 +181,43 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
         _stop(pc.processes, GRACE_S)
         raise _root_cause(dict(failed), errors)
     finally:
+        forward.restore()
         _stop(pc.processes, 0.0)
         pc = errors = done = None  # release the queue's and barrier's semaphores now, not at interpreter exit
+
+
+_pending_signal = 0
+
+
+def pending_stop_signal() -> int:
+    """A stop signal this rank received before the trainer listened for it (0 if none)."""
+    return _pending_signal
+
+
+class _SignalForwarder:
+    """Passes SIGTERM/SIGUSR1 (preemption) on to the local ranks, which save a checkpoint and exit; the parent
+    keeps waiting for them. A forked rank inherits this handler until the trainer installs its own: there it only
+    records the signal (`pending_stop_signal`), which the trainer then honours."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.pid, self.processes, self._previous = os.getpid(), [], {}
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._forward)
+
+    def _forward(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            global _pending_signal
+            _pending_signal = signum
+            return
+        for p in self.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _root_cause(failed: dict[int, int], errors) -> RankFailed:

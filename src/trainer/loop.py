@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 import time
 import zlib
 from pathlib import Path
@@ -35,12 +36,47 @@ from seqpar.parallel.parallelize import parallelize
 from seqpar.parallel.pipeline import Pipeline
 from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.tensor import loss_context
+from seqpar.trainer import checkpoint
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib
 from seqpar.trainer.optim import build_optimizer, build_scheduler
 from seqpar.trainer.progress import Progress
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption (SLURM sends SIGUSR1 ahead with --signal, then SIGTERM)
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot go on (the loss stayed non-finite); the message says why and what to do."""
+
+    exit_code = 3
+
+
+class StopRequest:
+    """Remembers a SIGTERM/SIGUSR1 so that the loop can save a checkpoint and exit at the end of the step."""
+
+    def __init__(self):
+        from seqpar.parallel.launch import pending_stop_signal
+
+        self.signum = pending_stop_signal()
+        self._previous = {}
+        if threading_is_main():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+                signal.siginterrupt(sig, False)  # restart interrupted system calls (sockets of collectives)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -87,6 +123,17 @@ def check_same_data(data, mesh: ParallelMesh) -> None:
         )
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records after `step` from a run's metrics (a resumed run logs those steps again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+
+
 class Trainer:
     def __init__(self, cfg: Config, mesh: ParallelMesh, data=None):
         self.cfg, self.mesh, t = cfg, mesh, cfg.trainer
@@ -119,8 +166,15 @@ class Trainer:
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
         )
-        self.logger = build_loggers(cfg, mesh.is_logging_rank)
         self.step = 0
+        self.bad_steps = 0  # non-finite losses in a row
+        self.skipped_steps = 0  # in the whole run
+        self.resumed_from = checkpoint.find_resume(cfg)
+        if self.resumed_from is not None:
+            checkpoint.load(self, self.resumed_from)
+            if mesh.is_logging_rank:
+                trim_metrics(Path(cfg.run_dir) / "metrics.jsonl", self.step)
+        self.logger = build_loggers(cfg, mesh.is_logging_rank)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.peak_flops = device_peak_flops(self.device, t.peak_flops)
 
@@ -175,12 +229,25 @@ class Trainer:
             counted=self.pipeline.counted if self.pipeline else None,
             pp_group=self.mesh.group("pp") if self.pipeline else None,
         )
-        self.optimizer.step()
+        loss = ((self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)) / targets).item()
+        grad_norm = grad_norm.item()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same global values on every rank
+        if finite:
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:  # skip the update: the weights and Adam's moments stay as they were
+            self.bad_steps += 1
+            self.skipped_steps += 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss = (self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)) / targets
-        return loss.item(), grad_norm.item()
+        if self.bad_steps >= self.cfg.trainer.max_bad_steps:
+            raise TrainingAborted(
+                f"trainer.max_bad_steps: the loss or gradient norm was not finite for {self.bad_steps} steps in a row "
+                f"(steps {self.step - self.bad_steps + 1}-{self.step}); lower trainer.lr, raise trainer.warmup_steps, "
+                "use trainer.precision=fp32 or check the data, then resume from the last checkpoint"
+            )
+        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -214,6 +281,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "peak_mem_mib": self.mesh.max_over_all(peak_mem_mib(self.device)),
         }
+        if self.skipped_steps:
+            rec["skipped_steps"] = self.skipped_steps
         if self.peak_flops:
             rec["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.mesh.world_size)
         return rec
@@ -235,9 +304,29 @@ class Trainer:
             raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
         return model
 
+    def stop_requested(self, stop: StopRequest) -> int:
+        """The signal any rank received (every rank must stop at the same step), or 0."""
+        if self.mesh.world_size == 1:
+            return stop.signum
+        return int(self.mesh.max_over_all(float(stop.signum)))
+
+    def save_checkpoint(self, reason: str, progress: Progress) -> None:
+        path = checkpoint.save(self, reason)
+        if path is not None:
+            progress.print(f"saved checkpoint {path}")
+
     def fit(self) -> dict:
-        t = self.cfg.trainer
-        progress = Progress(t.max_steps, enabled=self.mesh.is_logging_rank)
+        stop = StopRequest()
+        try:
+            return self._fit(stop)
+        finally:
+            stop.restore()
+
+    def _fit(self, stop: StopRequest) -> dict:
+        t, c = self.cfg.trainer, self.cfg.checkpoint
+        progress = Progress(t.max_steps, enabled=self.mesh.is_logging_rank, completed=self.step)
+        if self.resumed_from is not None:
+            progress.print(f"resumed from {self.resumed_from} at step {self.step}")
         losses: list[float] = []
         last: dict = {}
         tick, steps_since = time.perf_counter(), 0
@@ -258,6 +347,18 @@ class Trainer:
                     last.update(rec)
                     tick = time.perf_counter()  # evaluation time is not training throughput
                 progress.advance(loss)
+                if c.every and self.step % c.every == 0 and self.step < t.max_steps:
+                    self.save_checkpoint("periodic", progress)
+                signum = self.stop_requested(stop)
+                if signum:
+                    name = signal.Signals(signum).name
+                    self.save_checkpoint(name, progress)
+                    progress.print(f"stopped by {name} at step {self.step}; the run resumes from its newest "
+                                   "checkpoint when started again with the same hydra.run.dir (checkpoint.resume=auto)")
+                    self.logger.close()
+                    return last
+        if c.at_end:
+            self.save_checkpoint("end", progress)
         if t.save_final:
             model = self.single_device_model()  # collective under tensor parallelism: every rank takes part
             if self.mesh.is_logging_rank:

@@ -26,7 +26,7 @@ def format_record(rec: dict[str, Any]) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, completed: int = 0):
         self.enabled = enabled
         self.console = Console(stderr=False, highlight=False)
         self._bar = RichProgress(
@@ -39,7 +39,7 @@ class Progress:
             console=self.console,
             disable=not enabled,
         )
-        self._task = self._bar.add_task("train", total=total, loss="-")
+        self._task = self._bar.add_task("train", total=total, completed=completed, loss="-")
 
     def __enter__(self) -> Progress:
         self._bar.__enter__()

@@ -1,0 +1,379 @@
+"""Distributed checkpoints: everything a run needs to continue exactly, in any layout.
+
+A checkpoint is a directory `<checkpoint.dir>/step_00000042/` holding
+
+- the tensors, written by `torch.distributed.checkpoint` (DCP) with every rank saving its own shards in parallel:
+  `model.<name>` (each parameter and buffer as the rank holds it: a tensor-parallel DTensor shard, this pipeline
+  stage's layers), `optim.<name>.{exp_avg,exp_avg_sq,step}` (AdamW's state, keyed by parameter name so that it
+  reshards like the parameter) and `rng.rank<r>.{cpu,cuda}` (each rank's generator state);
+- `meta.json`, written last by rank 0: the step, the model architecture, the layout, the data loader's position,
+  the learning-rate schedule's state, the skipped-step counters, and the size and CRC-32 of every file;
+- `tokenizer/`, so that `python -m seqpar.export` makes a complete transformers directory.
+
+Names are global (a pipeline stage's layers keep their index; the tied head keeps its own name), so DCP can load a
+checkpoint into another dp x pp x tp x sp layout: it reads each rank's slice of every tensor from whichever files
+hold it. The RNG states are restored only into the same layout (they describe each rank's own dropout stream).
+
+Writes are atomic: ranks write into `.tmp-step_*`; once every rank is done, rank 0 writes `meta.json`, syncs and
+renames the directory to `step_*`. A directory without `meta.json` is never taken for a checkpoint. Loading never
+unpickles arbitrary objects: tensors are read with `torch.load(weights_only=True)` by DCP, and DCP's `.metadata`
+index is read by an unpickler that only accepts DCP's own metadata classes and torch's dtypes and sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from seqpar.config import Config, ConfigError, ModelConfig
+
+FORMAT = 1
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+# The architecture a checkpoint's tensors belong to (dropout, name and init_from may differ on resume).
+ARCH_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size", "max_seq_len",
+               "activation", "type_vocab_size")
+LAYOUT_FIELDS = ("dp", "pp", "tp", "sp", "sp_impl", "pp_schedule", "microbatches")
+WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper, not part of a parameter's name
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    if cfg.checkpoint.dir:
+        return Path(cfg.checkpoint.dir)
+    if cfg.run_dir is None:
+        raise ConfigError("checkpoint.dir", "is not set and there is no run directory", "pass checkpoint.dir=<dir>")
+    return Path(cfg.run_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The published checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+# --- reading, safely -------------------------------------------------------------------------------------------
+
+_SAFE_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name to torch's layout object
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    *(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), (torch.dtype, torch.layout))),
+    *(("builtins", n) for n in ("set", "frozenset", "slice", "complex")),
+}
+_SAFE_MODULES = ("torch.distributed.checkpoint.metadata",)  # its dataclasses and enums, nothing executable
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` index and nothing else: DCP's metadata classes, torch sizes and dtypes."""
+
+    def find_class(self, module: str, name: str):
+        if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint index")
+
+
+def _storage_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            metadata = _MetadataUnpickler(io.BytesIO((Path(self.path) / ".metadata").read_bytes())).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _bad(path: Path, problem: str, fix: str = "resume from another checkpoint (checkpoint.resume=<step_* dir>) "
+         "or start fresh in a new run directory") -> ConfigError:
+    return ConfigError("checkpoint.resume", f"({path}) {problem}", fix)
+
+
+def read_meta(path: Path) -> dict:
+    """The checkpoint's meta.json, after checking that every file it lists is there with its recorded size."""
+    if not path.is_dir():
+        raise _bad(path, "is not a directory", "pass the path of a step_* checkpoint directory, auto or never")
+    meta_file = path / META
+    if not meta_file.is_file():
+        raise _bad(path, "has no meta.json: a half-written checkpoint (its save was interrupted) or not a seqpar "
+                   "checkpoint")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        files, step = meta["files"], int(meta["step"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise _bad(path, "has a corrupted meta.json") from None
+    if meta.get("format") != FORMAT:
+        raise _bad(path, f"has format {meta.get('format')!r}, this seqpar reads format {FORMAT}")
+    for name, (size, _) in files.items():
+        f = path / name
+        if not f.is_file():
+            raise _bad(path, f"is missing {name}")
+        if f.stat().st_size != size:
+            raise _bad(path, f"file {name} has {f.stat().st_size} bytes, {size} were written: truncated or altered")
+    try:
+        _storage_reader(path).read_metadata()
+    except Exception as e:
+        raise _bad(path, f"has an unreadable tensor index .metadata ({type(e).__name__})") from None
+    meta["step"] = step
+    return meta
+
+
+def model_config_of(meta: dict) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
+
+
+def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
+    """The checkpoint must hold this model's architecture and this run's data order."""
+    saved = meta["model"]
+    for name in ARCH_FIELDS:
+        want = getattr(cfg.model, name)
+        if saved.get(name) != want:
+            raise _bad(path, f"holds another model: model.{name} is {saved.get(name)} there, {want} here",
+                       f"resume with the checkpoint's model settings (model.{name}={saved.get(name)}) or start fresh "
+                       "(checkpoint.resume=never with a new hydra.run.dir)")
+    loader = meta["loader"]
+    for name in ("seed", "global_batch_size"):
+        if loader[name] != getattr(cfg.trainer, name):
+            raise _bad(path, f"was trained with trainer.{name}={loader[name]}, this run has {getattr(cfg.trainer, name)}",
+                       f"resume with trainer.{name}={loader[name]}: the data position is counted in its batches")
+
+
+def find_resume(cfg: Config) -> Path | None:
+    """The checkpoint this run continues from (checked), or None to start fresh. Raises ConfigError when a fresh
+    start would overwrite another run's checkpoints or the given checkpoint is unusable."""
+    mode = cfg.checkpoint.resume
+    if mode in ("auto", "never"):
+        root = checkpoint_root(cfg)
+        found = complete_checkpoints(root)
+        if mode == "never":
+            if found:
+                raise ConfigError("checkpoint.resume", f"is never but {root} already holds checkpoints "
+                                  f"({found[-1].name}) that a fresh run would overwrite",
+                                  "use checkpoint.resume=auto to continue them, or a new hydra.run.dir / checkpoint.dir")
+            return None
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Path(mode)
+        if path.is_dir() and not (path / META).exists() and complete_checkpoints(path):
+            path = complete_checkpoints(path)[-1]  # a checkpoint.dir: its newest checkpoint
+    check_compatible(path, read_meta(path), cfg)
+    return path
+
+
+# --- what is saved -------------------------------------------------------------------------------------------
+
+def _names(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by its global name (tied weights under each of their names)."""
+    return {k.replace(WRAPPER, ""): v for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _param_names(model: nn.Module) -> dict[nn.Parameter, list[str]]:
+    names: dict[nn.Parameter, list[str]] = {}
+    for k, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(p, []).append(k.replace(WRAPPER, ""))
+    return names
+
+
+def _optim_state(optimizer: torch.optim.Optimizer, model: nn.Module, empty: bool) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state by parameter name; `empty`: zero templates of the right shape (for loading)."""
+    out = {}
+    for p, names in _param_names(model).items():
+        state = {} if empty else optimizer.state.get(p, {})
+        if not state:  # a template to load into, or a parameter no step has updated yet
+            state = {"exp_avg": torch.zeros_like(p.data), "exp_avg_sq": torch.zeros_like(p.data),
+                     "step": torch.zeros((), dtype=torch.float32)}
+        for name in names:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                out[f"optim.{name}.{key}"] = state[key]
+    return out
+
+
+def _rng_state(rank: int, device: torch.device) -> dict[str, torch.Tensor]:
+    out = {f"rng.rank{rank}.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        out[f"rng.rank{rank}.cuda"] = torch.cuda.get_rng_state(device)
+    return out
+
+
+def _layout(cfg: Config) -> dict:
+    return {k: getattr(cfg.parallel, k) for k in LAYOUT_FIELDS}
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it runs without a process group, which is what one process means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _world_barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save(trainer, reason: str = "periodic") -> Path | None:
+    """Write a checkpoint of the trainer's current step (every rank calls it). Returns its path."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    cfg, step = trainer.cfg, trainer.step
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = checkpoint_root(cfg)
+    final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
+    if final.exists():
+        return None  # this step is saved already (a resumed run that ends where it started)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # left by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _world_barrier()
+    state = {f"model.{k}": v.detach() for k, v in _names(trainer.model).items()}
+    state.update(_optim_state(trainer.optimizer, trainer.model, empty=False))
+    state.update(_rng_state(rank, trainer.device))
+    with _single_process_quiet():
+        dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not dist.is_initialized())
+    mine = {p.name: [p.stat().st_size, _crc(p)] for p in tmp.glob(f"__{rank}_*")}
+    files = {k: v for part in _gather(mine) for k, v in part.items()}
+    if rank == 0:
+        files[".metadata"] = [(tmp / ".metadata").stat().st_size, _crc(tmp / ".metadata")]
+        trainer.data.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta = {
+            "format": FORMAT,
+            "step": step,
+            "reason": reason,
+            "model": dataclasses.asdict(cfg.model),
+            "layout": _layout(cfg),
+            "loader": trainer.loader.state_dict(),
+            "scheduler": {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "bad_steps": trainer.bad_steps,
+            "skipped_steps": trainer.skipped_steps,
+            "files": files,
+        }
+        with open(tmp / META, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)  # publish: atomic on one file system
+        _fsync_dir(root)
+        _prune(root, cfg.checkpoint.keep)
+    _world_barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (unpublishing each before deleting its files)."""
+    if keep <= 0:
+        return
+    for old in complete_checkpoints(root)[:-keep]:
+        doomed = old.with_name(f".tmp-deleting-{old.name}")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _verify_files(path: Path, meta: dict) -> None:
+    """Every rank checks the CRC-32 of a share of the files; any mismatch fails every rank with its name."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    names = sorted(meta["files"])
+    bad = [n for i, n in enumerate(names) if i % world == rank and _crc(path / n) != meta["files"][n][1]]
+    bad = sorted(n for part in _gather(bad) for n in part)
+    if bad:
+        raise _bad(path, f"file {bad[0]} does not match its recorded checksum: the checkpoint is corrupted")
+
+
+def load(trainer, path: Path) -> dict:
+    """Restore the trainer from `path` (every rank calls it), in whatever layout this run has. Returns meta."""
+    import torch.distributed.checkpoint as dcp
+
+    cfg = trainer.cfg
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    meta = read_meta(path)
+    check_compatible(path, meta, cfg)
+    _verify_files(path, meta)
+    same_layout = meta["layout"] == _layout(cfg)
+    model_state = {f"model.{k}": v.detach() for k, v in _names(trainer.model).items()}
+    state = {**model_state, **_optim_state(trainer.optimizer, trainer.model, empty=True)}
+    if same_layout:
+        state.update(_rng_state(rank, trainer.device))
+    try:
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=_storage_reader(path), no_dist=not dist.is_initialized())
+    except Exception as e:
+        first = str(e).strip().splitlines()
+        raise _bad(path, f"could not be loaded into this model ({type(e).__name__}: "
+                   f"{first[0][:200] if first else ''})") from None
+    for p, names in _param_names(trainer.model).items():
+        trainer.optimizer.state[p] = {k: state[f"optim.{names[0]}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
+    sched = dict(meta["scheduler"], lr_lambdas=[None] * len(trainer.optimizer.param_groups))
+    trainer.scheduler.load_state_dict(sched)
+    for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    trainer.loader.load_state_dict(meta["loader"])
+    if same_layout:
+        torch.set_rng_state(state[f"rng.rank{rank}.cpu"])
+        if trainer.device.type == "cuda":
+            torch.cuda.set_rng_state(state[f"rng.rank{rank}.cuda"], trainer.device)
+    trainer.step = meta["step"]
+    trainer.bad_steps, trainer.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
+    return meta
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Only the model's weights from a checkpoint, in one process (for export)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {f"model.{k}": v.detach() for k, v in _names(model).items()}
+    with _single_process_quiet():
+        dcp.load(state, storage_reader=_storage_reader(path), no_dist=True)
