@@ -145,7 +145,8 @@ def read_meta(path: Path) -> dict:
     try:
         _storage_reader(path).read_metadata()
     except Exception as e:
-        raise _bad(path, f"has an unreadable tensor index .metadata ({type(e).__name__})") from None
+        detail = (str(e).strip().splitlines() or [""])[0][:120]
+        raise _bad(path, f"has an unreadable tensor index .metadata ({type(e).__name__}: {detail})") from None
     meta["step"] = step
     return meta
 

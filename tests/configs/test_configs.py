@@ -130,17 +130,12 @@ def test_bad_values_name_their_field(overrides, field):
 
 
 # Through the command line: one `error:` line on stderr, exit code 2, no traceback, nothing started.
+# (A few kinds of failure end to end; tests/configs/test_bad_inputs.py holds the whole table through the same checks.)
 CLI_BAD = [
-    (["trainer.max_steps=abc"], "error: trainer.max_steps "),
     (["trainer.no_such_key=1"], "error: trainer.no_such_key is not a known setting"),
     (["model=gpt5"], "error: model 'gpt5' is not a known option; choose one of: "),
-    (["+experiment=nope"], "error: experiment 'nope' is not a known option"),
     (["oops"], "error: override 'oops' is not of the form key=value"),
-    (["trainer.lr=0"], "error: trainer.lr is 0.0, must be > 0"),
     (["data=text_files", "data.paths=[/no/such/file.txt]"], "error: data.paths entry '/no/such/file.txt' matches no file"),
-    (["model.init_from=/no/such/dir"], "error: model.init_from (/no/such/dir) is not a transformers checkpoint directory"),
-    (["parallel.sp=3"], "error: data.seq_len (128) is not divisible by 6: causal models cut it into 2*sp = 6 zigzag"),
-    (["device=cuda"], "error: device is cuda but no CUDA device is visible"),
     (["parallel.pp=8"], "error: parallel.pp (8) needs 8 pipeline stages of at least one layer but model.num_layers is 4"),
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -21,6 +22,12 @@ def _raise_on_rank1() -> None:
 def _die_on_rank2() -> None:
     if dist.get_rank() == 2:
         os._exit(3)
+    dist.all_reduce(torch.ones(1))
+
+
+def _sigkill_rank1() -> None:
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.all_reduce(torch.ones(1))
 
 
@@ -44,6 +51,13 @@ def test_a_rank_that_dies_ends_the_job():
     start = time.monotonic()
     with pytest.raises(RankFailed, match="rank 2 failed: exited with code 3"):
         launch_local(_die_on_rank2, 3, deadline_s=90)
+    assert time.monotonic() - start < 60
+
+
+def test_a_sigkilled_rank_ends_the_job():
+    start = time.monotonic()
+    with pytest.raises(RankFailed, match=r"rank 1 failed: exited with code -9 \(killed"):
+        launch_local(_sigkill_rank1, 2, deadline_s=90)
     assert time.monotonic() - start < 60
 
 

@@ -11,6 +11,7 @@ import torch
 from ..conftest import run_train
 
 FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mib"}
+SECRET = "local-5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7"  # a made-up wandb API key in the environment
 FAST = ["trainer.threads=1", "trainer.log_every=1", "trainer.eval_batches=1"]
 
 
@@ -73,8 +74,11 @@ def test_bf16_activation_checkpointing_mfu_and_wandb_offline(tmp_path, cache_dir
     run = tmp_path / "run"
     train_ok(["model=gpt_tiny", "trainer.max_steps=3", "trainer.precision=bf16", "trainer.activation_checkpointing=true",
               "trainer.micro_batch_size=8", "trainer.eval_every=0", *FAST, "logger.wandb.mode=offline", "trainer.peak_flops=1e11",
-              f"hydra.run.dir={run}"], cache_dir)  # WANDB_MODE=disabled in the env: the explicit mode wins
+              f"hydra.run.dir={run}"], cache_dir, env={"WANDB_API_KEY": SECRET})  # the explicit mode beats WANDB_MODE
     steps, evals = read_metrics(run)
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any("wandb" in p.parts for p in files) and (run / "checkpoints").is_dir()
+    assert not [p for p in files if SECRET.encode() in p.read_bytes()]  # no secret in configs, logs or checkpoints
     assert len(steps) == 3 and len(evals) == 1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert all(0 < r["mfu"] < 1 for r in steps)  # reported once the device's peak FLOP/s is known

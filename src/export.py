@@ -1,0 +1,67 @@
+"""Export a training checkpoint, whatever its layout, as a transformers directory.
+
+    python -m seqpar.export outputs/run/checkpoints/step_00000200 exported/
+    python -m seqpar.export outputs/run/checkpoints exported/        # the newest checkpoint there
+
+The checkpoint's tensors are read in one process (DCP gathers every tensor-parallel shard and pipeline stage into
+the whole model) and written as GPT2LMHeadModel or BertForMaskedLM safetensors, with the run's tokenizer. Errors
+are one `error:` line (exit 2); an existing output directory is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from seqpar.config import ConfigError
+
+
+def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write the model of `checkpoint` (a step_* directory, or a directory of them: the newest) to `out_dir`."""
+    from seqpar.models import build_model
+    from seqpar.models.hf import save_pretrained
+    from seqpar.trainer.checkpoint import complete_checkpoints, load_model_weights, model_config_of, read_meta
+
+    path, out = Path(checkpoint), Path(out_dir)
+    if path.is_dir() and not (path / "meta.json").exists() and complete_checkpoints(path):
+        path = complete_checkpoints(path)[-1]
+    meta = read_meta(path)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError("out_dir", f"({out}) exists and is not empty", "choose a new output directory")
+    model = build_model(model_config_of(meta), "cpu")
+    load_model_weights(path, model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_pretrained(model, tmp)
+        if (path / "tokenizer").is_dir():
+            for f in (path / "tokenizer").iterdir():
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m seqpar.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a step_* checkpoint directory, or a checkpoint.dir (its newest)")
+    parser.add_argument("out_dir", help="the transformers directory to create")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out_dir)
+    except ConfigError as e:
+        msg = str(e).replace("checkpoint.resume ", "checkpoint ", 1)
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"exported {args.checkpoint} to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""A non-finite loss skips its step (no update, counted and logged); too many in a row abort the run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from seqpar.cli import compose
+from seqpar.parallel.mesh import ParallelMesh
+from seqpar.trainer.loop import Trainer, TrainingAborted
+
+from ..conftest import CONFIG_DIR
+
+
+def make_trainer(tmp_path, *overrides, nan_steps=()):
+    cfg = compose(CONFIG_DIR, ["trainer.threads=1", "trainer.eval_batches=1", "trainer.eval_every=0",
+                               "trainer.log_every=1", "trainer.save_final=false", "checkpoint.at_end=false",
+                               "logger.wandb.mode=disabled", "trainer.global_batch_size=4", *overrides])
+    cfg.run_dir = str(tmp_path)
+    trainer = Trainer(cfg, ParallelMesh.from_config(cfg.parallel, torch.device("cpu")))
+    forward = trainer.forward_loss
+
+    def poisoned(micro):  # step numbers are 1-based: trainer.step is the count of steps done
+        loss = forward(micro)
+        return loss * float("nan") if trainer.step + 1 in nan_steps else loss
+
+    trainer.forward_loss = poisoned
+    return trainer
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, cache_dir):
+    trainer = make_trainer(tmp_path, "trainer.max_steps=4", nan_steps={2})
+    trainer.train_step()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {p: trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.model.parameters()}
+    loss, _ = trainer.train_step()
+    assert math.isnan(loss) and trainer.skipped_steps == 1 and trainer.bad_steps == 1
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(trainer.optimizer.state[p]["exp_avg"], m) for p, m in moments.items())
+    assert all(p.grad is None for p in trainer.model.parameters())  # the bad gradients are gone
+    loss, _ = trainer.train_step()  # the next good step resets the run of bad ones and updates again
+    assert math.isfinite(loss) and trainer.bad_steps == 0
+    assert not all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_too_many_bad_steps_in_a_row_abort_with_a_message(tmp_path, cache_dir):
+    trainer = make_trainer(tmp_path, "trainer.max_steps=10", "trainer.max_bad_steps=2", nan_steps={3, 5, 6, 7})
+    with pytest.raises(TrainingAborted, match=r"trainer.max_bad_steps: the loss or gradient norm was not finite for "
+                                              r"2 steps in a row \(steps 5-6\); lower trainer.lr"):
+        trainer.fit()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # step 6 raised before it was logged
+    assert [r.get("skipped_steps", 0) for r in records] == [0, 0, 1, 1, 2]
