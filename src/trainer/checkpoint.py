@@ -73,7 +73,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 # --- reading, safely -------------------------------------------------------------------------------------------
 
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
 _SAFE_GLOBALS = {
+    *((_DCP_METADATA, n) for n in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                   "TensorStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),  # maps a layout's name to torch's layout object
     ("torch", "Size"),
@@ -81,25 +84,29 @@ _SAFE_GLOBALS = {
     *(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), (torch.dtype, torch.layout))),
     *(("builtins", n) for n in ("set", "frozenset", "slice", "complex")),
 }
-_SAFE_MODULES = ("torch.distributed.checkpoint.metadata",)  # its dataclasses and enums, nothing executable
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's `.metadata` index and nothing else: DCP's metadata classes, torch sizes and dtypes."""
 
     def find_class(self, module: str, name: str):
-        if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS:
+        if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint index")
 
 
 def _storage_reader(path: Path):
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
             metadata = _MetadataUnpickler(io.BytesIO((Path(self.path) / ".metadata").read_bytes())).load()
+            # Entries DCP would read as pickled bytes (we never save any) could run code: refuse them.
+            if not isinstance(metadata, Metadata) or not all(
+                isinstance(md, TensorStorageMetadata) for md in metadata.state_dict_metadata.values()
+            ):
+                raise pickle.UnpicklingError("the index lists entries that are not tensors")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

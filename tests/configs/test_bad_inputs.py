@@ -9,6 +9,7 @@ file whose bytes changed but not its size) runs as a real command line.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import shutil
 import subprocess
@@ -85,14 +86,24 @@ def _scenario(name: str, saved: Path, tmp: Path) -> list[str]:
     elif name == "meta_garbage":
         (ckpt / "meta.json").write_text("{\"step\": 2, \"files\": ")
     elif name == "pickled_code":
-        (ckpt / ".metadata").write_bytes(pickle.dumps(_Boom()))
-        meta = (ckpt / "meta.json").read_text()
-        import json
+        _replace_index(ckpt, pickle.dumps(_Boom()))
+    elif name == "bytes_entry":  # DCP would torch.load a BYTE_IO entry without weights_only
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-        m = json.loads(meta)
-        m["files"][".metadata"][0] = (ckpt / ".metadata").stat().st_size
-        (ckpt / "meta.json").write_text(json.dumps(m))
+        from seqpar.trainer.checkpoint import _MetadataUnpickler
+
+        index = _MetadataUnpickler(open(ckpt / ".metadata", "rb")).load()
+        index.state_dict_metadata["model.wte.weight"] = BytesStorageMetadata()
+        _replace_index(ckpt, pickle.dumps(index))
     return [f"checkpoint.resume={ckpt}"]
+
+
+def _replace_index(ckpt: Path, data: bytes) -> None:
+    """Swap DCP's .metadata, with its recorded size updated (so only the content check can catch it)."""
+    (ckpt / ".metadata").write_bytes(data)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"][".metadata"][0] = len(data)
+    (ckpt / "meta.json").write_text(json.dumps(meta))
 
 
 # (id, scenario or None, overrides, the start of the error line after "error: ")
@@ -132,6 +143,7 @@ CASES = [
     ("half-written checkpoint", "half_written", [], "checkpoint.resume ("),
     ("corrupted meta.json", "meta_garbage", [], "checkpoint.resume ("),
     ("code in the checkpoint index", "pickled_code", [], "checkpoint.resume ("),
+    ("pickled object in place of a tensor", "bytes_entry", [], "checkpoint.resume ("),
     ("checkpoint of another model", "checkpoint", ["model.hidden_size=64"], "checkpoint.resume ("),
     ("checkpoint of another batch", "checkpoint", ["trainer.global_batch_size=8"], "checkpoint.resume ("),
 ]
@@ -141,6 +153,7 @@ DETAIL = {
     "half-written checkpoint": "has no meta.json: a half-written checkpoint",
     "corrupted meta.json": "has a corrupted meta.json",
     "code in the checkpoint index": "has an unreadable tensor index .metadata",
+    "pickled object in place of a tensor": "refusing to load torch.distributed.checkpoint.metadata.BytesStorage",
     "checkpoint of another model": "holds another model: model.hidden_size is 128 there, 64 here",
     "checkpoint of another batch": "was trained with trainer.global_batch_size=16, this run has 8",
     "empty data file": "is empty",

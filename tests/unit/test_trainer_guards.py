@@ -1,4 +1,5 @@
-"""A non-finite loss skips its step (no update, counted and logged); too many in a row abort the run."""
+"""The trainer's guards: a non-finite loss skips its step (no update, counted and logged) and too many in a row
+abort the run; a preemption signal saves a checkpoint and stops."""
 
 from __future__ import annotations
 
@@ -54,3 +55,28 @@ def test_too_many_bad_steps_in_a_row_abort_with_a_message(tmp_path, cache_dir):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # step 6 raised before it was logged
     assert [r.get("skipped_steps", 0) for r in records] == [0, 0, 1, 1, 2]
+
+
+def test_sigusr1_saves_a_checkpoint_and_stops_after_the_step(tmp_path, cache_dir):
+    """SLURM's advance notice (`--signal=USR1@120`) arrives mid-step: the step finishes, a checkpoint is saved and
+    fit returns (the process then exits 0); the same run resumes from it."""
+    import os
+    import signal
+
+    trainer = make_trainer(tmp_path, "trainer.max_steps=5")
+    step = trainer.train_step
+
+    def signalled_step():
+        out = step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    trainer.train_step = signalled_step
+    trainer.fit()
+    assert trainer.step == 2
+    ckpt = tmp_path / "checkpoints" / "step_00000002"
+    assert json.loads((ckpt / "meta.json").read_text())["reason"] == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is removed again
+    resumed = make_trainer(tmp_path, "trainer.max_steps=5")
+    assert resumed.step == 2 and resumed.loader.state_dict() == trainer.loader.state_dict()
