@@ -174,6 +174,18 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="seqpar_schema", node=Config)
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("seqpar_tasks_per_node"):  # cluster/slurm.yaml: ranks per node of a job
+        OmegaConf.register_new_resolver("seqpar_tasks_per_node", _tasks_per_node)
+
+
+def _tasks_per_node(nodes: int, dp: int, pp: int, tp: int, sp: int) -> int:
+    world = dp * pp * tp * sp
+    if world % nodes:
+        raise ConfigError("hydra.launcher.nodes", f"({nodes}) does not divide dp*pp*tp*sp = {world}",
+                          "choose a node count that divides the number of ranks")
+    return world // nodes
 
 
 def to_config(cfg: Any) -> Config:
