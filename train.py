@@ -28,7 +28,9 @@ def main(dcfg: DictConfig) -> None:
     from seqpar.trainer.loop import TrainingAborted
 
     cfg = to_config(dcfg)
-    cfg.run_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    cfg.run_dir = hydra_cfg.runtime.output_dir
+    cfg.experiment = hydra_cfg.runtime.choices.get("experiment")
     try:
         # One process, or this rank of a torchrun/srun job, or `world_size` local processes started here.
         train(prepare(cfg))

@@ -147,8 +147,9 @@ class WandbConfig:
     mode: str | None = None  # None: $WANDB_MODE if set, else offline
     project: str = "seqpar"
     entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
+    name: str | None = None  # None: <model>-<layout>, e.g. gpt_tiny-dp2-tp2-sp2-ring
+    group: str | None = None  # None: the experiment (+experiment=...) or, without one, the model
+    tags: list[str] = field(default_factory=list)  # added to the automatic ones (layout, sp_impl, model, arch)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     device: str = "auto"
     run_dir: str | None = None  # set from Hydra's output directory
+    experiment: str | None = None  # set from Hydra's choice of +experiment=<name>
 
 
 def register_configs() -> None:

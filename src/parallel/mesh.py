@@ -107,6 +107,17 @@ class ParallelMesh:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
 
+    def gather_over_all(self, value: float) -> list[float]:
+        """Every rank's value, in rank order (one all-reduce of a world-sized vector)."""
+        if self.device_mesh is None:
+            return [value]
+        import torch.distributed as dist
+
+        t = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        t[self.rank] = value
+        dist.all_reduce(t)
+        return t.tolist()
+
     @contextlib.contextmanager
     def rank_zero_first(self):
         """Rank 0 runs the block first (building caches: corpus, tokenizer, tokenized data), then every other rank,

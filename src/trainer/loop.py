@@ -279,8 +279,11 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": self.step * self.tokens_per_step,
             "tokens_per_s": tokens_per_s,
-            "peak_mem_mib": self.mesh.max_over_all(peak_mem_mib(self.device)),
         }
+        per_rank = self.mesh.gather_over_all(peak_mem_mib(self.device))
+        rec["peak_mem_mib"] = max(per_rank)
+        if len(per_rank) > 1:
+            rec["peak_mem_mib_per_rank"] = per_rank
         if self.skipped_steps:
             rec["skipped_steps"] = self.skipped_steps
         if self.peak_flops:

@@ -31,10 +31,11 @@ MODELS = ("gpt_tiny", "bert_tiny")
 SWEEPS = {
     "sp": ["parallel.sp=2", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],  # sp=4: below
     "dp x sp": ["parallel.dp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
-    "dp, tp, dp x tp": ["parallel.dp=1,2", "parallel.tp=1,2", "trainer.micro_batch_size=4"],  # (1, 1) too
+    # dp alone: tests/cluster (dp=2 across two SLURM nodes) and the checkpoint tests (dp=4)
+    "tp, dp x tp": ["parallel.dp=1,2", "parallel.tp=2", "trainer.micro_batch_size=4"],
     "tp x sp": ["parallel.tp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa", "trainer.micro_batch_size=4"],
     "pp schedules": ["parallel.pp=2", "parallel.pp_schedule=gpipe,1f1b,interleaved_1f1b", "parallel.microbatches=4"],
-    "pp x sp": ["parallel.pp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa", "parallel.microbatches=4"],
+    "pp x sp": ["parallel.pp=2", "parallel.sp=2", "parallel.microbatches=4"],  # rsa under pp: the same hook as tp x sp
     "pp x tp (x sp)": ["parallel.pp=2", "parallel.tp=2", "parallel.sp=1,2", "parallel.microbatches=4"],
     "dp x pp x tp": ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"],
 }

@@ -71,14 +71,22 @@ def test_init_from_continues_from_saved_weights(tmp_path, cache_dir):
 
 
 def test_bf16_activation_checkpointing_mfu_and_wandb_offline(tmp_path, cache_dir):
+    """bf16 autocast with activation checkpointing on dp=2, MFU logged; the offline wandb run holds the run's name,
+    group and layout tags, the metrics (memory per rank too) and wandb's system metrics, and no secret."""
     run = tmp_path / "run"
-    train_ok(["model=gpt_tiny", "trainer.max_steps=3", "trainer.precision=bf16", "trainer.activation_checkpointing=true",
+    train_ok(["model=gpt_tiny", "parallel.dp=2", "trainer.max_steps=3", "trainer.precision=bf16", "trainer.activation_checkpointing=true",
               "trainer.micro_batch_size=8", "trainer.eval_every=0", *FAST, "logger.wandb.mode=offline", "trainer.peak_flops=1e11",
               f"hydra.run.dir={run}"], cache_dir, env={"WANDB_API_KEY": SECRET})  # the explicit mode beats WANDB_MODE
     steps, evals = read_metrics(run)
     files = [p for p in run.rglob("*") if p.is_file()]
     assert any("wandb" in p.parts for p in files) and (run / "checkpoints").is_dir()
     assert not [p for p in files if SECRET.encode() in p.read_bytes()]  # no secret in configs, logs or checkpoints
+    # The run's records (protobuf in wandb's append-only log; a short run's strings are stored whole).
+    (log,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    data = log.read_bytes()
+    for expected in (b"gpt_tiny-dp2", b"dp2", b"tp1", b"ring", b"loss", b"grad_norm", b"tokens_per_s", b"mfu",
+                     b"peak_mem_mib/rank_1", b"memory_percent"):
+        assert expected in data, expected
     assert len(steps) == 3 and len(evals) == 1
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert all(0 < r["mfu"] < 1 for r in steps)  # reported once the device's peak FLOP/s is known
