@@ -145,3 +145,21 @@ def build_sequences(cfg: Config) -> SequenceData:
     if len(val) == 0:
         raise ConfigError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
     return SequenceData(train=train, val=val, tokenizer=tok)
+
+
+_last_built: tuple[str, SequenceData] | None = None
+
+
+def build_sequences_once(cfg: Config) -> SequenceData:
+    """`build_sequences`, reusing the previous result for the same data settings: the jobs of a Hydra multirun run
+    one after another in one process and usually read the same sequences."""
+    import dataclasses
+    import json
+    import os
+
+    global _last_built
+    key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.arch, cfg.model.vocab_size, cfg.trainer.seed,
+                      cfg.trainer.global_batch_size, os.environ.get("SEQPAR_CACHE")], sort_keys=True)
+    if _last_built is None or _last_built[0] != key:
+        _last_built = (key, build_sequences(cfg))
+    return _last_built[1]

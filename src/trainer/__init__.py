@@ -89,16 +89,16 @@ def run(cfg: Config, data=None) -> dict:
 def train(cfg: Config) -> None:
     """Run a prepared config on every rank it needs: in this process, as a torchrun/srun rank, or on local
     processes started here. Local CPU ranks are forked from this process after it has built the data once, so
-    they start without loading anything again."""
+    they start without loading anything again; the jobs of a multirun reuse the data of the previous job."""
     from seqpar.parallel.launch import launch, launched_rank, start_method
 
     device = resolve_device(cfg.device)
     world = cfg.parallel.world_size
     data = None
-    if world > 1 and launched_rank() is None and start_method(device.type) == "fork":
-        from seqpar.data.sequences import build_sequences
+    if launched_rank() is None and (world == 1 or start_method(device.type) == "fork"):
+        from seqpar.data.sequences import build_sequences_once
 
-        data = build_sequences(cfg)
+        data = build_sequences_once(cfg)
         if cfg.trainer.save_final:  # rank 0 saves through transformers: import its model classes once, here
             from transformers import BertForMaskedLM, GPT2LMHeadModel  # noqa: F401
     launch(run, world, cfg, data, device_type=device.type, timeout_s=cfg.parallel.timeout_s)

@@ -160,6 +160,12 @@ class LocalSlurm:
         raise TimeoutError(f"job {job_id} did not finish in {timeout:.0f} s: {self.job(job_id)}")
 
     def stop(self) -> None:
+        # End every job first (a submitit sweep returns when the results are written, while its jobs still wind
+        # down); job scripts and sruns left without their daemons would wait forever.
+        self.run("scancel", "--full", "--user=root", check=False)
+        end = time.monotonic() + 30
+        while self.run("squeue", "-h", check=False).strip() and time.monotonic() < end:
+            time.sleep(0.3)
         # Job step daemons of our slurmd outlive it; they belong to this cluster's jobs only.
         subprocess.run(["pkill", "-f", "^slurmstepd"], capture_output=True)
         for pid in reversed(self._procs):

@@ -12,15 +12,13 @@ import hashlib
 import json
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from seqpar.cli import preflight
 
-from ..conftest import CONFIG_DIR, ROOT, cli_env
+from ..conftest import CONFIG_DIR, ROOT
 
 FAST = ["trainer.threads=1", "trainer.eval_batches=1", "trainer.eval_every=0", "logger.wandb.mode=disabled"]
 
@@ -204,24 +202,26 @@ def test_world_size_must_match_the_launcher(monkeypatch, capsys):
 
 
 def test_changed_checkpoint_bytes_are_caught_by_their_checksum(tmp_path, saved, cache_dir):
-    """Bytes changed in place (same size) pass the structural checks; the ranks' CRC check stops the run."""
+    """Bytes changed in place (same size) pass the entry point's checks; the ranks' CRC check stops the run before
+    anything is loaded or written (train.py prints the ConfigError as its one `error:` line, exit 2)."""
+    from seqpar.cli import compose
+    from seqpar.config import ConfigError
+    from seqpar.trainer import prepare, run
+
     ckpt = _copy_checkpoint(saved, tmp_path)
     f = ckpt / "__0_0.distcp"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     before = _digest(ckpt)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"checkpoint.resume={ckpt}", "trainer.max_steps=4", *FAST,
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith(f"error: checkpoint.resume ({ckpt}) file __0_0.distcp does not match its recorded checksum")
+    cfg = compose(CONFIG_DIR, [f"checkpoint.resume={ckpt}", "trainer.max_steps=4", *FAST])
+    cfg.run_dir = str(tmp_path / "run")
+    prepare(cfg)  # sizes match: only the content changed
+    with pytest.raises(ConfigError) as info:
+        run(cfg)
+    assert str(info.value).startswith(f"checkpoint.resume ({ckpt}) file __0_0.distcp does not match its recorded checksum")
     assert _digest(ckpt) == before
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_docs_list_every_case():

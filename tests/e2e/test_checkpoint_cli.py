@@ -50,11 +50,11 @@ def checkpoints(run) -> list[str]:
 def test_gpt_preempted_by_sigterm_resumes_exactly_and_reshards(tmp_path, cache_dir):
     """GPT on dp=2 x tp=2: SIGTERM mid-run saves and exits 0; the same command continues from that step with the
     uninterrupted run's losses. A periodic checkpoint of that layout resumes on sp=4 (ring attention)."""
-    args = ["model=gpt_tiny", "parallel.dp=2", "parallel.tp=2", "trainer.max_steps=8", "checkpoint.every=2",
-            *COMMON]
+    args = ["model=gpt_tiny", "parallel.dp=2", "parallel.tp=2", "trainer.max_steps=6", "checkpoint.every=2",
+            "checkpoint.keep=2", *COMMON]
     ref = tmp_path / "ref"
     train_ok([*args, f"hydra.run.dir={ref}"], cache_dir)
-    assert checkpoints(ref) == ["step_00000004", "step_00000006", "step_00000008"]  # checkpoint.keep=3
+    assert checkpoints(ref) == ["step_00000004", "step_00000006"]  # checkpoint.keep=2: step 2 was removed
 
     run = tmp_path / "preempted"
     cmd = [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={run}"]
@@ -69,34 +69,34 @@ def test_gpt_preempted_by_sigterm_resumes_exactly_and_reshards(tmp_path, cache_d
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
     assert "stopped by SIGTERM at step" in out
     stopped = int(checkpoints(run)[-1].removeprefix("step_"))
-    assert 1 <= stopped < 8 and max(losses(run)) == stopped
+    assert 1 <= stopped < 6 and max(losses(run)) == stopped
 
     train_ok([*args, f"hydra.run.dir={run}"], cache_dir)  # the requeued job: checkpoint.resume=auto
-    assert_continues(run, ref, stopped, 8, exact=True)
+    assert_continues(run, ref, stopped, 6, exact=True)
 
     resharded = tmp_path / "sp4"
-    train_ok(["model=gpt_tiny", "parallel.sp=4", "trainer.max_steps=8", *COMMON,
+    train_ok(["model=gpt_tiny", "parallel.sp=4", "trainer.max_steps=6", *COMMON,
               f"checkpoint.resume={ref / 'checkpoints' / 'step_00000004'}", f"hydra.run.dir={resharded}"], cache_dir)
-    assert_continues(resharded, ref, 4, 8, exact=False)
+    assert_continues(resharded, ref, 4, 6, exact=False)
 
 
 def test_bert_resumes_exactly_reshards_and_exports(tmp_path, cache_dir):
-    """BERT on pp=2 x tp=2: resume from step 3 in the same layout (exact) and on dp=4 (parity); the step-6
+    """BERT on pp=2 x tp=2: resume from step 2 in the same layout (exact) and on dp=4 (parity); the step-4
     checkpoint exports to a BertForMaskedLM with the run's final weights and our logits."""
-    args = ["model=bert_tiny", "trainer.max_steps=6", *COMMON]
+    args = ["model=bert_tiny", "trainer.max_steps=4", *COMMON]
     ref = tmp_path / "ref"
-    train_ok([*args, "parallel.pp=2", "parallel.tp=2", "checkpoint.every=3", f"hydra.run.dir={ref}"], cache_dir)
-    step3 = ref / "checkpoints" / "step_00000003"
+    train_ok([*args, "parallel.pp=2", "parallel.tp=2", "checkpoint.every=2", f"hydra.run.dir={ref}"], cache_dir)
+    step2 = ref / "checkpoints" / "step_00000002"
     for name, layout, exact in (("same", ["parallel.pp=2", "parallel.tp=2"], True), ("dp4", ["parallel.dp=4"], False)):
         run = tmp_path / name
-        train_ok([*args, *layout, f"checkpoint.resume={step3}", f"hydra.run.dir={run}"], cache_dir)
-        assert_continues(run, ref, 3, 6, exact=exact)
+        train_ok([*args, *layout, f"checkpoint.resume={step2}", f"hydra.run.dir={run}"], cache_dir)
+        assert_continues(run, ref, 2, 4, exact=exact)
 
     out = tmp_path / "exported"
     proc = subprocess.run([sys.executable, "-m", "seqpar.export", str(ref / "checkpoints"), str(out)], cwd=ROOT,
                           env=cli_env(cache_dir), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    again = subprocess.run([sys.executable, "-m", "seqpar.export", str(step3), str(out)], cwd=ROOT,
+    again = subprocess.run([sys.executable, "-m", "seqpar.export", str(step2), str(out)], cwd=ROOT,
                            env=cli_env(cache_dir), capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.strip() == (
         f"error: out_dir ({out}) exists and is not empty; choose a new output directory")
@@ -116,4 +116,4 @@ def test_bert_resumes_exactly_reshards_and_exports(tmp_path, cache_dir):
         a = ours.eval()(enc["input_ids"], torch.arange(enc["input_ids"].shape[1]))
         b = hf(input_ids=enc["input_ids"]).logits
     assert (a - b).abs().max().item() < 1e-4
-    assert json.loads((step3 / "meta.json").read_text())["layout"]["pp"] == 2
+    assert json.loads((step2 / "meta.json").read_text())["layout"]["pp"] == 2

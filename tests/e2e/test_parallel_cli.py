@@ -29,13 +29,13 @@ MODELS = ("gpt_tiny", "bert_tiny")
 # Each entry is one multirun: (what it covers, sweep overrides). Micro-batches of 4 sequences everywhere (gradient
 # accumulation, or the pipeline's micro-batches) against one batch of 16 in the reference.
 SWEEPS = {
-    "sp": ["parallel.sp=2", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],  # sp=4: below
+    "sp": ["parallel.sp=2,4", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
+    "dp": ["parallel.dp=2", "trainer.micro_batch_size=4"],
     "dp x sp": ["parallel.dp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
-    # dp alone: tests/cluster (dp=2 across two SLURM nodes) and the checkpoint tests (dp=4)
     "tp, dp x tp": ["parallel.dp=1,2", "parallel.tp=2", "trainer.micro_batch_size=4"],
-    "tp x sp": ["parallel.tp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa", "trainer.micro_batch_size=4"],
+    "tp x sp": ["parallel.tp=2", "parallel.sp=2", "trainer.micro_batch_size=4"],  # rsa/ulysses under tp: same hook
     "pp schedules": ["parallel.pp=2", "parallel.pp_schedule=gpipe,1f1b,interleaved_1f1b", "parallel.microbatches=4"],
-    "pp x sp": ["parallel.pp=2", "parallel.sp=2", "parallel.microbatches=4"],  # rsa under pp: the same hook as tp x sp
+    "pp x sp": ["parallel.pp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa", "parallel.microbatches=4"],
     "pp x tp (x sp)": ["parallel.pp=2", "parallel.tp=2", "parallel.sp=1,2", "parallel.microbatches=4"],
     "dp x pp x tp": ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"],
 }
@@ -77,8 +77,9 @@ def assert_same_run(got, want, label):
             assert diff < WEIGHT_ATOL, (label, name, diff)
 
 
-def multirun(args, cache_dir, sweep_dir) -> list[tuple[str, str, tuple]]:
-    """Run `python train.py -m <args>`; (model, parallel overrides, metrics and final weights) for every job."""
+def multirun(args, cache_dir, sweep_dir) -> tuple[list[tuple[str, str, tuple]], str]:
+    """Run `python train.py -m <args>`; (model, parallel overrides, metrics and final weights) for every job, and
+    the command's stdout."""
     proc = run_train(["-m", *args, f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"],
                      cache_dir, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -86,31 +87,24 @@ def multirun(args, cache_dir, sweep_dir) -> list[tuple[str, str, tuple]]:
     out = []
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-        model = next(o.split("=", 1)[1] for o in overrides if o.startswith("model="))
+        model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
         label = " ".join(o for o in overrides if o.startswith("parallel."))
         out.append((model, label, (*read_metrics(job), final_weights(job))))
-    return out
+    return out, proc.stdout
 
 
 @pytest.mark.parametrize("sweep", list(SWEEPS))
 def test_layouts_match_single_process(tmp_path, cache_dir, reference, sweep):
     """One multirun per family of layouts, over both models (GPT and BERT)."""
-    jobs = multirun([f"model={','.join(MODELS)}", *SWEEPS[sweep], *STEPS, *NO_CHECKPOINT], cache_dir, tmp_path / "sweep")
+    jobs, stdout = multirun([f"model={','.join(MODELS)}", *SWEEPS[sweep], *STEPS, *NO_CHECKPOINT], cache_dir,
+                            tmp_path / "sweep")
     expected = len(MODELS)
     for arg in SWEEPS[sweep]:
         expected *= len(arg.split("=", 1)[1].split(","))
     assert len(jobs) == expected
+    assert stdout.count("step 5 | loss") == expected  # progress from rank 0 only
     for model, label, run in jobs:
         assert_same_run(run, reference(model), f"{model} {label}")
-
-
-def test_sp4_prints_from_rank_zero_only_and_matches(tmp_path, cache_dir, reference):
-    """`python train.py model=gpt_tiny parallel.sp=4` as written: progress from rank 0 only, the single-process run's
-    numbers (ring attention over 8 zigzag chunks; sp=4 with rsa and ulysses is checked at the attention level)."""
-    run = tmp_path / "run"
-    proc = train_ok(["model=gpt_tiny", "parallel.sp=4", *STEPS, *NO_CHECKPOINT, f"hydra.run.dir={run}"], cache_dir)
-    assert proc.stdout.count("step 5 | loss") == 1
-    assert_same_run((*read_metrics(run), final_weights(run)), reference("gpt_tiny"), "sp=4 ring")
 
 
 def test_full_4d_layout_matches_single_process(tmp_path, cache_dir, reference):
@@ -122,17 +116,15 @@ def test_full_4d_layout_matches_single_process(tmp_path, cache_dir, reference):
     assert (run / "checkpoints" / "step_00000005" / "meta.json").is_file()  # saved by 16 ranks
 
 
-@pytest.mark.parametrize("experiment", ["bert_seq64k", "gpt_seq32k"])
-def test_experiment_layouts_run_at_debug_size(tmp_path, cache_dir, experiment):
+@pytest.mark.parametrize("experiment,sp", [("bert_seq64k", 8), ("gpt_seq32k", 4)])
+def test_experiment_layouts_run_at_debug_size(tmp_path, cache_dir, experiment, sp):
     """The cluster experiments keep their layout (sp=8 ring for BERT, sp=4 for GPT), activation checkpointing and
     micro-batching under `+debug=tiny`, and match the same run on one process (hidden dropout off for the check)."""
-    runs = []
-    for name, extra in (("parallel", []), ("single", ["parallel.sp=1"])):
-        run = tmp_path / name
-        train_ok([f"+experiment={experiment}", "+debug=tiny", "model.dropout=0", *extra, *NO_CHECKPOINT,
-                  f"hydra.run.dir={run}"], cache_dir)
-        runs.append((*read_metrics(run), final_weights(run)))
-    assert_same_run(*runs, experiment)
+    jobs, _ = multirun([f"+experiment={experiment}", "+debug=tiny", "model.dropout=0", f"parallel.sp={sp},1",
+                        *NO_CHECKPOINT], cache_dir, tmp_path / "sweep")
+    (_, parallel_label, parallel), (_, _, single) = jobs
+    assert parallel_label == f"parallel.sp={sp}"
+    assert_same_run(parallel, single, experiment)
 
 
 def test_torchrun_joins_instead_of_starting_processes(tmp_path, cache_dir, reference):
@@ -150,7 +142,7 @@ def test_torchrun_joins_instead_of_starting_processes(tmp_path, cache_dir, refer
 def test_tensor_parallel_dropout_agrees_with_one_process(tmp_path, cache_dir):
     """Hidden dropout acts on activations replicated over the tp ranks: every rank must draw the same mask, the
     one a single process draws, so tp=2 with dropout 0.1 reproduces the single-process run exactly."""
-    jobs = multirun(["model=gpt_tiny", "model.dropout=0.1", "parallel.tp=1,2", *STEPS, *NO_CHECKPOINT], cache_dir,
-                    tmp_path / "sweep")
+    jobs, _ = multirun(["model=gpt_tiny", "model.dropout=0.1", "parallel.tp=1,2", *STEPS, *NO_CHECKPOINT], cache_dir,
+                       tmp_path / "sweep")
     (_, _, single), (_, _, tp2) = jobs
     assert_same_run(tp2, single, "dropout tp=2")

@@ -80,3 +80,17 @@ def test_sigusr1_saves_a_checkpoint_and_stops_after_the_step(tmp_path, cache_dir
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is removed again
     resumed = make_trainer(tmp_path, "trainer.max_steps=5")
     assert resumed.step == 2 and resumed.loader.state_dict() == trainer.loader.state_dict()
+
+
+def test_init_from_starts_from_the_saved_weights(tmp_path, cache_dir):
+    """`model.init_from=<transformers dir>`: the trainer's model holds exactly those weights at step 0."""
+    from seqpar.config import ModelConfig
+    from seqpar.models import build_model
+    from seqpar.models.hf import save_pretrained
+
+    torch.manual_seed(99)  # not the trainer's seed: the weights must come from the directory
+    saved = build_model(ModelConfig())
+    save_pretrained(saved, tmp_path / "weights")
+    trainer = make_trainer(tmp_path / "run", f"model.init_from={tmp_path / 'weights'}", "trainer.max_steps=1")
+    got = trainer.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.state_dict().items())
