@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from ..conftest import ROOT, cli_env
 from .test_parallel_cli import GRAD_ATOL, LOSS_RTOL, final_weights
-from .test_train_cli import read_metrics, train_ok
+from .test_train_cli import assert_transformers_logits_match, read_metrics, train_ok
 
 EXACT = 1e-6
 COMMON = ["trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.threads=1",
@@ -104,16 +104,5 @@ def test_bert_resumes_exactly_reshards_and_exports(tmp_path, cache_dir):
     assert exported.keys() == final.keys()
     assert all(torch.equal(exported[k], final[k]) for k in final)
 
-    from transformers import AutoTokenizer, BertForMaskedLM
-
-    from seqpar.models.hf import from_pretrained
-
-    hf = BertForMaskedLM.from_pretrained(out, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    ours, _ = from_pretrained(ref / "final_model")
-    enc = tok("Return the number of items in a container.", return_tensors="pt")
-    with torch.no_grad():
-        a = ours.eval()(enc["input_ids"], torch.arange(enc["input_ids"].shape[1]))
-        b = hf(input_ids=enc["input_ids"]).logits
-    assert (a - b).abs().max().item() < 1e-4
+    assert_transformers_logits_match(out, ref / "final_model")
     assert json.loads((step2 / "meta.json").read_text())["layout"]["pp"] == 2

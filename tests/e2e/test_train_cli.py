@@ -20,6 +20,23 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in lines if "loss" in r], [r for r in lines if "eval_loss" in r]
 
 
+def assert_transformers_logits_match(hf_dir: Path, ours_dir: Path) -> None:
+    """transformers' model (and tokenizer) from `hf_dir` predicts like our model loaded from `ours_dir`."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from seqpar.models.hf import from_pretrained
+
+    ours, cfg = from_pretrained(ours_dir)
+    auto = AutoModelForCausalLM if cfg.arch == "gpt" else AutoModelForMaskedLM
+    hf = auto.from_pretrained(hf_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    enc = tok("Return a new list containing the items.", return_tensors="pt")
+    with torch.no_grad():
+        a = ours.eval()(enc["input_ids"], torch.arange(enc["input_ids"].shape[1]))
+        b = hf(input_ids=enc["input_ids"]).logits
+    assert (a - b).abs().max().item() < 1e-4
+
+
 def train_ok(args, cache_dir, **kw):
     proc = run_train(args, cache_dir, **kw)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,19 +60,7 @@ def test_training_run_logs_metrics_and_loss_falls(tmp_path, cache_dir, model):
     assert (run / ".hydra" / "config.yaml").is_file()
 
     # The final weights are a transformers directory that loads and predicts like our model.
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-
-    auto = AutoModelForCausalLM if model.startswith("gpt") else AutoModelForMaskedLM
-    hf = auto.from_pretrained(run / "final_model", local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(run / "final_model", local_files_only=True)
-    from seqpar.models.hf import from_pretrained
-
-    ours, _ = from_pretrained(run / "final_model")
-    enc = tok("Return a new list containing the items.", return_tensors="pt")
-    with torch.no_grad():
-        a = ours.eval()(enc["input_ids"], torch.arange(enc["input_ids"].shape[1]))
-        b = hf(input_ids=enc["input_ids"]).logits
-    assert (a - b).abs().max().item() < 1e-4
+    assert_transformers_logits_match(run / "final_model", run / "final_model")
 
 
 def test_bf16_activation_checkpointing_mfu_and_wandb_offline(tmp_path, cache_dir):
