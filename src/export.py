@@ -24,12 +24,10 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the model of `checkpoint` (a step_* directory, or a directory of them: the newest) to `out_dir`."""
     from seqpar.models import build_model
     from seqpar.models.hf import save_pretrained
-    from seqpar.trainer.checkpoint import complete_checkpoints, load_model_weights, model_config_of, read_meta
+    from seqpar.trainer.checkpoint import load_model_weights, model_config_of, newest_if_root, read_meta
 
-    path, out = Path(checkpoint), Path(out_dir)
-    if path.is_dir() and not (path / "meta.json").exists() and complete_checkpoints(path):
-        path = complete_checkpoints(path)[-1]
-    meta = read_meta(path)
+    path, out = newest_if_root(Path(checkpoint)), Path(out_dir)
+    meta = read_meta(path, field_name="checkpoint")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("out_dir", f"({out}) exists and is not empty", "choose a new output directory")
     model = build_model(model_config_of(meta), "cpu")
@@ -57,8 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         out = export(args.checkpoint, args.out_dir)
     except ConfigError as e:
-        msg = str(e).replace("checkpoint.resume ", "checkpoint ", 1)
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"exported {args.checkpoint} to {out}")
 

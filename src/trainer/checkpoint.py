@@ -124,36 +124,47 @@ def _crc(path: Path) -> int:
 
 
 def _bad(path: Path, problem: str, fix: str = "resume from another checkpoint (checkpoint.resume=<step_* dir>) "
-         "or start fresh in a new run directory") -> ConfigError:
-    return ConfigError("checkpoint.resume", f"({path}) {problem}", fix)
+         "or start fresh in a new run directory", field_name: str = "checkpoint.resume") -> ConfigError:
+    return ConfigError(field_name, f"({path}) {problem}", fix)
 
 
-def read_meta(path: Path) -> dict:
-    """The checkpoint's meta.json, after checking that every file it lists is there with its recorded size."""
+def newest_if_root(path: Path) -> Path:
+    """`path` itself, or the newest checkpoint in it when it is a checkpoint directory (a checkpoint.dir)."""
+    if path.is_dir() and not (path / META).exists() and complete_checkpoints(path):
+        return complete_checkpoints(path)[-1]
+    return path
+
+
+def read_meta(path: Path, field_name: str = "checkpoint.resume") -> dict:
+    """The checkpoint's meta.json, after checking that every file it lists is there with its recorded size.
+    Errors name `field_name` (the setting or argument that pointed at the checkpoint)."""
+    def bad(problem: str, *fix: str) -> ConfigError:
+        return _bad(path, problem, *fix, field_name=field_name)
+
     if not path.is_dir():
-        raise _bad(path, "is not a directory", "pass the path of a step_* checkpoint directory, auto or never")
+        raise bad("is not a directory", "pass the path of a step_* checkpoint directory or of a directory holding them")
     meta_file = path / META
     if not meta_file.is_file():
-        raise _bad(path, "has no meta.json: a half-written checkpoint (its save was interrupted) or not a seqpar "
+        raise bad("has no meta.json: a half-written checkpoint (its save was interrupted) or not a seqpar "
                    "checkpoint")
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         files, step = meta["files"], int(meta["step"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise _bad(path, "has a corrupted meta.json") from None
+        raise bad("has a corrupted meta.json") from None
     if meta.get("format") != FORMAT:
-        raise _bad(path, f"has format {meta.get('format')!r}, this seqpar reads format {FORMAT}")
+        raise bad(f"has format {meta.get('format')!r}, this seqpar reads format {FORMAT}")
     for name, (size, _) in files.items():
         f = path / name
         if not f.is_file():
-            raise _bad(path, f"is missing {name}")
+            raise bad(f"is missing {name}")
         if f.stat().st_size != size:
-            raise _bad(path, f"file {name} has {f.stat().st_size} bytes, {size} were written: truncated or altered")
+            raise bad(f"file {name} has {f.stat().st_size} bytes, {size} were written: truncated or altered")
     try:
         _storage_reader(path).read_metadata()
     except Exception as e:
         detail = (str(e).strip().splitlines() or [""])[0][:120]
-        raise _bad(path, f"has an unreadable tensor index .metadata ({type(e).__name__}: {detail})") from None
+        raise bad(f"has an unreadable tensor index .metadata ({type(e).__name__}: {detail})") from None
     meta["step"] = step
     return meta
 
@@ -196,18 +207,20 @@ def find_resume(cfg: Config) -> Path | None:
             return None
         path = found[-1]
     else:
-        path = Path(mode)
-        if path.is_dir() and not (path / META).exists() and complete_checkpoints(path):
-            path = complete_checkpoints(path)[-1]  # a checkpoint.dir: its newest checkpoint
+        path = newest_if_root(Path(mode))
     check_compatible(path, read_meta(path), cfg)
     return path
 
 
 # --- what is saved -------------------------------------------------------------------------------------------
 
-def _names(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by its global name (tied weights under each of their names)."""
-    return {k.replace(WRAPPER, ""): v for k, v in model.state_dict(keep_vars=True).items()}
+def state_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (detached, sharing storage) by its global name, tied weights under each name."""
+    return {k.replace(WRAPPER, ""): v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"model.{k}": v for k, v in state_by_name(model).items()}
 
 
 def _param_names(model: nn.Module) -> dict[nn.Parameter, list[str]]:
@@ -280,7 +293,7 @@ def save(trainer, reason: str = "periodic") -> Path | None:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _world_barrier()
-    state = {f"model.{k}": v.detach() for k, v in _names(trainer.model).items()}
+    state = _model_state(trainer.model)
     state.update(_optim_state(trainer.optimizer, trainer.model, empty=False))
     state.update(_rng_state(rank, trainer.device))
     with _single_process_quiet():
@@ -351,8 +364,7 @@ def load(trainer, path: Path) -> dict:
     check_compatible(path, meta, cfg)
     _verify_files(path, meta)
     same_layout = meta["layout"] == _layout(cfg)
-    model_state = {f"model.{k}": v.detach() for k, v in _names(trainer.model).items()}
-    state = {**model_state, **_optim_state(trainer.optimizer, trainer.model, empty=True)}
+    state = {**_model_state(trainer.model), **_optim_state(trainer.optimizer, trainer.model, empty=True)}
     if same_layout:
         state.update(_rng_state(rank, trainer.device))
     try:
@@ -382,6 +394,6 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     """Only the model's weights from a checkpoint, in one process (for export)."""
     import torch.distributed.checkpoint as dcp
 
-    state = {f"model.{k}": v.detach() for k, v in _names(model).items()}
+    state = _model_state(model)
     with _single_process_quiet():
         dcp.load(state, storage_reader=_storage_reader(path), no_dist=True)

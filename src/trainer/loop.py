@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import signal
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -60,7 +61,7 @@ class StopRequest:
 
         self.signum = pending_stop_signal()
         self._previous = {}
-        if threading_is_main():
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
                 signal.siginterrupt(sig, False)  # restart interrupted system calls (sockets of collectives)
@@ -71,12 +72,6 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -295,7 +290,7 @@ class Trainer:
         every rank must call it, the result is complete on rank 0)."""
         if self.mesh.tp == 1 and self.mesh.pp == 1:
             return self.model
-        state = {k.replace("._checkpoint_wrapped_module", ""): _value(v).cpu() for k, v in self.model.state_dict().items()}
+        state = {k: _value(v).cpu() for k, v in checkpoint.state_by_name(self.model).items()}
         if self.mesh.pp > 1:
             parts = [None] * self.mesh.pp
             torch.distributed.all_gather_object(parts, state, group=self.mesh.group("pp"))

@@ -228,3 +228,15 @@ def test_docs_list_every_case():
     doc = (ROOT / "docs" / "bad-input.md").read_text()
     for name, *_ in CASES:
         assert f"| {name} |" in doc, name
+
+
+def test_export_of_a_missing_checkpoint_names_its_argument(tmp_path, capsys):
+    from seqpar.export import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "nothing"), str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: checkpoint ({tmp_path / 'nothing'}) is not a directory; pass the path of a step_* "
+                   "checkpoint directory or of a directory holding them"]
+    assert not (tmp_path / "out").exists()
