@@ -22,6 +22,7 @@ DATA_SOURCES = ("builtin", "text_files", "hf_dataset")
 SP_IMPLS = ("ring", "rsa", "ulysses")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 WANDB_MODES = ("online", "offline", "disabled")
+ENGINES = ("seqpar", "deepspeed")
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,9 @@ class ParallelConfig:
     sp_impl: str = "ring"
     pp_schedule: str = "1f1b"
     microbatches: int = 4  # pipeline micro-batches per step (pp > 1)
+    # Megatron's activation sharding inside tensor parallelism (its "sequence parallel", not our sp): LayerNorm,
+    # dropout and residual activations hold T/tp tokens per tp rank; reduce-scatter/all-gather replace all-reduces.
+    tp_shard_activations: bool = False
     timeout_s: int = 1800  # a collective that waits longer (a hung or dead peer) fails the job
 
     @property
@@ -129,6 +133,8 @@ class TrainerConfig:
     threads: int | None = None  # torch intra-op threads; None: torch's default
     save_final: bool = True  # write <run_dir>/final_model (transformers format) at the end
     max_bad_steps: int = 3  # abort after this many non-finite losses in a row (each such step is skipped)
+    engine: str = "seqpar"  # seqpar (ours, any layout) | deepspeed (ZeRO over the dp x sp ranks; tp = pp = 1)
+    zero_stage: int | None = None  # deepspeed: 1 optimizer state, 2 + gradients, 3 + parameters sharded (None: 1)
 
 
 @dataclass
@@ -272,6 +278,35 @@ def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
             )
 
 
+def validate_engine(t: TrainerConfig, p: ParallelConfig) -> None:
+    """DeepSpeed's ZeRO shards over the dp x sp ranks; tensor and pipeline parallelism stay with our engine."""
+    _choice("trainer.engine", t.engine, ENGINES)
+    if t.engine != "deepspeed":
+        if t.zero_stage is not None:
+            raise ConfigError("trainer.zero_stage", f"is {t.zero_stage} but trainer.engine is {t.engine}",
+                              "add trainer.engine=deepspeed (ZeRO is DeepSpeed's) or drop trainer.zero_stage")
+        return
+    if t.zero_stage is not None and t.zero_stage not in (1, 2, 3):
+        raise ConfigError("trainer.zero_stage", f"is {t.zero_stage}, not one of 1, 2, 3",
+                          "set trainer.zero_stage=1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)")
+    if p.dp * p.sp == 1:
+        raise ConfigError("trainer.engine", "is deepspeed with one data-parallel rank (dp * sp = 1): ZeRO has "
+                          "nothing to shard over", "use parallel.dp or parallel.sp > 1, or trainer.engine=seqpar")
+    for name in ("tp", "pp"):
+        if getattr(p, name) > 1:
+            raise ConfigError(
+                f"parallel.{name}",
+                f"is {getattr(p, name)} with trainer.engine=deepspeed, which shards over dp x sp only "
+                "(our tensor-parallel DTensors and pipeline schedules do not fit ZeRO's flat buffers)",
+                f"use parallel.{name}=1 with DeepSpeed, or trainer.engine=seqpar for this layout",
+            )
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("trainer.engine", "is deepspeed but DeepSpeed is not installed",
+                          "pip install -e '.[deepspeed]' (or pip install deepspeed)")
+
+
 def validate(cfg: Config) -> None:
     """Check everything types cannot. Raises ConfigError with one line: `<field> <problem>; <fix>`."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
@@ -307,14 +342,20 @@ def validate(cfg: Config) -> None:
             f"is {m.attn_dropout} with parallel.sp={p.sp}; sequence-parallel attention uses fused kernels without it",
             "set model.attn_dropout=0 (hidden dropout model.dropout still applies)",
         )
-    if p.tp > 1 and m.attn_dropout > 0:
-        # Hidden dropout acts on activations that are replicated over tp and must agree (same seed, same stream);
-        # attention dropout acts on each rank's own heads and would need a separate stream per tp rank.
-        raise ConfigError(
-            "model.attn_dropout",
-            f"is {m.attn_dropout} with parallel.tp={p.tp}; per-shard dropout streams are not implemented",
-            "set model.attn_dropout=0 (hidden dropout model.dropout still applies)",
-        )
+    if p.tp_shard_activations and p.tp > 1:
+        if p.pp > 1:
+            raise ConfigError(
+                "parallel.tp_shard_activations",
+                f"is set with parallel.pp={p.pp}; pipeline stages exchange whole hidden states here",
+                "drop parallel.tp_shard_activations or use parallel.pp=1",
+            )
+        if (d.seq_len // p.sp) % p.tp:
+            raise ConfigError(
+                "parallel.tp_shard_activations",
+                f"cuts each rank's {d.seq_len // p.sp} tokens (data.seq_len / sp) into parallel.tp={p.tp} shards, "
+                "which needs a multiple of tp",
+                f"use a data.seq_len that is a multiple of {p.sp * p.tp * (2 if m.causal else 1)}",
+            )
 
     _positive("trainer.max_steps", t.max_steps)
     _positive("trainer.global_batch_size", t.global_batch_size)
@@ -374,6 +415,7 @@ def validate(cfg: Config) -> None:
     if t.seed < 0:
         raise ConfigError("trainer.seed", f"is {t.seed}, must be >= 0", "pass a non-negative seed")
     _positive("trainer.max_bad_steps", t.max_bad_steps)
+    validate_engine(t, p)
 
     c = cfg.checkpoint
     _positive("checkpoint.every", c.every, zero_ok=True)

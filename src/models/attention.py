@@ -7,6 +7,8 @@ accept the same arguments and return the same shape.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -40,12 +42,44 @@ def sdpa_attention(
     mask = None
     if key_padding_mask is not None:
         # A padded key is never attended to; causal + padding is folded into one boolean mask.
-        mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
-        if causal:
-            tq, tk = q.shape[-2], k.shape[-2]
-            mask = mask & torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
-            causal = False
+        mask = _allowed(q, k, causal, key_padding_mask)
+        causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+
+
+def _allowed(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The boolean (.., Tq, Tk) mask of allowed query-key pairs (True = attend), or None when all are."""
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
+    if causal:
+        tril = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        mask = tril if mask is None else mask & tril
+    return mask
+
+
+def masked_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Attention with the probabilities in memory, the same arithmetic as PyTorch's math SDPA kernel (scale split
+    over q and k, masked scores at -inf, rows with no allowed key give 0), and `dropout` applied to the
+    probabilities by the caller's function: for a dropout whose mask must come from somewhere else than one draw
+    over these heads (tensor parallelism: this rank's heads' part of the mask for all heads)."""
+    scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+    scores = (q * scale) @ (k.transpose(-2, -1) * scale)
+    mask = _allowed(q, k, causal, key_padding_mask)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # a query with no key to attend to
+    if dropout is not None:
+        probs = dropout(probs)
+    return probs @ v
 
 
 def set_core_attention(model: nn.Module, fn: CoreAttention) -> None:

@@ -86,7 +86,12 @@ def free_port() -> int:
 
 
 def init_distributed(info: RankInfo, device_type: str, timeout_s: float) -> None:
-    """Set this rank's device and threads and join the process group (NCCL on CUDA, gloo on CPU)."""
+    """Set this rank's device and threads and join the process group (NCCL on CUDA, gloo on CPU). The rank's
+    place is also put in the environment as torchrun would (libraries such as DeepSpeed read LOCAL_RANK)."""
+    for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world), ("LOCAL_RANK", info.local_rank),
+                       ("LOCAL_WORLD_SIZE", info.local_world), ("MASTER_ADDR", info.master_addr),
+                       ("MASTER_PORT", info.master_port)):
+        os.environ[key] = str(value)
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:

@@ -1,7 +1,8 @@
 """parallelize(model, mesh, cfg): apply the layout to a single-device model, in one fixed order.
 
 1. sequence parallelism: swap the sp attention (`parallel.sp_impl`) into every attention layer over the sp group;
-2. tensor parallelism: shard attention heads, the MLP and the vocabulary over the tp group (`tensor.py`);
+2. tensor parallelism: shard attention heads, the MLP and the vocabulary over the tp group (`tensor.py`), and with
+   `parallel.tp_shard_activations` the LayerNorm/dropout regions by tokens;
 3. data parallelism: a reducer that sums gradients over the `dp_sp` ranks (`data_parallel.py`).
 
 The model is changed in place and stays the one object to train, evaluate, optimise and save. Returns the
@@ -24,7 +25,8 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config) -> GradientRe
     if mesh.sp > 1:
         set_core_attention(model, sequence_attention(cfg.parallel.sp_impl, mesh.group("sp")))
     if mesh.tp > 1:
-        apply_tensor_parallel(model, mesh.device_mesh["tp"], cfg.model.arch)
+        apply_tensor_parallel(model, mesh.device_mesh["tp"], cfg.model.arch, cfg.model.attn_dropout,
+                              shard_activations=cfg.parallel.tp_shard_activations)
     if mesh.dp * mesh.sp > 1:
         return GradientReducer(list(model.parameters()), mesh.group("dp_sp"))
     return None

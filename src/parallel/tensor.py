@@ -10,11 +10,26 @@ LayerNorms and BERT's MLM transform stay replicated.
 
 Communication per layer: forward one all-reduce after o_proj and one after mlp.down (plus one after the embedding);
 backward the mirror all-reduces of the column-parallel inputs' gradients.
+
+`parallel.tp_shard_activations=true` adds Megatron's activation sharding (its "sequence parallelism" inside the
+tensor-parallel region, a different thing from our `sp`): between the attention and MLP regions each tp rank keeps
+only T/tp tokens of the hidden states, so the LayerNorms, dropouts and residual adds run on a tp-th of the
+activations and store a tp-th of them. Each all-reduce becomes a reduce-scatter into the token shards (o_proj,
+mlp.down, the embedding) and an all-gather before the next column-parallel layer (the same bytes moved). The
+LayerNorm weights become replicated DTensors whose gradients DTensor sums over the tp ranks.
+
+Dropout streams: every tp rank keeps the same RNG state (same seed, same draws), so replicated activations get
+identical masks. Where activations are sharded, each rank must use a different part of the mask: hidden dropout on
+token shards and attention dropout on the rank's own heads draw the mask of the whole (unsharded) tensor and keep
+their slice, which is exactly the mask one process would draw, so these runs reproduce the single-process run.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from seqpar.models.attention import masked_softmax_attention
 
 # Every transformer block: attention by heads (q/k/v column-parallel, o row-parallel), MLP by hidden units.
 BLOCK_PLAN = {
@@ -37,15 +52,49 @@ TIED: dict[str, tuple[str, str]] = {
 }
 
 
+# parallel.tp_shard_activations: the LayerNorm/dropout regions hold T/tp tokens per rank (dim 1 of (B, T, C)).
+_SHARDED_BLOCK = {
+    **BLOCK_PLAN,
+    "layers.*.attn": "gather_tokens_with_mask",  # one all-gather of the input (x, key_padding_mask) before q/k/v
+    "layers.*.attn.o_proj": "rowwise_to_tokens",  # reduce-scatter into token shards
+    "layers.*.mlp": "gather_tokens",
+    "layers.*.mlp.down": "rowwise_to_tokens",
+    "layers.*.ln_1": "token_norm",
+    "layers.*.ln_2": "token_norm",
+}
+SHARDED_PLANS: dict[str, dict[str, str]] = {
+    "gpt": {"wte": "vocab_embedding_to_tokens", **_SHARDED_BLOCK, "ln_f": "token_norm", "lm_head": "vocab_head_from_tokens"},
+    "bert": {"word_embeddings": "vocab_embedding_to_tokens", **_SHARDED_BLOCK, "emb_ln": "token_norm",
+             "mlm_head": "gather_tokens", "mlm_head.decoder": "vocab_head"},
+}
+# Embeddings of replicated inputs whose output is cut into the token shards (no communication forward).
+TOKEN_SHARDED_OUTPUTS = {"gpt": ("wpe",), "bert": ("position_embeddings", "token_type_embeddings")}
+
+
 def _style(name: str):
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
 
     return {
         "colwise": lambda: ColwiseParallel(),
         "rowwise": lambda: RowwiseParallel(),
         "vocab_embedding": lambda: RowwiseParallel(input_layouts=Replicate()),
         "vocab_head": lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
+        "vocab_embedding_to_tokens": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "rowwise_to_tokens": lambda: RowwiseParallel(output_layouts=Shard(1)),
+        "token_norm": lambda: SequenceParallel(sequence_dim=1, use_local_output=True),
+        "gather_tokens": lambda: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                    use_local_output=True),
+        "gather_tokens_with_mask": lambda: PrepareModuleInput(input_layouts=(Shard(1), None),
+                                                              desired_input_layouts=(Replicate(), None),
+                                                              use_local_output=True),
+        "vocab_head_from_tokens": lambda: ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                                          use_local_output=False),
     }[name]()
 
 
@@ -63,13 +112,76 @@ def tie(model: nn.Module, arch: str) -> None:
     setattr(_get(model, owner), attr, _get(model, emb))
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, arch: str) -> None:
-    """Shard `model` in place over the 1-D device mesh `tp_mesh` with the plan for `arch`."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh, arch: str, attn_dropout: float = 0.0,
+                          shard_activations: bool = False) -> None:
+    """Shard `model` in place over the 1-D device mesh `tp_mesh` with the plan for `arch`; with
+    `shard_activations`, also the LayerNorm/dropout regions by tokens (Megatron's activation sharding)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    plan = {name: _style(style) for name, style in PLANS[arch].items()}
+    from seqpar.models import set_core_attention
+
+    rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
+    plan = {name: _style(style) for name, style in (SHARDED_PLANS if shard_activations else PLANS)[arch].items()}
     parallelize_module(model, tp_mesh, plan)
     tie(model, arch)
+    if attn_dropout > 0:
+        set_core_attention(model, HeadShardedDropoutAttention(rank, size))
+    if shard_activations:
+        for name in TOKEN_SHARDED_OUTPUTS[arch]:
+            _get(model, name).register_forward_hook(_token_shard_hook(tp_mesh))
+        for parent in list(model.modules()):
+            for child_name, child in parent.named_children():
+                if isinstance(child, nn.Dropout):
+                    setattr(parent, child_name, TokenShardedDropout(child.p, rank, size))
+
+
+def _token_shard_hook(tp_mesh):
+    """Forward hook: this rank's token shard of a replicated (.., T, C) output; backward all-gathers its gradient,
+    so the (replicated) embedding gets the whole gradient on every rank."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def hook(module, inputs, out):
+        full = DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False)
+        return full.redistribute(tp_mesh, [Shard(out.dim() - 2)]).to_local()
+
+    return hook
+
+
+def _mask_slice(shape: tuple[int, ...], dim: int, rank: int, size: int, p: float, like: torch.Tensor) -> torch.Tensor:
+    """This rank's slice (along `dim`, the `size`-times larger whole) of the dropout mask one process would draw
+    for the whole tensor: keep / (1 - p), drawn from the RNG stream every tp rank shares."""
+    whole = list(shape)
+    whole[dim] *= size
+    keep = torch.empty(whole, dtype=like.dtype, device=like.device).bernoulli_(1 - p)
+    return keep.narrow(dim, rank * shape[dim], shape[dim]).div_(1 - p)
+
+
+class TokenShardedDropout(nn.Module):
+    """Dropout of token-sharded (.., T/tp, C) activations with this rank's tokens' part of the whole mask."""
+
+    def __init__(self, p: float, rank: int, size: int):
+        super().__init__()
+        self.p, self.rank, self.size = p, rank, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * _mask_slice(tuple(x.shape), x.dim() - 2, self.rank, self.size, self.p, x)
+
+
+class HeadShardedDropoutAttention:
+    """Core attention with dropout on this rank's heads: the probabilities' mask is this rank's heads' part of the
+    mask for all heads, as one process draws it (PyTorch's math attention kernel, which CPU SDPA uses whenever
+    dropout is on, draws one Bernoulli mask over (B, H, Tq, Tk))."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+    def __call__(self, q, k, v, *, causal, key_padding_mask, dropout_p):
+        keep = None
+        if dropout_p > 0:
+            keep = lambda probs: probs * _mask_slice(tuple(probs.shape), 1, self.rank, self.size, dropout_p, probs)  # noqa: E731
+        return masked_softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout=keep)
 
 
 def loss_context(tp: int):

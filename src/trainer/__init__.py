@@ -101,4 +101,8 @@ def train(cfg: Config) -> None:
         data = build_sequences_once(cfg)
         if cfg.trainer.save_final:  # rank 0 saves through transformers: import its model classes once, here
             from transformers import BertForMaskedLM, GPT2LMHeadModel  # noqa: F401
+        if cfg.trainer.engine == "deepspeed":  # a second or more per rank when each imports it
+            from seqpar.trainer.engine import import_deepspeed
+
+            import_deepspeed()
     launch(run, world, cfg, data, device_type=device.type, timeout_s=cfg.parallel.timeout_s)

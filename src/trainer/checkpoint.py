@@ -10,6 +10,10 @@ A checkpoint is a directory `<checkpoint.dir>/step_00000042/` holding
   the learning-rate schedule's state, the skipped-step counters, and the size and CRC-32 of every file;
 - `tokenizer/`, so that `python -m seqpar.export` makes a complete transformers directory.
 
+Under `trainer.engine=deepspeed` the model and optimizer are saved by DeepSpeed itself into `deepspeed/` (ZeRO's
+files, one optimizer partition per data-parallel rank); DCP then holds only the RNG states, and meta.json the
+rest as above. Such a checkpoint resumes with the same engine, ZeRO stage and layout.
+
 Names are global (a pipeline stage's layers keep their index; the tied head keeps its own name), so DCP can load a
 checkpoint into another dp x pp x tp x sp layout: it reads each rank's slice of every tensor from whichever files
 hold it. The RNG states are restored only into the same layout (they describe each rank's own dropout stream).
@@ -48,6 +52,7 @@ META = "meta.json"
 ARCH_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size", "max_seq_len",
                "activation", "type_vocab_size")
 LAYOUT_FIELDS = ("dp", "pp", "tp", "sp", "sp_impl", "pp_schedule", "microbatches")
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "step"  # trainer.engine=deepspeed: <checkpoint>/deepspeed/step/
 WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper, not part of a parameter's name
 
 
@@ -174,8 +179,27 @@ def model_config_of(meta: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in meta["model"].items() if k in fields})
 
 
+def _engine(cfg: Config) -> dict:
+    t = cfg.trainer
+    return {"name": t.engine, "zero_stage": t.zero_stage or 1} if t.engine == "deepspeed" else {"name": t.engine}
+
+
+def _engine_text(engine: dict) -> str:
+    return " ".join([f"trainer.engine={engine['name']}"] + [f"trainer.zero_stage={v}" for k, v in engine.items()
+                                                             if k == "zero_stage"])
+
+
 def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
-    """The checkpoint must hold this model's architecture and this run's data order."""
+    """The checkpoint must hold this model's architecture and this run's data order; a DeepSpeed checkpoint
+    needs the same engine, ZeRO stage and layout (its optimizer files are per data-parallel rank)."""
+    saved_engine, engine = meta.get("engine", {"name": "seqpar"}), _engine(cfg)
+    if saved_engine != engine:
+        raise _bad(path, f"was written with {_engine_text(saved_engine)}, this run has {_engine_text(engine)}",
+                   f"resume with {_engine_text(saved_engine)}, or start fresh in a new hydra.run.dir")
+    if engine["name"] == "deepspeed" and meta["layout"] != _layout(cfg):
+        saved = " ".join(f"parallel.{k}={v}" for k, v in meta["layout"].items() if k in ("dp", "sp", "sp_impl"))
+        raise _bad(path, "is a DeepSpeed checkpoint of another layout (ZeRO saves one partition per rank)",
+                   f"resume with {saved}, or start fresh in a new hydra.run.dir")
     saved = meta["model"]
     for name in ARCH_FIELDS:
         want = getattr(cfg.model, name)
@@ -293,12 +317,20 @@ def save(trainer, reason: str = "periodic") -> Path | None:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _world_barrier()
-    state = _model_state(trainer.model)
-    state.update(_optim_state(trainer.optimizer, trainer.model, empty=False))
-    state.update(_rng_state(rank, trainer.device))
+    deepspeed = trainer.engine.name == "deepspeed"
+    state = _rng_state(rank, trainer.device)
+    if not deepspeed:
+        state.update(_model_state(trainer.model))
+        state.update(_optim_state(trainer.optimizer, trainer.model, empty=False))
     with _single_process_quiet():
         dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not dist.is_initialized())
     mine = {p.name: [p.stat().st_size, _crc(p)] for p in tmp.glob(f"__{rank}_*")}
+    if deepspeed:
+        trainer.engine.save(str(tmp))  # DeepSpeed's own files, under deepspeed/
+        _world_barrier()
+        names = sorted(str(f.relative_to(tmp)) for f in (tmp / DEEPSPEED_DIR).rglob("*") if f.is_file())
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine.update({n: [(tmp / n).stat().st_size, _crc(tmp / n)] for i, n in enumerate(names) if i % world == rank})
     files = {k: v for part in _gather(mine) for k, v in part.items()}
     if rank == 0:
         files[".metadata"] = [(tmp / ".metadata").stat().st_size, _crc(tmp / ".metadata")]
@@ -309,6 +341,7 @@ def save(trainer, reason: str = "periodic") -> Path | None:
             "reason": reason,
             "model": dataclasses.asdict(cfg.model),
             "layout": _layout(cfg),
+            "engine": _engine(cfg),
             "loader": trainer.loader.state_dict(),
             "scheduler": {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"},
             "bad_steps": trainer.bad_steps,
@@ -364,7 +397,8 @@ def load(trainer, path: Path) -> dict:
     check_compatible(path, meta, cfg)
     _verify_files(path, meta)
     same_layout = meta["layout"] == _layout(cfg)
-    state = {**_model_state(trainer.model), **_optim_state(trainer.optimizer, trainer.model, empty=True)}
+    deepspeed = trainer.engine.name == "deepspeed"
+    state = {} if deepspeed else {**_model_state(trainer.model), **_optim_state(trainer.optimizer, trainer.model, empty=True)}
     if same_layout:
         state.update(_rng_state(rank, trainer.device))
     try:
@@ -374,8 +408,11 @@ def load(trainer, path: Path) -> dict:
         first = str(e).strip().splitlines()
         raise _bad(path, f"could not be loaded into this model ({type(e).__name__}: "
                    f"{first[0][:200] if first else ''})") from None
-    for p, names in _param_names(trainer.model).items():
-        trainer.optimizer.state[p] = {k: state[f"optim.{names[0]}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
+    if deepspeed:
+        trainer.engine.load(str(path))  # weights and ZeRO's optimizer partitions
+    else:
+        for p, names in _param_names(trainer.model).items():
+            trainer.optimizer.state[p] = {k: state[f"optim.{names[0]}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
     sched = dict(meta["scheduler"], lr_lambdas=[None] * len(trainer.optimizer.param_groups))
     trainer.scheduler.load_state_dict(sched)
     for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr(), strict=True):
@@ -394,6 +431,13 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     """Only the model's weights from a checkpoint, in one process (for export)."""
     import torch.distributed.checkpoint as dcp
 
+    if (path / DEEPSPEED_DIR).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        model.load_state_dict({k.replace(WRAPPER, ""): v for k, v in state.items()}, strict=False)
+        return
     state = _model_state(model)
     with _single_process_quiet():
         dcp.load(state, storage_reader=_storage_reader(path), no_dist=True)

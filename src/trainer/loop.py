@@ -31,13 +31,13 @@ from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, save_pretrained
-from seqpar.parallel.data_parallel import clip_grad_norm, match_grad_placements
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.parallelize import parallelize
 from seqpar.parallel.pipeline import Pipeline
 from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.tensor import loss_context
 from seqpar.trainer import checkpoint
+from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib
 from seqpar.trainer.optim import build_optimizer, build_scheduler
@@ -153,11 +153,16 @@ class Trainer:
             self.pipeline = Pipeline(self.model, mesh.local_rank("pp"), mesh.pp, mesh.group("pp"), p.pp_schedule,
                                      p.microbatches, self.device, self._pipeline_loss)
         self.optimizer = build_optimizer(self.model, t)
-        self.scheduler = build_scheduler(self.optimizer, t)
+        self.scheduler = build_scheduler(self.optimizer, t)  # on torch's AdamW: DeepSpeed steps that one too
         self.loader = GlobalBatchLoader(
             self.data.train, t.global_batch_size, mesh.dp_rank, mesh.dp, seed=t.seed, shuffle=True
         )
         self.micro_batch_size = t.micro_batch_size or t.global_batch_size // mesh.dp
+        if t.engine == "deepspeed":
+            micro_batches = t.global_batch_size // mesh.dp // self.micro_batch_size
+            self.engine = DeepSpeedEngine(self.model, self.optimizer, mesh, cfg, self.micro_batch_size, micro_batches)
+        else:
+            self.engine = SeqparEngine(self.model, self.optimizer, mesh, self.reducer, self.pipeline, t.grad_clip)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
         )
@@ -183,7 +188,7 @@ class Trainer:
         """Summed loss of a micro-batch (call inside `self.loss_context()`)."""
         inputs = {k: micro[k].to(self.device) for k in MODEL_INPUTS if k in micro}
         with self.autocast:
-            logits = self.model(**inputs)
+            logits = self.engine.forward(**inputs)
         return loss_sum(logits, micro["labels"].to(self.device))
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -210,31 +215,16 @@ class Trainer:
             else:
                 for micro in _split(batch, self.micro_batch_size):
                     loss = self.forward_loss(micro)
-                    (loss / targets).backward()
+                    self.engine.backward(loss / targets)
                     total += _value(loss.detach())
-        if self.mesh.tp > 1:
-            match_grad_placements(list(self.model.parameters()))
-        if self.pipeline is not None:
-            self.pipeline.sync_tied_grads()  # the embedding and head copies on the first and last stage
-        if self.reducer is not None:
-            self.reducer.reduce()  # sum over dp x sp, once per step
-        max_norm = self.cfg.trainer.grad_clip or math.inf
-        grad_norm = clip_grad_norm(
-            list(self.model.parameters()), max_norm, self.mesh.group("tp") if self.mesh.tp > 1 else None,
-            counted=self.pipeline.counted if self.pipeline else None,
-            pp_group=self.mesh.group("pp") if self.pipeline else None,
-        )
         loss = ((self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)) / targets).item()
-        grad_norm = grad_norm.item()
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same global values on every rank
-        if finite:
-            self.optimizer.step()
+        grad_norm, applied = self.engine.step(math.isfinite(loss))  # reduce, clip, update (or skip)
+        if applied and math.isfinite(loss):
             self.bad_steps = 0
-        else:  # skip the update: the weights and Adam's moments stay as they were
+        else:  # a skipped update: the weights and Adam's moments stay as they were
             self.bad_steps += 1
             self.skipped_steps += 1
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if self.bad_steps >= self.cfg.trainer.max_bad_steps:
             raise TrainingAborted(
@@ -288,9 +278,10 @@ class Trainer:
     def single_device_model(self) -> nn.Module:
         """The trained weights as a plain single-device model (gathers tensor-parallel shards and pipeline stages;
         every rank must call it, the result is complete on rank 0)."""
-        if self.mesh.tp == 1 and self.mesh.pp == 1:
+        if self.mesh.tp == 1 and self.mesh.pp == 1 and not self.engine.partitions_parameters:
             return self.model
-        state = {k: _value(v).cpu() for k, v in checkpoint.state_by_name(self.model).items()}
+        with self.engine.gathered():  # ZeRO-3's parameters in full for a moment
+            state = {k: _value(v).cpu().clone() for k, v in checkpoint.state_by_name(self.model).items()}
         if self.mesh.pp > 1:
             parts = [None] * self.mesh.pp
             torch.distributed.all_gather_object(parts, state, group=self.mesh.group("pp"))

@@ -106,7 +106,14 @@ BAD = [
     (["model=bert_tiny", "parallel.sp=3"], "data.seq_len"),
     (["parallel.sp=8", "parallel.sp_impl=ulysses"], "parallel.sp"),  # 4 heads over 8 ranks
     (["parallel.tp=3"], "parallel.tp"),  # 4 heads
-    (["parallel.tp=2", "model.attn_dropout=0.1"], "model.attn_dropout"),
+    (["parallel.tp=2", "parallel.pp=2", "parallel.tp_shard_activations=true"], "parallel.tp_shard_activations"),
+    (["parallel.tp=2", "data.seq_len=127", "parallel.tp_shard_activations=true"], "parallel.tp_shard_activations"),
+    (["trainer.engine=zero"], "trainer.engine"),
+    (["trainer.zero_stage=2"], "trainer.zero_stage"),  # without trainer.engine=deepspeed
+    (["trainer.engine=deepspeed", "parallel.dp=2", "trainer.zero_stage=4"], "trainer.zero_stage"),
+    (["trainer.engine=deepspeed"], "trainer.engine"),  # one rank: nothing to shard
+    (["trainer.engine=deepspeed", "parallel.dp=2", "parallel.tp=2"], "parallel.tp"),
+    (["trainer.engine=deepspeed", "parallel.sp=2", "parallel.pp=2"], "parallel.pp"),
     (["parallel.tp=2", "model.vocab_size=4097"], "parallel.tp"),
     (["parallel.pp=5"], "parallel.pp"),  # 4 layers
     (["parallel.pp=3", "parallel.pp_schedule=interleaved_1f1b"], "parallel.pp"),  # 6 virtual stages
