@@ -9,17 +9,19 @@ that allows it is an error, not a skip. `stop()` ends only the daemons it starte
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-NODES = {"sp1": 17101, "sp2": 17102}
-CTLD_PORT = 17100
+NODES = ("sp1", "sp2")
+FIRST_PORT = 17100  # slurmctld, then one port per node; moved up while any of them is taken
 
 
 class Unavailable(RuntimeError):
@@ -38,12 +40,27 @@ def _ensure_packages() -> None:
         raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed: {proc.stderr.strip().splitlines()[-1:]}")
 
 
-def _conf(d: Path, cpus: int) -> str:
-    nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={n} Port={p} CPUs={cpus} State=UNKNOWN"
-                      for n, p in NODES.items())
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive free TCP ports from FIRST_PORT on (another test cluster, or a daemon left
+    by an interrupted run, may hold the usual ones)."""
+    for base in range(FIRST_PORT, FIRST_PORT + 900, count):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise Unavailable(f"no {count} consecutive free ports from {FIRST_PORT}")
+
+
+def _conf(d: Path, cpus: int, port: int) -> str:
+    nodes = "\n".join(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={n} Port={port + 1 + i} CPUs={cpus} "
+                      "State=UNKNOWN" for i, n in enumerate(NODES))
     return f"""ClusterName=seqpartest
 SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={CTLD_PORT}
+SlurmctldPort={port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -87,12 +104,16 @@ class LocalSlurm:
         _ensure_packages()
         self = cls(root)
         (root / "state").mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(_conf(root, os.cpu_count() or 2))
-        self._start_munge()
-        self._daemon(["slurmctld", "-f", str(self.conf), "-i"], "slurmctld.pid")
-        for n in NODES:
-            self._daemon(["slurmd", "-f", str(self.conf), "-N", n], f"slurmd-{n}.pid")
-        self.wait_idle(60)
+        self.conf.write_text(_conf(root, os.cpu_count() or 2, _free_ports(1 + len(NODES))))
+        try:
+            self._start_munge()
+            self._daemon(["slurmctld", "-f", str(self.conf), "-i"], "slurmctld.pid")
+            for n in NODES:
+                self._daemon(["slurmd", "-f", str(self.conf), "-N", n], f"slurmd-{n}.pid")
+            self.wait_idle(60)
+        except BaseException:
+            self.stop()  # no daemon of a failed start outlives it
+            raise
         return self
 
     def _start_munge(self) -> None:
