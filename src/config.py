@@ -23,6 +23,7 @@ SP_IMPLS = ("ring", "rsa", "ulysses")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 WANDB_MODES = ("online", "offline", "disabled")
 ENGINES = ("seqpar", "deepspeed")
+ATTENTIONS = ("softmax", "linformer")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,10 @@ class ModelConfig:
     type_vocab_size: int = 2  # BERT token types
     init_std: float = 0.02
     init_from: str | None = None  # a local transformers checkpoint directory to start from
+    # softmax (full attention) | linformer (BERT only: keys and values projected along the sequence to
+    # linformer_k rows, so attention costs T * k instead of T^2; Wang et al. 2020, as the paper combines with sp)
+    attention: str = "softmax"
+    linformer_k: int = 256
 
     @property
     def head_dim(self) -> int:
@@ -241,6 +246,13 @@ def validate_model(m: ModelConfig) -> None:
     _positive("model.layer_norm_eps", m.layer_norm_eps)
     _positive("model.init_std", m.init_std)
     _positive("model.type_vocab_size", m.type_vocab_size)
+    _choice("model.attention", m.attention, ATTENTIONS)
+    if m.attention == "linformer":
+        if m.causal:
+            raise ConfigError("model.attention", f"is linformer with model.arch={m.arch}; Linformer's projection mixes "
+                              "every position of the sequence, which a causal model must not see",
+                              "use model.attention=linformer with BERT (model=bert_*), or softmax")
+        _positive("model.linformer_k", m.linformer_k)
 
 
 def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
@@ -342,6 +354,10 @@ def validate(cfg: Config) -> None:
             f"is {m.attn_dropout} with parallel.sp={p.sp}; sequence-parallel attention uses fused kernels without it",
             "set model.attn_dropout=0 (hidden dropout model.dropout still applies)",
         )
+    if m.attention == "linformer" and p.tp > 1:
+        raise ConfigError("parallel.tp", f"is {p.tp} with model.attention=linformer, whose projections are shared "
+                          "by all heads (tensor parallelism would split their gradients)",
+                          "use parallel.sp (or dp) to spread Linformer, or model.attention=softmax")
     if p.tp_shard_activations and p.tp > 1:
         if p.pp > 1:
             raise ConfigError(

@@ -23,13 +23,16 @@ from seqpar.config import ConfigError
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the model of `checkpoint` (a step_* directory, or a directory of them: the newest) to `out_dir`."""
     from seqpar.models import build_model
-    from seqpar.models.hf import save_pretrained
+    from seqpar.models.hf import not_exportable, save_pretrained
     from seqpar.trainer.checkpoint import load_model_weights, model_config_of, newest_if_root, read_meta
 
     path, out = newest_if_root(Path(checkpoint)), Path(out_dir)
     meta = read_meta(path, field_name="checkpoint")
     if out.exists() and any(out.iterdir()):
         raise ConfigError("out_dir", f"({out}) exists and is not empty", "choose a new output directory")
+    if not_exportable(model_config_of(meta)):
+        raise ConfigError("checkpoint", f"({path}) cannot be exported: {not_exportable(model_config_of(meta))}",
+                          "keep using the checkpoint with train.py (checkpoint.resume=<it>)")
     model = build_model(model_config_of(meta), "cpu")
     load_model_weights(path, model)
     out.parent.mkdir(parents=True, exist_ok=True)

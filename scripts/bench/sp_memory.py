@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Peak memory per rank against sequence length for the sequence-parallel attentions (rsa, ring, ulysses).
+"""Peak memory per rank against sequence length for the sequence-parallel attentions (rsa, ring, ulysses, and
+Linformer attention under sequence parallelism: `linformer`, projection length --linformer-k).
 
 Two workloads, forward + backward, fp32, batch 1, on `sp` local gloo processes (sp = 1 runs the same code on a
 one-process group):
@@ -25,7 +26,8 @@ import torch
 import torch.distributed as dist
 from memlib import fixed_mmap_threshold, measure_step, run_ranks
 
-IMPLS = ("rsa", "ring", "ulysses")
+IMPLS = ("rsa", "ring", "ulysses", "linformer")
+LINFORMER_K = 256
 
 
 def _layer_step(impl: str, seq_len: int, group, sp: int, rank: int):
@@ -33,10 +35,17 @@ def _layer_step(impl: str, seq_len: int, group, sp: int, rank: int):
     from seqpar.models.layers import SelfAttention
     from seqpar.parallel.sequence import sequence_attention
 
-    cfg = ModelConfig(arch="bert", hidden_size=768, num_heads=12, num_layers=1, max_seq_len=seq_len)
+    linformer = impl == "linformer"
+    cfg = ModelConfig(arch="bert", hidden_size=768, num_heads=12, num_layers=1, max_seq_len=seq_len,
+                      attention="linformer" if linformer else "softmax", linformer_k=LINFORMER_K)
     torch.manual_seed(0)
     layer = SelfAttention(cfg)
-    layer.core_attention = sequence_attention(impl, group)
+    if linformer:
+        from seqpar.parallel.sequence.linformer import SequenceParallelProjection
+
+        layer.sequence_projection = SequenceParallelProjection(group)
+    else:
+        layer.core_attention = sequence_attention(impl, group)
     x = torch.randn(1, seq_len // sp, 768, requires_grad=True)
 
     def step():
@@ -47,13 +56,19 @@ def _layer_step(impl: str, seq_len: int, group, sp: int, rank: int):
 
 def _model_step(impl: str, seq_len: int, group, sp: int, rank: int):
     from seqpar.config import ModelConfig
-    from seqpar.models import build_model, set_core_attention
+    from seqpar.models import build_model, set_core_attention, set_sequence_projection
     from seqpar.parallel.sequence import sequence_attention, shard_sequence
+    from seqpar.parallel.sequence.linformer import SequenceParallelProjection
 
-    cfg = ModelConfig(arch="bert", num_layers=4, hidden_size=128, num_heads=4, vocab_size=4096, max_seq_len=seq_len)
+    linformer = impl == "linformer"
+    cfg = ModelConfig(arch="bert", num_layers=4, hidden_size=128, num_heads=4, vocab_size=4096, max_seq_len=seq_len,
+                      attention="linformer" if linformer else "softmax", linformer_k=LINFORMER_K)
     torch.manual_seed(0)
     model = build_model(cfg)
-    set_core_attention(model, sequence_attention(impl, group))
+    if linformer:
+        set_sequence_projection(model, SequenceParallelProjection(group))
+    else:
+        set_core_attention(model, sequence_attention(impl, group))
     ids = torch.randint(5, 4096, (1, seq_len))
     pos = torch.arange(seq_len)[None]
     labels = torch.where(torch.rand(1, seq_len) < 0.15, ids, -100)
@@ -86,7 +101,7 @@ def plot(rows: list[dict], path: str, budget: float) -> None:
 
     workloads = sorted({r["workload"] for r in rows})
     fig, axes = plt.subplots(1, len(workloads), figsize=(6.5 * len(workloads), 4.8), squeeze=False)
-    styles = {"rsa": "s--", "ring": "o-", "ulysses": "^:"}
+    styles = {"rsa": "s--", "ring": "o-", "ulysses": "^:", "linformer": "d-."}
     for ax, workload in zip(axes[0], workloads, strict=True):
         for impl in IMPLS:
             for sp in sorted({r["sp"] for r in rows}):
@@ -114,10 +129,13 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=1024, help="first sequence length")
     ap.add_argument("--max-len", type=int, default=32768, help="longest sequence length tried")
     ap.add_argument("--budget-mib", type=float, default=512.0, help="per-rank memory budget")
+    ap.add_argument("--linformer-k", type=int, default=LINFORMER_K, help="Linformer's projection length")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per measurement")
     ap.add_argument("--out", default="docs/img/sp_memory.png")
     ap.add_argument("--json", default=None, help="also write the raw rows here")
     args = ap.parse_args()
+    global LINFORMER_K
+    LINFORMER_K = args.linformer_k  # the ranks are forked: they see this value
 
     rows = []
     for workload in args.workloads:

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from seqpar.config import ModelConfig
-from seqpar.models.attention import CoreAttention, sdpa_attention, set_core_attention
+from seqpar.models.attention import CoreAttention, sdpa_attention, set_core_attention, set_sequence_projection
 from seqpar.models.bert import BERT
 from seqpar.models.gpt import GPT
 
-__all__ = ["BERT", "GPT", "CoreAttention", "build_model", "sdpa_attention", "set_core_attention"]
+__all__ = ["BERT", "GPT", "CoreAttention", "build_model", "sdpa_attention", "set_core_attention",
+           "set_sequence_projection"]
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:

@@ -91,3 +91,12 @@ def set_core_attention(model: nn.Module, fn: CoreAttention) -> None:
             found = True
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention layer with a core_attention hook")
+
+
+def set_sequence_projection(model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """Route every Linformer attention layer's projection along the sequence through `fn(weight, x)`."""
+    layers = [m for m in model.modules() if hasattr(m, "sequence_projection")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Linformer attention layer")
+    for module in layers:
+        module.sequence_projection = fn

@@ -260,11 +260,20 @@ def from_pretrained(path_or_model: str | os.PathLike | nn.Module, **overrides: A
     return model, cfg
 
 
+def not_exportable(cfg: ModelConfig) -> str | None:
+    """Why transformers cannot hold this model, or None when it can."""
+    if cfg.attention != "softmax":
+        return f"transformers has no BERT with {cfg.attention} attention"
+    return None
+
+
 def to_hf(model: nn.Module) -> nn.Module:
     """A transformers model with our model's weights (fp32, on the CPU)."""
     from transformers import BertForMaskedLM, GPT2LMHeadModel
 
     cfg: ModelConfig = model.config
+    if not_exportable(cfg):
+        raise ValueError(not_exportable(cfg))
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     cls = GPT2LMHeadModel if cfg.arch == "gpt" else BertForMaskedLM
     convert = _gpt_to_hf if cfg.arch == "gpt" else _bert_to_hf

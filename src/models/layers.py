@@ -14,6 +14,13 @@ from seqpar.config import ModelConfig
 from seqpar.models.attention import CoreAttention, sdpa_attention
 
 
+def project_sequence(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Linformer's projection along the sequence: (k, max_len) x (B, H, T, D) -> (B, H, k, D), with the weight's
+    first T columns (the positions of a whole sequence). Sequence parallelism swaps in a version that takes the
+    columns of this rank's chunk and sums the ranks' parts."""
+    return torch.matmul(weight[:, : x.shape[-2]], x)
+
+
 def activation_fn(name: str):
     if name == "gelu_tanh":
         return lambda x: F.gelu(x, approximate="tanh")
@@ -37,6 +44,11 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.causal = cfg.causal
         self.core_attention: CoreAttention = sdpa_attention
+        if cfg.attention == "linformer":
+            # One projection each for keys and values per layer, shared by the heads (Linformer's headwise sharing).
+            self.proj_k = nn.Parameter(torch.empty(cfg.linformer_k, cfg.max_seq_len))
+            self.proj_v = nn.Parameter(torch.empty(cfg.linformer_k, cfg.max_seq_len))
+            self.sequence_projection = project_sequence
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
@@ -44,6 +56,12 @@ class SelfAttention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if hasattr(self, "proj_k"):  # Linformer: attend to k projected keys/values (padding projected as zeros)
+            if key_padding_mask is not None:
+                keep = key_padding_mask[:, None, :, None].to(k.dtype)
+                k, v = k * keep, v * keep
+            k, v = self.sequence_projection(self.proj_k, k), self.sequence_projection(self.proj_v, v)
+            key_padding_mask = None
         y = self.core_attention(
             q,
             k,
@@ -79,3 +97,7 @@ def init_weights(module: nn.Module, std: float) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, SelfAttention) and hasattr(m, "proj_k"):
+            # Scale-preserving at the longest sequence: a projected row sums max_len keys.
+            for w in (m.proj_k, m.proj_v):
+                nn.init.normal_(w, mean=0.0, std=w.shape[1] ** -0.5)

@@ -50,7 +50,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 # The architecture a checkpoint's tensors belong to (dropout, name and init_from may differ on resume).
 ARCH_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size", "max_seq_len",
-               "activation", "type_vocab_size")
+               "activation", "type_vocab_size", "attention", "linformer_k")
 LAYOUT_FIELDS = ("dp", "pp", "tp", "sp", "sp_impl", "pp_schedule", "microbatches")
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "step"  # trainer.engine=deepspeed: <checkpoint>/deepspeed/step/
 WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper, not part of a parameter's name
@@ -200,12 +200,14 @@ def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
         saved = " ".join(f"parallel.{k}={v}" for k, v in meta["layout"].items() if k in ("dp", "sp", "sp_impl"))
         raise _bad(path, "is a DeepSpeed checkpoint of another layout (ZeRO saves one partition per rank)",
                    f"resume with {saved}, or start fresh in a new hydra.run.dir")
-    saved = meta["model"]
+    saved, default = meta["model"], ModelConfig()
     for name in ARCH_FIELDS:
-        want = getattr(cfg.model, name)
-        if saved.get(name) != want:
-            raise _bad(path, f"holds another model: model.{name} is {saved.get(name)} there, {want} here",
-                       f"resume with the checkpoint's model settings (model.{name}={saved.get(name)}) or start fresh "
+        want, there = getattr(cfg.model, name), saved.get(name, getattr(default, name))  # fields added later
+        if name == "linformer_k" and cfg.model.attention != "linformer":
+            continue
+        if there != want:
+            raise _bad(path, f"holds another model: model.{name} is {there} there, {want} here",
+                       f"resume with the checkpoint's model settings (model.{name}={there}) or start fresh "
                        "(checkpoint.resume=never with a new hydra.run.dir)")
     loader = meta["loader"]
     for name in ("seed", "global_batch_size"):

@@ -30,7 +30,7 @@ from seqpar.data.loader import GlobalBatchLoader, eval_batches
 from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
 from seqpar.models import build_model
-from seqpar.models.hf import from_pretrained, save_pretrained
+from seqpar.models.hf import from_pretrained, not_exportable, save_pretrained
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.parallelize import parallelize
 from seqpar.parallel.pipeline import Pipeline
@@ -348,7 +348,9 @@ class Trainer:
                     return last
         if c.at_end:
             self.save_checkpoint("end", progress)
-        if t.save_final:
+        if t.save_final and not_exportable(self.cfg.model):
+            progress.print(f"final_model not written: {not_exportable(self.cfg.model)} (the checkpoints hold the weights)")
+        elif t.save_final:
             model = self.single_device_model()  # collective under tensor parallelism: every rank takes part
             if self.mesh.is_logging_rank:
                 out = save_pretrained(model, Path(self.cfg.run_dir) / "final_model", tokenizer=self.data.tokenizer)

@@ -65,9 +65,9 @@ def assert_same_run(got, want, label):
             assert diff < WEIGHT_ATOL, (label, name, diff)
 
 
-def multirun(args, cache_dir, sweep_dir) -> tuple[list[tuple[str, str, tuple]], str]:
-    """Run `python train.py -m <args>`; (model, parallel overrides, metrics and final weights) for every job, and
-    the command's stdout."""
+def multirun(args, cache_dir, sweep_dir, weights=True) -> tuple[list[tuple[str, str, tuple]], str]:
+    """Run `python train.py -m <args>`; (model, parallel overrides, metrics and final weights unless `weights` is
+    false) for every job, and the command's stdout."""
     proc = run_train(["-m", *args, f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"],
                      cache_dir, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -77,7 +77,7 @@ def multirun(args, cache_dir, sweep_dir) -> tuple[list[tuple[str, str, tuple]], 
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
         label = " ".join(o for o in overrides if o.startswith("parallel."))
-        out.append((model, label, (*read_metrics(job), final_weights(job))))
+        out.append((model, label, (*read_metrics(job), *([final_weights(job)] if weights else []))))
     return out, proc.stdout
 
 
@@ -135,3 +135,15 @@ def test_tensor_parallel_dropout_agrees_with_one_process(tmp_path, cache_dir):
                         "parallel.tp_shard_activations=true", *STEPS, *NO_CHECKPOINT], cache_dir, tmp_path / "sweep")
     (_, _, single), (_, _, tp2) = jobs
     assert_same_run(tp2, single, "dropout tp=2")
+
+
+def test_linformer_under_sequence_parallelism_matches_one_process(tmp_path, cache_dir):
+    """model.attention=linformer (BERT): each sp rank projects its chunk's keys and values with its columns of the
+    projections and one all-reduce sums them; sp=2 and 4 equal the single-process Linformer run."""
+    jobs, stdout = multirun(["model=bert_tiny", "model.attention=linformer", "model.linformer_k=16", "parallel.sp=1,2,4",
+                        "trainer.micro_batch_size=4", *STEPS, *NO_CHECKPOINT], cache_dir, tmp_path / "sweep",
+                       weights=False)  # transformers has no Linformer: no final_model
+    (_, _, single), *parallel = jobs
+    assert "final_model not written: transformers has no BERT with linformer attention" in stdout
+    for _, label, run in parallel:
+        assert_same_run(run, single, f"linformer {label}")

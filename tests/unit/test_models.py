@@ -130,3 +130,32 @@ def test_pipeline_layer_split_is_even_and_complete():
     assert [list(r) for r in layer_split(4, 2)] == [[0, 1], [2, 3]]
     assert [len(r) for r in layer_split(7, 3)] == [3, 2, 2]
     assert [i for r in layer_split(24, 8) for i in r] == list(range(24))
+
+
+def test_linformer_attention_is_attention_over_projected_keys_and_values():
+    """model.attention=linformer: softmax(Q (E K)^T / sqrt(d)) (F V) with E, F the layer's (k, max_len) projections
+    (first T columns), padded keys and values zeroed before the projection; gradients reach E and F."""
+    from seqpar.models.layers import SelfAttention
+
+    cfg = ModelConfig(arch="bert", hidden_size=32, num_heads=4, max_seq_len=64, attention="linformer", linformer_k=8)
+    torch.manual_seed(0)
+    attn = SelfAttention(cfg)
+    torch.nn.init.normal_(attn.proj_k)
+    torch.nn.init.normal_(attn.proj_v)
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    attn = attn.double()
+    pad = torch.ones(2, 40, dtype=torch.bool)
+    pad[1, 31:] = False
+    y = attn(x, pad)
+
+    def heads(t):
+        return t.view(2, 40, 4, 8).transpose(1, 2)
+
+    q, k, v = heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
+    keep = pad[:, None, :, None].double()
+    kp, vp = attn.proj_k[:, :40] @ (k * keep), attn.proj_v[:, :40] @ (v * keep)
+    want = torch.softmax(q @ kp.transpose(-2, -1) / math.sqrt(8), dim=-1) @ vp
+    want = attn.o_proj(want.transpose(1, 2).reshape(2, 40, 32))
+    torch.testing.assert_close(y, want)
+    y.sum().backward()
+    assert attn.proj_k.grad[:, :40].abs().sum() > 0 and attn.proj_k.grad[:, 40:].abs().sum() == 0
