@@ -1,0 +1,276 @@
+"""Memory planner: which layouts of N devices fit, and what they cost, before a job starts.
+
+    python -m seqpar.plan model=bert_base data.seq_len=65536 trainer.global_batch_size=8 --gpus 64 --gpu-mem-gib 80
+    python -m seqpar.plan +experiment=gpt_seq32k --gpus 8 --gpu-mem-gib 40 --json
+
+For every dp x pp x tp x sp of N devices that the model allows (and, without pp, every micro-batch size), it
+estimates the peak memory of one rank: parameters, gradients and AdamW state (per engine and ZeRO stage), the
+activations autograd keeps for backward (per `parallel.sp_impl`, with and without activation checkpointing), the
+logits and the loss, and the communication volume per optimizer step; then prints the layouts best first: those
+that fit, by an estimated step time (the step's FLOPs at --tflops per device, stretched by the pipeline bubble,
+plus the communication at --gbps), then by memory.
+
+The estimate counts what this code keeps, in fp32 (or bf16 activations under autocast), per token of a layer:
+LayerNorm inputs and outputs, the projections' inputs, q, k, v and the attention output, the MLP's two
+ffn-wide tensors; rsa adds its L/sp x L probabilities and the gathered keys and values; the logits and their
+log-softmax per vocabulary entry; plus a runtime baseline (the process with torch and the libraries loaded, or a
+CUDA context). It is checked against measured peaks of real runs in the tests (within 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from seqpar.config import Config, ConfigError, validate
+
+MIB = 2**20
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (editable install)
+COLWISE = ("q_proj", "k_proj", "v_proj", "mlp.up")  # weight and bias split over tp
+ROWWISE = ("o_proj", "mlp.down")  # weight split, bias replicated
+VOCAB = ("wte.weight", "word_embeddings.weight", "mlm_head.decoder.bias")
+
+
+@dataclass
+class Estimate:
+    dp: int
+    pp: int
+    tp: int
+    sp: int
+    micro_batch_size: int
+    params_mib: float
+    grads_mib: float
+    optimizer_mib: float
+    activations_mib: float
+    logits_mib: float
+    runtime_mib: float
+    comm_mib_per_step: float
+    step_s: float = 0.0  # estimated: compute at --tflops (times the pipeline bubble) + communication at --gbps
+    fits: bool = False
+
+    @property
+    def peak_mib(self) -> float:
+        return (self.params_mib + self.grads_mib + self.optimizer_mib + self.activations_mib + self.logits_mib
+                + self.runtime_mib)
+
+    @property
+    def layout(self) -> str:
+        return f"dp{self.dp}-pp{self.pp}-tp{self.tp}-sp{self.sp}"
+
+
+def _param_counts(cfg: Config) -> tuple[dict[str, int], int]:
+    """Elements per parameter name of the whole model (tied weights once), and the layer count."""
+    import torch
+
+    from seqpar.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, "meta")
+    return {n: p.numel() for n, p in model.named_parameters()}, cfg.model.num_layers
+
+
+def rank_params(counts: dict[str, int], cfg: Config, pp: int, tp: int) -> float:
+    """Elements held by the most loaded rank: its pipeline stage's share (first or last, with the embedding or the
+    head), tensor-parallel matrices divided by tp."""
+    from seqpar.parallel.pipeline import layer_split, virtual_stages
+
+    stages = pp * virtual_stages(cfg.parallel.pp_schedule) if pp > 1 else 1
+    per_stage = [0.0] * pp
+    split = layer_split(cfg.model.num_layers, stages)
+    for name, n in counts.items():
+        if any(f".{c}." in name for c in COLWISE) or name in VOCAB or any(f".{r}.weight" in name for r in ROWWISE):
+            n = n / tp
+        if name.startswith("layers."):
+            layer = int(name.split(".")[1])
+            stage = next(i for i, r in enumerate(split) if layer in r)
+            per_stage[stage % pp] += n
+        else:  # embeddings on the first stage, the head (and a copy of a tied embedding) on the last
+            head = name.startswith(("ln_f", "lm_head", "mlm_head"))
+            per_stage[pp - 1 if head else 0] += n
+            if not head and pp > 1 and name in ("wte.weight", "word_embeddings.weight"):
+                per_stage[pp - 1] += n  # the tied head's copy
+    return max(per_stage)
+
+
+def activation_bytes_per_token_layer(cfg: Config, tp: int, sp: int, seq_len: int, impl: str) -> float:
+    """Bytes autograd keeps for one token of one transformer layer (this rank's tokens: seq_len / sp)."""
+    m = cfg.model
+    h, f, a = m.hidden_size, m.ffn_size, m.num_heads
+    width = 2 if cfg.trainer.precision == "bf16" else 4
+    # Replicated over tp: 2 LayerNorm inputs + 2 outputs; sharded by tp: q, k, v, attention output and the copy
+    # o_proj reads (5h), the MLP's up output and activation output (2f).
+    per_token = 4 * h + (5 * h + 2 * f) / tp
+    if m.dropout > 0:
+        per_token += 2 * h / 4  # two hidden dropout masks (1 byte per element, counted as a quarter float)
+    if impl == "rsa" and sp > 1 and m.attention == "softmax":
+        # The gathered keys and values of the whole sequence and this rank's (seq_len/sp) x seq_len probabilities.
+        per_token += (2 * h * sp + a * seq_len) / tp
+    return per_token * width
+
+
+def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp: int, micro: int,
+             runtime_mib: float) -> Estimate:
+    t, m = cfg.trainer, cfg.model
+    T = cfg.data.seq_len
+    tokens = micro * T / sp  # tokens of one micro-batch on this rank
+    params = rank_params(counts, cfg, pp, tp)
+    data_ranks = dp * sp
+    p_bytes = 4 * params
+    if t.engine == "deepspeed":
+        stage = t.zero_stage or 1
+        params_b = p_bytes / data_ranks if stage >= 3 else p_bytes
+        grads_b = p_bytes / data_ranks if stage >= 2 else p_bytes
+        optim_b = 2 * p_bytes / data_ranks + 4 * params / data_ranks  # moments + the fp32 partition it updates
+    else:
+        params_b, grads_b, optim_b = p_bytes, p_bytes, 2 * p_bytes
+        if data_ranks > 1:
+            grads_b += min(p_bytes, 32 * MIB)  # one flat all-reduce bucket
+    stages = pp * (2 if pp > 1 and cfg.parallel.pp_schedule == "interleaved_1f1b" else 1)
+    layers = math.ceil(m.num_layers / stages) * (stages // pp)
+    per_layer = activation_bytes_per_token_layer(cfg, tp, sp, T, cfg.parallel.sp_impl) * tokens
+    if t.activation_checkpointing:  # block inputs kept, one block's activations rebuilt at a time
+        acts = layers * tokens * m.hidden_size * 4 + per_layer
+    else:
+        acts = layers * per_layer
+    in_flight = 1
+    if pp > 1:
+        m_count = cfg.parallel.microbatches
+        in_flight = m_count if cfg.parallel.pp_schedule == "gpipe" else min(m_count, pp)
+    acts *= in_flight
+    acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
+    vocab = m.vocab_size / tp
+    logits = 3 * tokens * vocab * 4  # logits, log-softmax and its gradient during the loss's backward
+    comm = 0.0
+    if data_ranks > 1:
+        comm += 2 * p_bytes * (data_ranks - 1) / data_ranks
+    act_tensor = tokens * m.hidden_size * 4
+    n_micro = (t.global_batch_size // dp) // micro
+    if tp > 1:
+        comm += n_micro * layers * 4 * 2 * act_tensor * (tp - 1) / tp  # 2 all-reduces forward, 2 backward
+    if sp > 1:
+        kv = 2 * act_tensor / tp
+        comm += n_micro * layers * {"ulysses": 4 * act_tensor / tp / sp * (sp - 1) * 2}.get(cfg.parallel.sp_impl, kv * (sp - 1) * 2)
+    if pp > 1:
+        comm += n_micro * 2 * act_tensor
+    return Estimate(dp, pp, tp, sp, micro, params_b / MIB, grads_b / MIB, optim_b / MIB, acts / MIB,
+                    logits / MIB, runtime_mib, comm / MIB)
+
+
+def layouts(cfg: Config, world: int):
+    """Every (dp, pp, tp, sp) of `world` ranks that the config's checks accept, with its micro-batch sizes."""
+    from seqpar.config import validate_engine, validate_layout
+
+    for tp in _divisors(world):
+        for pp in _divisors(world // tp):
+            for sp in _divisors(world // tp // pp):
+                dp = world // tp // pp // sp
+                p = dataclasses.replace(cfg.parallel, dp=dp, pp=pp, tp=tp, sp=sp)
+                t = cfg.trainer
+                try:
+                    validate_layout(cfg.model, cfg.data, p)
+                    validate_engine(dataclasses.replace(t), p)
+                except ConfigError:
+                    continue
+                if t.global_batch_size % dp:
+                    continue
+                per_rank = t.global_batch_size // dp
+                if pp > 1:
+                    if per_rank % p.microbatches or p.microbatches < pp:
+                        continue
+                    yield p, [per_rank // p.microbatches]
+                else:
+                    yield p, [d for d in _divisors(per_rank)]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def runtime_baseline_mib(device: str) -> float:
+    """Memory a rank uses before it holds any tensor: a CUDA context on GPU; on CPU, this process's resident set
+    with torch and the training stack imported (a training rank imports the same)."""
+    if device == "cuda":
+        return 600.0
+    import resource
+
+    import transformers  # noqa: F401  (imported by every rank)
+
+    import seqpar.trainer.loop  # noqa: F401
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def plan(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda", tflops: float = 400.0,
+         gbps: float = 100.0) -> list[Estimate]:
+    """Every layout's estimate, best first: those that fit, by estimated step time, then by memory."""
+    counts, _ = _param_counts(cfg)
+    runtime = runtime_baseline_mib(device)
+    m, t = cfg.model, cfg.trainer
+    total = sum(counts.values())
+    flops = (6.0 * total + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_len) * t.global_batch_size * cfg.data.seq_len
+    out = []
+    for p, micros in layouts(cfg, gpus):
+        c = dataclasses.replace(cfg, parallel=p)
+        for micro in micros:
+            e = estimate(c, counts, p.dp, p.pp, p.tp, p.sp, micro, runtime)
+            e.fits = e.peak_mib <= gpu_mem_gib * 1024
+            bubble = (p.pp - 1) / (p.microbatches + p.pp - 1) if p.pp > 1 else 0.0
+            e.step_s = flops / (gpus * tflops * 1e12) / (1 - bubble) + e.comm_mib_per_step * MIB / (gbps * 1e9)
+            out.append(e)
+    out.sort(key=lambda e: (not e.fits, round(e.step_s, 6), e.peak_mib))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from seqpar.cli import compose, describe_hydra_error, fail
+
+    ap = argparse.ArgumentParser(prog="python -m seqpar.plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", type=int, required=True, help="devices (ranks) the job will have")
+    ap.add_argument("--gpu-mem-gib", type=float, required=True, help="memory per device")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="what the ranks run on (runtime baseline)")
+    ap.add_argument("--tflops", type=float, default=400.0, help="sustained TFLOP/s per device, for the step time")
+    ap.add_argument("--gbps", type=float, default=100.0, help="GB/s per rank for collectives, for the step time")
+    ap.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    ap.add_argument("--top", type=int, default=20, help="rows to print (the table)")
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        cfg = compose(CONFIG_DIR, overrides)
+        validate(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    except Exception as e:
+        fail(describe_hydra_error(e))
+    if args.gpus < 1:
+        fail("--gpus is below 1; pass the number of devices")
+    rows = plan(cfg, args.gpus, args.gpu_mem_gib, args.device, args.tflops, args.gbps)
+    if args.json:
+        print(json.dumps([{**dataclasses.asdict(e), "layout": e.layout, "peak_mib": e.peak_mib} for e in rows], indent=1))
+        return
+    print(f"{cfg.model.name}, {cfg.data.seq_len} tokens x {cfg.trainer.global_batch_size} sequences per step, "
+          f"{args.gpus} x {args.gpu_mem_gib:g} GiB, engine {cfg.trainer.engine}, sp_impl {cfg.parallel.sp_impl}"
+          f"{', activation checkpointing' if cfg.trainer.activation_checkpointing else ''}")
+    print(f"{'layout':<22}{'micro':>6}{'params+grads+optim':>20}{'activations':>13}{'logits':>9}{'peak GiB':>10}"
+          f"{'comm MiB/step':>15}{'step s':>8}  fits")
+    for e in rows[: args.top]:
+        states = e.params_mib + e.grads_mib + e.optimizer_mib
+        print(f"{e.layout:<22}{e.micro_batch_size:>6}{states / 1024:>19.2f}G{e.activations_mib / 1024:>12.2f}G"
+              f"{e.logits_mib / 1024:>8.2f}G{e.peak_mib / 1024:>10.2f}{e.comm_mib_per_step:>15.0f}{e.step_s:>8.3f}  "
+              f"{'yes' if e.fits else 'no'}")
+    fitting = [e for e in rows if e.fits]
+    if not fitting:
+        print("nothing fits: raise --gpus, use trainer.activation_checkpointing=true, a smaller micro-batch, "
+              "or trainer.engine=deepspeed", file=sys.stderr)
+        raise SystemExit(1)
+    best = fitting[0]
+    print(f"best: parallel.dp={best.dp} parallel.pp={best.pp} parallel.tp={best.tp} parallel.sp={best.sp}"
+          + (f" trainer.micro_batch_size={best.micro_batch_size}" if best.pp == 1 else "")
+          + f"  ({best.peak_mib / 1024:.2f} GiB of {args.gpu_mem_gib:g}; the shortest estimated step of those that fit)")
+
+
+if __name__ == "__main__":
+    main()
