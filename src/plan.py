@@ -144,7 +144,7 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     acts *= in_flight
     acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
     vocab = m.vocab_size / tp
-    logits = 3 * tokens * vocab * 4  # logits, log-softmax and its gradient during the loss's backward
+    logits = 4 * tokens * vocab * 4  # logits, log-softmax, and two gradients of that size in the loss's backward
     comm = 0.0
     if data_ranks > 1:
         comm += 2 * p_bytes * (data_ranks - 1) / data_ranks

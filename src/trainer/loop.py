@@ -39,7 +39,7 @@ from seqpar.parallel.tensor import loss_context
 from seqpar.trainer import checkpoint
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
-from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib
+from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib, reset_peak_mem
 from seqpar.trainer.optim import build_optimizer, build_scheduler
 from seqpar.trainer.progress import Progress
 
@@ -133,6 +133,7 @@ class Trainer:
     def __init__(self, cfg: Config, mesh: ParallelMesh, data=None):
         self.cfg, self.mesh, t = cfg, mesh, cfg.trainer
         self.device = mesh.device
+        reset_peak_mem(self.device)
         if t.threads:
             torch.set_num_threads(t.threads)
         if data is None:

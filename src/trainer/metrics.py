@@ -13,11 +13,31 @@ from seqpar.config import ModelConfig
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
 
 
+def reset_peak_mem(device: torch.device) -> None:
+    """Start counting the peak afresh (a trainer's own peak, not an earlier job's of the same process)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: the resident high-water mark (VmHWM) restarts from the current resident set
+    except OSError:
+        pass
+
+
 def peak_mem_mib(device: torch.device) -> float:
-    """Peak memory of this process: the CUDA allocator's peak on GPU, the peak resident set size on CPU."""
+    """Peak memory of this process: the CUDA allocator's peak on GPU; on CPU the peak resident set (since the last
+    `reset_peak_mem` on Linux, which includes the libraries and data the process holds)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def device_peak_flops(device: torch.device, configured: float | None) -> float | None:

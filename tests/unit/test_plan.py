@@ -1,0 +1,65 @@
+"""The memory planner: every layout of N devices, estimates that move the right way, and its command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seqpar.cli import compose
+from seqpar.plan import main, plan
+
+from ..conftest import CONFIG_DIR
+
+BERT = ["model=bert_base", "data.seq_len=8192", "model.max_seq_len=8192", "trainer.global_batch_size=8"]
+
+
+def _by_layout(rows):
+    return {(e.dp, e.pp, e.tp, e.sp, e.micro_batch_size): e for e in rows}
+
+
+def test_every_layout_of_the_devices_is_estimated_and_fitting_ones_come_first():
+    rows = plan(compose(CONFIG_DIR, BERT), gpus=8, gpu_mem_gib=8)
+    assert all(e.dp * e.pp * e.tp * e.sp == 8 for e in rows)
+    assert {(e.dp, e.pp, e.tp, e.sp) for e in rows} >= {(8, 1, 1, 1), (1, 1, 1, 8), (2, 2, 2, 1), (1, 2, 2, 2)}
+    fits = [e.fits for e in rows]
+    assert any(fits) and not all(fits) and fits == sorted(fits, reverse=True)
+    assert all(e.peak_mib <= 8 * 1024 for e in rows if e.fits)
+    steps = [e.step_s for e in rows if e.fits]
+    assert steps == sorted(steps)
+
+
+def test_estimates_follow_the_layout():
+    rows = _by_layout(plan(compose(CONFIG_DIR, BERT), gpus=4, gpu_mem_gib=80))
+    sp4, tp2sp2, dp4 = rows[1, 1, 1, 4, 8], rows[1, 1, 2, 2, 8], rows[4, 1, 1, 1, 2]
+    assert sp4.activations_mib == pytest.approx(dp4.activations_mib)  # 8 x 8192 / 4 tokens per rank either way
+    assert tp2sp2.params_mib < sp4.params_mib / 1.5  # tp shards the matrices, sp replicates them
+    assert sp4.activations_mib < tp2sp2.activations_mib  # sp also splits LayerNorm/residual activations
+    rsa = _by_layout(plan(compose(CONFIG_DIR, [*BERT, "parallel.sp_impl=rsa"]), gpus=4, gpu_mem_gib=80))[1, 1, 1, 4, 8]
+    assert rsa.activations_mib > 2 * sp4.activations_mib  # its L/sp x L scores
+    ckpt = _by_layout(plan(compose(CONFIG_DIR, [*BERT, "trainer.activation_checkpointing=true"]), gpus=4,
+                           gpu_mem_gib=80))[1, 1, 1, 4, 8]
+    assert ckpt.activations_mib < sp4.activations_mib / 3
+    zero = _by_layout(plan(compose(CONFIG_DIR, [*BERT, "trainer.engine=deepspeed", "trainer.zero_stage=2"]), gpus=4,
+                           gpu_mem_gib=80))[4, 1, 1, 1, 2]
+    # ZeRO-2 over 4 ranks: Adam's moments and the fp32 copy it updates, a quarter each (12 of 8 bytes per
+    # parameter, over 4); a quarter of the gradients.
+    assert zero.optimizer_mib == pytest.approx(dp4.optimizer_mib * 12 / 8 / 4)
+    assert zero.grads_mib == pytest.approx(zero.params_mib / 4)
+    assert not any(e.tp > 1 or e.pp > 1 for e in plan(compose(CONFIG_DIR, [*BERT, "trainer.engine=deepspeed"]),
+                                                       gpus=4, gpu_mem_gib=80))
+
+
+def test_command_line_table_json_and_nothing_fits(capsys):
+    main([*BERT, "--gpus", "4", "--gpu-mem-gib", "80"])
+    out = capsys.readouterr().out
+    assert "layout" in out and out.strip().splitlines()[-1].startswith("best: parallel.dp=")
+    main([*BERT, "--gpus", "4", "--gpu-mem-gib", "80", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and {"layout", "peak_mib", "fits", "activations_mib", "comm_mib_per_step"} <= set(rows[0])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*BERT, "--gpus", "2", "--gpu-mem-gib", "1"])
+    assert exit_info.value.code == 1 and "nothing fits" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["model.num_heads=3", "--gpus", "2", "--gpu-mem-gib", "1"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: model.hidden_size")
