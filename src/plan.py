@@ -138,9 +138,8 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     else:
         acts = layers * per_layer
     in_flight = 1
-    if pp > 1:
-        m_count = cfg.parallel.microbatches
-        in_flight = m_count if cfg.parallel.pp_schedule == "gpipe" else min(m_count, pp)
+    if pp > 1:  # measured: torch's pipelining schedules keep every micro-batch's activations until its backward
+        in_flight = cfg.parallel.microbatches
     acts *= in_flight
     acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
     vocab = m.vocab_size / tp

@@ -122,6 +122,7 @@ def plot(rows: list[dict], path: str, budget: float) -> None:
 
 
 def main() -> None:
+    global LINFORMER_K
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=["layer", "model"], choices=["layer", "model"])
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -134,7 +135,6 @@ def main() -> None:
     ap.add_argument("--out", default="docs/img/sp_memory.png")
     ap.add_argument("--json", default=None, help="also write the raw rows here")
     args = ap.parse_args()
-    global LINFORMER_K
     LINFORMER_K = args.linformer_k  # the ranks are forked: they see this value
 
     rows = []

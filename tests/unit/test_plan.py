@@ -63,3 +63,31 @@ def test_command_line_table_json_and_nothing_fits(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["model.num_heads=3", "--gpus", "2", "--gpu-mem-gib", "1"])
     assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: model.hidden_size")
+
+
+def test_estimates_match_measured_peaks_of_real_runs(tmp_path, cache_dir):
+    """Real CPU runs (one step, hidden 256, 8 x 512 tokens, so that activations and logits outweigh the runtime):
+    sp=2 and 4 with ring and rsa attention, for GPT and BERT, one multirun; every job's measured peak resident
+    memory (`peak_mem_mib`, the maximum over ranks) is within 10% of the planner's estimate for its layout.
+    (Measured elsewhere and not held to 10% yet: tp, pp and activation checkpointing, where the estimate is
+    10-26% low; see docs/benchmarks.md.)"""
+    import yaml
+
+    from ..conftest import run_train
+
+    size = ["model.hidden_size=256", "model.ffn_hidden_size=1024", "model.max_seq_len=512", "data.seq_len=512",
+            "trainer.global_batch_size=8"]
+    fast = ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.threads=1",
+            "trainer.save_final=false", "checkpoint.at_end=false", "logger.wandb.mode=disabled"]
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "model=gpt_tiny,bert_tiny", "parallel.sp=2,4", "parallel.sp_impl=ring,rsa", *size, *fast,
+                      f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cache_dir, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert len(jobs) == 8
+    for job in jobs:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        cfg = compose(CONFIG_DIR, [o for o in overrides if not o.startswith("hydra.")])
+        measured = json.loads((job / "metrics.jsonl").read_text().splitlines()[0])["peak_mem_mib"]
+        est = _by_layout(plan(cfg, gpus=cfg.parallel.sp, gpu_mem_gib=100, device="cpu"))[1, 1, 1, cfg.parallel.sp, 8]
+        assert abs(est.peak_mib - measured) / measured < 0.10, (overrides, measured, est)
