@@ -16,10 +16,18 @@ CONFIG_DIR = ROOT / "configs"
 torch.set_num_threads(1)
 
 
+def shared_tmp(tmp_path_factory) -> Path:
+    """A temporary folder all of this session's test processes (xdist workers) share."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One cache (built-in corpus, tokenizers, datasets) for the whole session, outside the user's home."""
-    path = Path(os.environ.get("SEQPAR_TEST_CACHE") or tmp_path_factory.mktemp("seqpar-cache"))
+    """One cache (built-in corpus, tokenizers, datasets) for the whole session and all its workers, outside the
+    user's home (the cache is safe to share: a tokenizer is trained once, under a lock)."""
+    path = Path(os.environ.get("SEQPAR_TEST_CACHE") or shared_tmp(tmp_path_factory) / "seqpar-cache")
+    path.mkdir(parents=True, exist_ok=True)
     os.environ["SEQPAR_CACHE"] = str(path)
     return path
 

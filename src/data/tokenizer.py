@@ -61,11 +61,17 @@ def trained_tokenizer(arch: str, vocab_size: int, texts_fn, cache_dir: Path, cor
 
     path = cache_dir / "tokenizers" / f"{arch}-{vocab_size}-{corpus_id}.json"
     if not path.exists():
+        from filelock import FileLock
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        tok = _train(arch, texts_fn(), vocab_size)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, path)
+        # Training breaks ties differently from run to run: jobs that start together on a shared cache must not
+        # each train (and then read) their own. The first trains under the lock; the others wait and read it.
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                tok = _train(arch, texts_fn(), vocab_size)
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tok.save(str(tmp))
+                os.replace(tmp, path)
     return _wrap(Tokenizer.from_file(str(path)))
 
 

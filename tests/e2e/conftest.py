@@ -10,13 +10,20 @@ from .test_train_cli import read_metrics, train_ok
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, cache_dir):
-    """The single-process run of each model with our engine (computed once per test session)."""
+    """The single-process run of each model with our engine (run once per test session: the first worker that
+    needs it runs it under a lock, the others read its files)."""
+    from filelock import FileLock
+
+    from ..conftest import shared_tmp
+
     runs = {}
 
     def get(model):
         if model not in runs:
-            run = tmp_path_factory.mktemp(f"ref-{model}")
-            train_ok([f"model={model}", *STEPS, *NO_CHECKPOINT, f"hydra.run.dir={run}"], cache_dir)
+            run = shared_tmp(tmp_path_factory) / f"reference-{model}"
+            with FileLock(f"{run}.lock"):
+                if not (run / "final_model" / "model.safetensors").is_file():
+                    train_ok([f"model={model}", *STEPS, *NO_CHECKPOINT, f"hydra.run.dir={run}"], cache_dir)
             runs[model] = (*read_metrics(run), final_weights(run))
         return runs[model]
 

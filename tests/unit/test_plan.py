@@ -79,6 +79,10 @@ def test_estimates_match_measured_peaks_of_real_runs(tmp_path, cache_dir):
             "trainer.global_batch_size=8"]
     fast = ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.threads=1",
             "trainer.save_final=false", "checkpoint.at_end=false", "logger.wandb.mode=disabled"]
+    from seqpar.data.sequences import build_sequences
+
+    for model in ("gpt_tiny", "bert_tiny"):  # tokenizers trained beforehand: training would grow every rank's parent
+        build_sequences(compose(CONFIG_DIR, [f"model={model}", *size]))
     sweep = tmp_path / "sweep"
     proc = run_train(["-m", "model=gpt_tiny,bert_tiny", "parallel.sp=2,4", "parallel.sp_impl=ring,rsa", *size, *fast,
                       f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"], cache_dir, timeout=600)

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Training-step throughput of our single-process GPT / BERT against transformers' GPT2LMHeadModel /
+BertForMaskedLM at the same configuration, batch and sequence length.
+
+A step is forward, loss, backward and an AdamW update. Ours runs as the trainer runs it (`build_model`, `loss_sum`,
+`build_optimizer`); transformers' model gets its own loss (`labels=`) and `torch.optim.AdamW` with the same
+hyper-parameters. The two alternate step by step in one process, after warm-up steps, so that both see the same
+machine state; the report gives the median step time of each, their ratio, the model FLOP rate (the trainer's
+FLOPs-per-token estimate) and that rate as a fraction of the machine's fp32 matmul rate, measured in the same run
+on square matrices with the same thread count.
+
+    python scripts/bench/throughput.py --model gpt2_small --batch 2 --seq 512
+    python scripts/bench/throughput.py --model bert_base --batch 2 --seq 512 --json out.json
+
+Dropout is the model config's (gpt2_small and bert_base: 0.1 hidden, 0 on attention probabilities); pass
+--dropout to change both models' hidden dropout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
+    """The machine's fp32 matmul rate (GFLOP/s) on n x n matrices, best of `reps`."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens; GPT: next-token labels; BERT: 15% of positions are targets (the rest -100)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g)
+    if cfg.arch == "gpt":
+        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    ids = ids[:, :-1]
+    labels = torch.where(torch.rand(batch, seq, generator=g) < 0.15, ids, torch.full_like(ids, -100))
+    return {"input_ids": ids, "labels": labels}
+
+
+def ours(cfg, tcfg):
+    from seqpar.models import build_model
+    from seqpar.trainer.loop import loss_sum
+    from seqpar.trainer.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    opt = build_optimizer(model, tcfg)
+
+    def step(b):
+        t = b["input_ids"].shape[1]
+        positions = torch.arange(t)
+        types = torch.zeros_like(b["input_ids"]) if cfg.model.arch == "bert" else None
+        logits = model(b["input_ids"], positions, None, types)
+        loss = loss_sum(logits, b["labels"]) / (b["labels"] != -100).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step
+
+
+def transformers_model(cfg, tcfg):
+    from transformers import BertForMaskedLM, GPT2LMHeadModel
+
+    from seqpar.models.hf import hf_config_from
+
+    torch.manual_seed(0)
+    hf_cfg = hf_config_from(cfg.model)
+    model = (GPT2LMHeadModel if cfg.model.arch == "gpt" else BertForMaskedLM)(hf_cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
+                            weight_decay=tcfg.weight_decay)
+    gpt = cfg.model.arch == "gpt"
+
+    def step(b):
+        if gpt:  # GPT2LMHeadModel shifts labels itself: give it the inputs as labels
+            loss = model(input_ids=b["input_ids"], labels=b["input_ids"]).loss
+        else:
+            loss = model(input_ids=b["input_ids"], labels=b["labels"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step
+
+
+def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads: int, dropout: float | None) -> dict:
+    from seqpar.cli import compose
+
+    overrides = [f"model={model_name}", f"data.seq_len={seq}", f"trainer.global_batch_size={batch}",
+                 f"model.max_seq_len={max(seq, 512)}"]
+    if dropout is not None:
+        overrides.append(f"model.dropout={dropout}")
+    cfg = compose(REPO / "configs", overrides)
+    torch.set_num_threads(threads)
+    b = _batch(cfg.model, batch, seq)
+    contenders = {"seqpar": ours(cfg, cfg.trainer), "transformers": transformers_model(cfg, cfg.trainer)}
+    times = {name: [] for name in contenders}
+    for i in range(warmup + steps):
+        for name, (_, step) in contenders.items():
+            start = time.perf_counter()
+            step(b)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    from seqpar.trainer.metrics import flops_per_token
+
+    flops = flops_per_token(contenders["seqpar"][0], cfg.model, seq) * batch * seq
+    peak = matmul_gflops(threads)
+    result = {"model": model_name, "batch": batch, "seq": seq, "threads": threads, "steps": steps,
+              "matmul_gflops": peak, "dropout": cfg.model.dropout}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        result[name] = {"step_s": med, "gflops": flops / med / 1e9, "of_matmul": flops / med / 1e9 / peak}
+    result["speedup"] = result["transformers"]["step_s"] / result["seqpar"]["step_s"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2_small", help="a configs/model name (gpt or bert architecture)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps of each (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dropout", type=float, default=None, help="hidden dropout of both models (default: config's)")
+    ap.add_argument("--json", help="also write the result here")
+    args = ap.parse_args(argv)
+    r = run(args.model, args.batch, args.seq, args.steps, args.warmup, args.threads, args.dropout)
+    print(f"{r['model']} batch {r['batch']} x seq {r['seq']}, {r['threads']} threads, dropout {r['dropout']}; "
+          f"fp32 matmul {r['matmul_gflops']:.0f} GFLOP/s")
+    for name in ("seqpar", "transformers"):
+        x = r[name]
+        print(f"  {name:13s} {x['step_s']:.3f} s/step  {x['gflops']:.0f} GFLOP/s  ({x['of_matmul']:.0%} of matmul)")
+    print(f"  speedup (transformers / seqpar step time): {r['speedup']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
