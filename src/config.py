@@ -109,6 +109,10 @@ class ParallelConfig:
     # dropout and residual activations hold T/tp tokens per tp rank; reduce-scatter/all-gather replace all-reduces.
     tp_shard_activations: bool = False
     timeout_s: int = 1800  # a collective that waits longer (a hung or dead peer) fails the job
+    # parallel=auto: the memory planner picks dp/pp/tp/sp (and the micro-batch) that fit, fastest first.
+    auto: bool = False
+    devices: int | None = None  # auto: ranks to use (None: the launcher's; else the GPUs here; else the CPU cores)
+    device_mem_gib: float | None = None  # auto: memory per device (None: the GPU's; on CPU, RAM / devices)
 
     @property
     def world_size(self) -> int:
@@ -319,6 +323,25 @@ def validate_engine(t: TrainerConfig, p: ParallelConfig) -> None:
                           "pip install -e '.[deepspeed]' (or pip install deepspeed)")
 
 
+def validate_auto(p: ParallelConfig) -> None:
+    """parallel=auto owns the degrees; its two settings mean nothing without it."""
+    for name in ("devices", "device_mem_gib"):
+        value = getattr(p, name)
+        if value is None:
+            continue
+        if not p.auto:
+            raise ConfigError(f"parallel.{name}", "is set without parallel=auto", f"add parallel=auto or drop parallel.{name}")
+        _positive(f"parallel.{name}", value)
+    if p.auto:
+        set_degrees = [f"{n}={getattr(p, n)}" for n in ("dp", "pp", "tp", "sp") if getattr(p, n) != 1]
+        if set_degrees:
+            raise ConfigError(
+                "parallel.auto",
+                f"chooses dp/pp/tp/sp itself but {', '.join(set_degrees)} is set",
+                "drop those overrides, or drop parallel=auto to set the layout by hand",
+            )
+
+
 def validate(cfg: Config) -> None:
     """Check everything types cannot. Raises ConfigError with one line: `<field> <problem>; <fix>`."""
     m, d, p, t = cfg.model, cfg.data, cfg.parallel, cfg.trainer
@@ -345,6 +368,7 @@ def validate(cfg: Config) -> None:
 
     for name in ("dp", "pp", "tp", "sp", "microbatches", "timeout_s"):
         _positive(f"parallel.{name}", getattr(p, name))
+    validate_auto(p)
     _choice("parallel.sp_impl", p.sp_impl, SP_IMPLS)
     _choice("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
     validate_layout(m, d, p)

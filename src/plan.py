@@ -238,7 +238,8 @@ def runtime_baseline_mib(device: str) -> float:
 
 def plan(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda", tflops: float = 400.0,
          gbps: float = 100.0) -> list[Estimate]:
-    """Every layout's estimate, best first: those that fit, by estimated step time, then by memory."""
+    """Every layout's estimate, best first: those that fit, by estimated step time, then the larger micro-batch,
+    then memory."""
     counts, _ = _param_counts(cfg)
     runtime = runtime_baseline_mib(device)
     m, t = cfg.model, cfg.trainer
@@ -253,8 +254,77 @@ def plan(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda", tflop
             bubble = (p.pp - 1) / (p.microbatches + p.pp - 1) if p.pp > 1 else 0.0
             e.step_s = flops / (gpus * tflops * 1e12) / (1 - bubble) + e.comm_mib_per_step * MIB / (gbps * 1e9)
             out.append(e)
-    out.sort(key=lambda e: (not e.fits, round(e.step_s, 6), e.peak_mib))
+    # Among equal step times, larger micro-batches first (fewer, larger kernels run faster than the model says).
+    out.sort(key=lambda e: (not e.fits, round(e.step_s, 6), -e.micro_batch_size, e.peak_mib))
     return out
+
+
+def available_devices(cfg: Config) -> tuple[int, float, str]:
+    """(devices, GiB per device, device type) for parallel=auto: parallel.devices, else the launcher's world size
+    (torchrun, srun), else the GPUs visible here, else the CPU cores; memory: parallel.device_mem_gib, else the
+    GPU's, else this machine's RAM shared by the devices."""
+    import os
+
+    import torch
+
+    from seqpar.parallel.launch import launched_rank
+    from seqpar.trainer import resolve_device
+
+    device = resolve_device(cfg.device).type
+    p = cfg.parallel
+    launched = launched_rank()
+    n = p.devices or (launched.world if launched else None)
+    if n is None:
+        n = torch.cuda.device_count() if device == "cuda" else (os.cpu_count() or 1)
+    if p.device_mem_gib:
+        mem = p.device_mem_gib
+    elif device == "cuda":
+        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
+    else:
+        with open("/proc/meminfo") as f:  # MemTotal: the same on every rank and every run
+            total_kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+        mem = total_kib / 2**20 / n
+    return n, mem, device
+
+
+_announced: set[str] = set()
+
+
+def choose_layout(cfg: Config) -> Config:
+    """parallel=auto: the config with the fastest layout (and micro-batch) that fits the available devices, by the
+    planner's estimate; says what it chose and why on stdout (once per process, rank 0 only)."""
+    from seqpar.parallel.launch import launched_rank
+
+    n, mem, device = available_devices(cfg)
+    speed = {"cuda": (400.0, 100.0), "cpu": (0.1, 2.0)}[device]  # TFLOP/s, GB/s: only the ranking uses them
+    rows = plan(cfg, n, mem, device, *speed)
+    micro = cfg.trainer.micro_batch_size
+    fitting = [e for e in rows if e.fits and (micro is None or e.pp > 1 or e.micro_batch_size == micro)]
+    if not fitting:
+        least = min(rows, key=lambda e: e.peak_mib, default=None)
+        need = f"the smallest needs {least.peak_mib / 1024:.2f} GiB ({least.layout})" if least else "none is valid"
+        raise ConfigError(
+            "parallel.auto",
+            f"finds no layout of {n} devices that fits {mem:.1f} GiB per device ({need})",
+            "use more devices (parallel.devices), trainer.activation_checkpointing=true, a smaller "
+            "trainer.micro_batch_size or data.seq_len",
+        )
+    best = fitting[0]
+    p = dataclasses.replace(cfg.parallel, dp=best.dp, pp=best.pp, tp=best.tp, sp=best.sp, auto=False,
+                            devices=None, device_mem_gib=None)
+    t = cfg.trainer
+    if best.pp == 1 and micro is None and best.micro_batch_size < t.global_batch_size // best.dp:
+        t = dataclasses.replace(t, micro_batch_size=best.micro_batch_size)
+    why = (f"parallel=auto: dp={best.dp} pp={best.pp} tp={best.tp} sp={best.sp}"
+           + (f" micro_batch_size={best.micro_batch_size}" if best.pp == 1 else f" microbatches={p.microbatches}")
+           + f" on {n} {device} devices: estimated {best.peak_mib / 1024:.2f} of {mem:.1f} GiB per device, "
+           f"the shortest estimated step (then the largest micro-batch) of {len(fitting)} choices that fit "
+           f"({len(rows) - len(fitting)} do not; see python -m seqpar.plan)")
+    info = launched_rank()
+    if why not in _announced and (info is None or info.rank == 0):
+        _announced.add(why)
+        print(why, flush=True)
+    return dataclasses.replace(cfg, parallel=p, trainer=t)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     best = fitting[0]
     print(f"best: parallel.dp={best.dp} parallel.pp={best.pp} parallel.tp={best.tp} parallel.sp={best.sp}"
           + (f" trainer.micro_batch_size={best.micro_batch_size}" if best.pp == 1 else "")
-          + f"  ({best.peak_mib / 1024:.2f} GiB of {args.gpu_mem_gib:g}; the shortest estimated step of those that fit)")
+          + f"  ({best.peak_mib / 1024:.2f} GiB of {args.gpu_mem_gib:g}; the shortest estimated step of those that fit, then the largest micro-batch)")
 
 
 if __name__ == "__main__":

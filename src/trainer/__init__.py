@@ -47,6 +47,11 @@ def prepare(cfg: Config) -> Config:
             ckpt, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout, init_from=cfg.model.init_from
         )
     validate(cfg)
+    if cfg.parallel.auto:
+        from seqpar.plan import choose_layout
+
+        cfg = choose_layout(cfg)
+        validate(cfg)
     if cfg.data.source == "text_files":
         from seqpar.data.corpus import resolve_text_files
 

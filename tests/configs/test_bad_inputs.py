@@ -150,6 +150,10 @@ CASES = [
     ("ZeRO stage without DeepSpeed", None, ["trainer.zero_stage=3"], "trainer.zero_stage is 3 but trainer.engine is seqpar"),
     ("activation sharding with pp", None, ["parallel.tp=2", "parallel.pp=2", "parallel.tp_shard_activations=true"],
      "parallel.tp_shard_activations is set with parallel.pp=2"),
+    ("auto layout with a degree set", None, ["parallel=auto", "parallel.sp=2"],
+     "parallel.auto chooses dp/pp/tp/sp itself but sp=2 is set"),
+    ("auto layout that cannot fit", None, ["parallel=auto", "parallel.devices=2", "parallel.device_mem_gib=0.01"],
+     "parallel.auto finds no layout of 2 devices that fits 0.0 GiB per device"),
 ]
 # What the damaged-checkpoint cases must say beyond naming the setting.
 DETAIL = {

@@ -141,6 +141,7 @@ def test_bad_values_name_their_field(overrides, field):
 CLI_BAD = [
     (["trainer.no_such_key=1"], "error: trainer.no_such_key is not a known setting"),
     (["parallel.pp=8"], "error: parallel.pp (8) needs 8 pipeline stages of at least one layer but model.num_layers is 4"),
+    (["parallel.devices=2"], "error: parallel.devices is set without parallel=auto; add parallel=auto or drop parallel.devices"),
 ]
 
 

@@ -95,3 +95,32 @@ def test_estimates_match_measured_peaks_of_real_runs(tmp_path, cache_dir):
         measured = json.loads((job / "metrics.jsonl").read_text().splitlines()[0])["peak_mem_mib"]
         est = _by_layout(plan(cfg, gpus=cfg.parallel.sp, gpu_mem_gib=100, device="cpu"))[1, 1, 1, cfg.parallel.sp, 8]
         assert abs(est.peak_mib - measured) / measured < 0.10, (overrides, measured, est)
+
+
+def test_auto_layout_is_the_planners_best_that_fits_and_says_why(capsys):
+    """parallel=auto takes the first fitting row of the planner's ranking for the given devices (here 4 CPU ranks
+    and a budget that rules out the small layouts' peaks), sets the degrees and the micro-batch, and says so."""
+    from seqpar.plan import choose_layout
+
+    base = [*BERT, "parallel=auto", "parallel.devices=4"]
+    rows = plan(compose(CONFIG_DIR, base), gpus=4, gpu_mem_gib=80, device="cpu", tflops=0.1, gbps=2.0)
+    # A budget between the smallest and the largest estimate: some layouts fit, some do not.
+    peaks = sorted(e.peak_mib for e in rows)
+    budget = peaks[len(peaks) // 2] / 1024
+    cfg = compose(CONFIG_DIR, [*base, f"parallel.device_mem_gib={budget}"])
+    want = next(e for e in plan(cfg, 4, budget, "cpu", 0.1, 2.0) if e.fits)
+    chosen = choose_layout(cfg)
+    p = chosen.parallel
+    assert (p.dp, p.pp, p.tp, p.sp) == (want.dp, want.pp, want.tp, want.sp)
+    assert not p.auto and p.devices is None  # resolved: the ranks see an ordinary layout
+    if want.pp == 1:
+        assert (chosen.trainer.micro_batch_size or chosen.trainer.global_batch_size // p.dp) == want.micro_batch_size
+    assert want.peak_mib <= budget * 1024
+    out = capsys.readouterr().out
+    assert out.startswith(f"parallel=auto: dp={want.dp} pp={want.pp} tp={want.tp} sp={want.sp}")
+    assert f"on 4 cpu devices: estimated {want.peak_mib / 1024:.2f} of {budget:.1f} GiB per device" in out
+    assert "do not; see python -m seqpar.plan" in out
+
+    # A micro-batch the user set is kept: only layouts with it are candidates.
+    kept = choose_layout(compose(CONFIG_DIR, [*base, "parallel.device_mem_gib=80", "trainer.micro_batch_size=2"]))
+    assert kept.trainer.micro_batch_size == 2

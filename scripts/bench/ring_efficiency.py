@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Ring attention's efficiency: sequence-parallel core attention (forward + backward) over sp local processes of one
+thread each, against one process with sp threads running SDPA over the whole length, with our rsa and ulysses and
+DeepSpeed-Ulysses' `DistributedAttention` (SDPA on each rank's heads) beside it, in one run.
+
+Shape: batch 1, 12 heads of 64 (BERT-base width), fp32, bidirectional (--causal for GPT's zigzag ring). Each row
+is the median of --reps timed steps after a warm-up step at the same length; peak memory per rank is the step's
+resident high-water mark above the resident set before it (see memlib.py), maximum over ranks.
+
+Overlap (ring only): the share of the ring's communication hidden behind its compute,
+(compute + communication - ring) / communication, where `compute` runs the same per-block kernels and merges
+with no exchange and `communication` runs the same exchanges with no compute, both timed on the same ranks.
+
+    python scripts/bench/ring_efficiency.py --lengths 4096 8192 16384 --sp 2 4 --json docs/img/ring_efficiency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from memlib import fixed_mmap_threshold, measure_step, run_ranks
+
+HEADS, HEAD_DIM = 12, 64
+IMPLS = ("ring", "rsa", "ulysses", "ds-ulysses")
+
+
+def _inputs(seq_len: int, sp: int, rank: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, generator=g) for _ in range(3))
+    chunk = seq_len // sp
+    return [t[:, :, rank * chunk:(rank + 1) * chunk].clone().requires_grad_() for t in (q, k, v)]
+
+
+def _ds_ulysses(group):
+    """DeepSpeed-Ulysses: all-to-all from sequence chunks to head groups, SDPA, all-to-all back. Its layout is
+    (batch, sequence, heads, head_dim)."""
+    from deepspeed.sequence.layer import DistributedAttention
+
+    def local(q, k, v, causal):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+        return out.transpose(1, 2)
+
+    attn = DistributedAttention(local, group, scatter_idx=2, gather_idx=1)
+
+    def fn(q, k, v, *, causal, **_):
+        out = attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, causal)
+        return out.transpose(1, 2)
+
+    return fn
+
+
+def _attention(impl: str, group):
+    if impl == "ds-ulysses":
+        return _ds_ulysses(group)
+    from seqpar.parallel.sequence import sequence_attention
+
+    return sequence_attention(impl, group)
+
+
+def _step(impl: str, seq_len: int, causal: bool):
+    sp, rank = dist.get_world_size(), dist.get_rank()
+    q, k, v = _inputs(seq_len, sp, rank)
+    if impl == "sdpa":
+        def step():
+            F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+        return step
+    attn = _attention(impl, dist.group.WORLD)
+
+    def step():
+        attn(q, k, v, causal=causal, key_padding_mask=None, dropout_p=0.0).sum().backward()
+
+    return step
+
+
+def _ring_parts(seq_len: int, causal: bool):
+    """(compute-only step, communication-only step) of bidirectional ring attention on this rank."""
+    from seqpar.parallel.comm import RingExchange
+    from seqpar.parallel.sequence.kernels import block_backward, block_forward, merge_into
+
+    sp, rank = dist.get_world_size(), dist.get_rank()
+    q, k, v = (t.detach() for t in _inputs(seq_len, sp, rank))
+
+    def compute():
+        out = torch.zeros(q.shape)
+        lse = torch.full(q.shape[:-1], float("-inf"))
+        for _ in range(sp):
+            blk_out, blk_lse = block_forward(q, k, v, False, None)
+            merge_into(out, lse, blk_out, blk_lse)
+        dout = torch.ones_like(q)
+        for _ in range(sp):
+            block_backward(dout, q, k, v, out, lse, False, None)
+
+    def communicate():
+        kv, dkv = torch.stack([k, v]), torch.zeros(2, *k.shape)
+        ring, dring = RingExchange(dist.group.WORLD, tag=0), RingExchange(dist.group.WORLD, tag=1)
+        for _ in range(sp - 1):  # forward: the key/value blocks
+            ring.start(kv)
+            kv = ring.wait()
+        for i in range(sp):  # backward: the blocks again and their gradient accumulators
+            if i < sp - 1:
+                ring.start(kv)
+            dring.start(dkv)
+            dkv = dring.wait()
+            if i < sp - 1:
+                kv = ring.wait()
+
+    return compute, communicate
+
+
+def _timed(step, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        t = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(t.item())
+    return statistics.median(times)
+
+
+def _rank(impl: str, seq_len: int, causal: bool, threads: int, reps: int, out_path: str) -> None:
+    fixed_mmap_threshold()
+    torch.set_num_threads(threads)
+    step = _step(impl, seq_len, causal)
+    step()  # warm-up: kernels, autograd, communication buffers
+    measure_step(step, out_path)  # memory of one step (rank 0 writes it)
+    row = {"seconds": _timed(step, reps)}
+    if impl == "ring" and dist.get_world_size() > 1 and not causal:
+        compute, communicate = _ring_parts(seq_len, causal)
+        row["compute_s"], row["comm_s"] = _timed(compute, reps), _timed(communicate, reps)
+        hidden = row["compute_s"] + row["comm_s"] - row["seconds"]
+        row["overlap"] = max(0.0, min(1.0, hidden / row["comm_s"]))
+    if dist.get_rank() == 0:
+        with open(out_path) as f:
+            row = {"peak_mib": json.load(f)["peak_mib"], **row}
+        with open(out_path, "w") as f:
+            json.dump(row, f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", nargs="+", type=int, default=[4096, 8192, 16384])
+    ap.add_argument("--sp", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    ap.add_argument("--reps", type=int, default=2, help="timed steps per row (median)")
+    ap.add_argument("--causal", action="store_true", help="causal attention (zigzag ring)")
+    ap.add_argument("--max-rsa-len", type=int, default=8192,
+                    help="longest length for rsa, whose L/sp x L scores outgrow memory (fp32: 12 x L^2 / sp x 4 B)")
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    rows = []
+    for seq_len in args.lengths:
+        for sp in args.sp:
+            base = run_ranks(_rank, 1, "sdpa", seq_len, args.causal, sp, args.reps, timeout=args.timeout)
+            rows.append({"impl": f"sdpa ({sp} threads)", "sp": 1, "seq_len": seq_len, **base})
+            print(json.dumps(rows[-1]), flush=True)
+            for impl in args.impls:
+                if impl == "rsa" and seq_len > args.max_rsa_len:
+                    continue
+                r = run_ranks(_rank, sp, impl, seq_len, args.causal, 1, args.reps, timeout=args.timeout)
+                rows.append({"impl": impl, "sp": sp, "seq_len": seq_len, **r,
+                             "vs_sdpa": r["seconds"] / base["seconds"]})
+                print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
