@@ -2,9 +2,10 @@
 """Training-step throughput of our single-process GPT / BERT against transformers' GPT2LMHeadModel /
 BertForMaskedLM at the same configuration, batch and sequence length.
 
-A step is forward, loss, backward and an AdamW update. Ours runs as the trainer runs it (`build_model`, `loss_sum`,
-`build_optimizer`); transformers' model gets its own loss (`labels=`) and `torch.optim.AdamW` with the same
-hyper-parameters. The two alternate step by step in one process, after warm-up steps, so that both see the same
+A step is forward, loss, backward and an AdamW update. Ours runs as the trainer runs it (`build_model`,
+`model_loss_sum`, `build_optimizer`: fused AdamW, and BERT's MLM head at the target tokens only); transformers'
+model gets its own loss (`labels=`) and `torch.optim.AdamW` with the same hyper-parameters. FLOP rates count the
+usual model FLOPs (6 per weight per token, the head at every token, plus attention) for both. The two alternate step by step in one process, after warm-up steps, so that both see the same
 machine state; the report gives the median step time of each, their ratio, the model FLOP rate (the trainer's
 FLOPs-per-token estimate) and that rate as a fraction of the machine's fp32 matmul rate, measured in the same run
 on square matrices with the same thread count.
@@ -55,19 +56,17 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def ours(cfg, tcfg):
     from seqpar.models import build_model
-    from seqpar.trainer.loop import loss_sum
+    from seqpar.trainer.loop import model_loss_sum
     from seqpar.trainer.optim import build_optimizer
 
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     opt = build_optimizer(model, tcfg)
+    targets_only = cfg.model.arch == "bert"  # as the trainer runs BERT without tp/pp: the head at targets only
 
     def step(b):
-        t = b["input_ids"].shape[1]
-        positions = torch.arange(t)
-        types = torch.zeros_like(b["input_ids"]) if cfg.model.arch == "bert" else None
-        logits = model(b["input_ids"], positions, None, types)
-        loss = loss_sum(logits, b["labels"]) / (b["labels"] != -100).sum()
+        micro = {**b, "position_ids": torch.arange(b["input_ids"].shape[1])}
+        loss = model_loss_sum(model, micro, torch.device("cpu"), targets_only) / (b["labels"] != -100).sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

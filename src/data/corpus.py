@@ -70,11 +70,16 @@ def builtin_corpus_file(cfg: DataConfig) -> Path:
     tag = f"py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     path = cache_root(cfg) / f"builtin-corpus-{tag}.jsonl"
     if not path.exists():
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for doc in builtin_documents():
-                f.write(json.dumps({"text": doc}) + "\n")
-        os.replace(tmp, path)  # atomic: a half-written corpus is never used
+        from filelock import FileLock
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):  # written once: jobs starting together on a shared cache wait for it
+            if not path.exists():
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    for doc in builtin_documents():
+                        f.write(json.dumps({"text": doc}) + "\n")
+                os.replace(tmp, path)  # atomic: a half-written corpus is never used
     return path
 
 
@@ -129,7 +134,10 @@ def load_text_dataset(cfg: DataConfig):
     return ds
 
 
-def corpus_fingerprint(ds) -> str:
-    """A short stable id of a dataset's contents (used to key cached tokenizers)."""
+def corpus_fingerprint(ds, cfg: DataConfig) -> str:
+    """A short stable id of a dataset's contents (used to key cached tokenizers). The built-in corpus: a hash of its
+    bytes; other sources: the `datasets` fingerprint (local files: their paths and modification times)."""
+    if cfg.source == "builtin":
+        return hashlib.sha1(builtin_corpus_file(cfg).read_bytes()).hexdigest()[:12]
     fp = getattr(ds, "_fingerprint", None) or str(len(ds))
     return hashlib.sha1(fp.encode()).hexdigest()[:12]

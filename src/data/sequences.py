@@ -119,7 +119,7 @@ def build_sequences(cfg: Config) -> SequenceData:
     if d.tokenizer:
         tok = load_tokenizer_dir(d.tokenizer, arch)
     else:
-        tok = trained_tokenizer(arch, cfg.model.vocab_size, lambda: iter(ds["text"]), cache_root(d), corpus_fingerprint(ds))
+        tok = trained_tokenizer(arch, cfg.model.vocab_size, lambda: iter(ds["text"]), cache_root(d), corpus_fingerprint(ds, d))
     check_vocab(tok, cfg.model.vocab_size)
 
     split = ds.train_test_split(test_size=d.val_fraction, seed=0, shuffle=True)

@@ -65,11 +65,16 @@ class BERT(nn.Module):
         position_ids: torch.Tensor,  # (B, T) or (T,)
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token, 0 = padding
         token_type_ids: torch.Tensor | None = None,  # (B, T); None = all zeros
-    ) -> torch.Tensor:  # logits (B, T, V)
+        prediction_mask: torch.Tensor | None = None,  # (B, T) bool: run the MLM head only at these positions
+    ) -> torch.Tensor:  # logits (B, T, V), or (N, V) for the N positions of prediction_mask in row-major order
         x = self.embed(input_ids, position_ids, token_type_ids)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.layers:
             x = block(x, key_padding_mask)
+        if prediction_mask is not None:
+            # Only the masked tokens (about 15%) are predicted in training: the head's vocabulary-wide matmuls and
+            # the loss's log-softmax need not run at the others.
+            x = x[prediction_mask]
         return self.head(x)
 
     # The three parts of forward, so a pipeline stage can run the ones it holds.

@@ -79,6 +79,17 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device, targets_only: bool) -> torch.Tensor:
+    """`forward(**inputs)`'s summed loss on a micro-batch. `targets_only` (BERT): the MLM head runs only at the
+    target positions (`prediction_mask`), which gives the same loss for a fraction of the head's work."""
+    inputs = {k: micro[k].to(device) for k in MODEL_INPUTS if k in micro}
+    labels = micro["labels"].to(device)
+    if not targets_only:
+        return loss_sum(forward(**inputs), labels)
+    targets = labels != IGNORE_INDEX
+    return loss_sum(forward(**inputs, prediction_mask=targets), labels[targets])
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in backward instead of keeping its activations."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -159,6 +170,8 @@ class Trainer:
             self.data.train, t.global_batch_size, mesh.dp_rank, mesh.dp, seed=t.seed, shuffle=True
         )
         self.micro_batch_size = t.micro_batch_size or t.global_batch_size // mesh.dp
+        # BERT's head at the target tokens only; under tp and pp the head's layers are sharded or staged whole.
+        self.targets_only = cfg.model.arch == "bert" and mesh.tp == 1 and mesh.pp == 1
         if t.engine == "deepspeed":
             micro_batches = t.global_batch_size // mesh.dp // self.micro_batch_size
             self.engine = DeepSpeedEngine(self.model, self.optimizer, mesh, cfg, self.micro_batch_size, micro_batches)
@@ -187,10 +200,11 @@ class Trainer:
 
     def forward_loss(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed loss of a micro-batch (call inside `self.loss_context()`)."""
-        inputs = {k: micro[k].to(self.device) for k in MODEL_INPUTS if k in micro}
-        with self.autocast:
-            logits = self.engine.forward(**inputs)
-        return loss_sum(logits, micro["labels"].to(self.device))
+        def forward(**inputs):
+            with self.autocast:
+                return self.engine.forward(**inputs)
+
+        return model_loss_sum(forward, micro, self.device, self.targets_only)
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one pipeline micro-batch, normalised by the global target count."""

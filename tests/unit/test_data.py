@@ -36,6 +36,23 @@ def test_builtin_corpus_is_real_english_and_cached(cache_dir):
     assert path.stat().st_size > 1_500_000
 
 
+def test_builtin_corpus_id_follows_its_contents_not_its_file(tmp_path):
+    """Cached tokenizers are keyed by the corpus id: a rewritten file with the same text (another job on a shared
+    cache, a copied cache) keeps the id, so no job trains a second, different tokenizer for the same corpus."""
+    import os
+
+    from seqpar.data.corpus import corpus_fingerprint, load_text_dataset
+
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    first = corpus_fingerprint(load_text_dataset(cfg), cfg)
+    path = builtin_corpus_file(cfg)
+    text = path.read_bytes()
+    path.unlink()
+    path.write_bytes(text)
+    os.utime(path, (1, 1))
+    assert corpus_fingerprint(load_text_dataset(cfg), cfg) == first
+
+
 def test_gpt_tokenizer_round_trips(data):
     tok = data["gpt"].tokenizer
     assert len(tok) == 2048 and tok.eos_token_id is not None

@@ -159,3 +159,32 @@ def test_linformer_attention_is_attention_over_projected_keys_and_values():
     torch.testing.assert_close(y, want)
     y.sum().backward()
     assert attn.proj_k.grad[:, :40].abs().sum() > 0 and attn.proj_k.grad[:, 40:].abs().sum() == 0
+
+
+def test_bert_head_at_target_positions_only_equals_the_full_head():
+    """prediction_mask runs the MLM head at the masked positions only: those rows of the full logits, and the
+    same summed loss and gradients (the trainer's `model_loss_sum` with targets_only)."""
+    from seqpar.data.mlm import IGNORE_INDEX
+    from seqpar.trainer.loop import model_loss_sum
+
+    cfg = ModelConfig(arch="bert", num_layers=2, hidden_size=32, num_heads=4, vocab_size=97, max_seq_len=16)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ids = torch.randint(0, 97, (3, 16))
+    labels = torch.where(torch.rand(3, 16) < 0.2, ids, torch.full_like(ids, IGNORE_INDEX))
+    labels[1] = IGNORE_INDEX  # a sequence without targets
+    micro = {"input_ids": ids, "position_ids": torch.arange(16), "labels": labels}
+    mask = labels != IGNORE_INDEX
+    full = model(ids, torch.arange(16))
+    torch.testing.assert_close(model(ids, torch.arange(16), prediction_mask=mask), full[mask], rtol=1e-5, atol=1e-6)
+
+    grads = []
+    for targets_only in (False, True):
+        model.zero_grad()
+        loss = model_loss_sum(model, micro, torch.device("cpu"), targets_only)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_full, g_full), (loss_sparse, g_sparse) = grads
+    torch.testing.assert_close(loss_sparse, loss_full, rtol=1e-6, atol=0)
+    for name, g in g_full.items():
+        torch.testing.assert_close(g_sparse[name], g, rtol=1e-5, atol=1e-6, msg=name)
