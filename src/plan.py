@@ -13,7 +13,7 @@ plus the communication at --gbps), then by memory.
 The estimate counts what this code keeps, in fp32 (or bf16 activations under autocast), per token of a layer:
 LayerNorm inputs and outputs, the projections' inputs, q, k, v and the attention output, the MLP's two
 ffn-wide tensors; rsa adds its L/sp x L probabilities and the gathered keys and values; the logits and their
-log-softmax per vocabulary entry; plus a runtime baseline (a forked CPU rank with the training stack loaded, or a
+log-softmax per vocabulary entry (BERT without tp or pp: at the target tokens only); plus a runtime baseline (a forked CPU rank with the training stack loaded, or a
 CUDA context). It is checked against measured peaks of real runs in the tests (within 10%).
 """
 
@@ -52,13 +52,16 @@ class Estimate:
     logits_mib: float
     runtime_mib: float
     comm_mib_per_step: float
+    # rsa's backward holds two more (seq_len/sp) x seq_len matrices per head for one layer at a time: after the
+    # logits are freed, so the peak holds the larger of the two.
+    attn_backward_mib: float = 0.0
     step_s: float = 0.0  # estimated: compute at --tflops (times the pipeline bubble) + communication at --gbps
     fits: bool = False
 
     @property
     def peak_mib(self) -> float:
-        return (self.params_mib + self.grads_mib + self.optimizer_mib + self.activations_mib + self.logits_mib
-                + self.runtime_mib)
+        return (self.params_mib + self.grads_mib + self.optimizer_mib + self.activations_mib
+                + max(self.logits_mib, self.attn_backward_mib) + self.runtime_mib)
 
     @property
     def layout(self) -> str:
@@ -146,6 +149,8 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
     vocab = m.vocab_size / tp
     logits = 4 * tokens * vocab * 4  # logits, log-softmax, and two gradients of that size in the loss's backward
+    if m.arch == "bert" and tp == 1 and pp == 1:  # the trainer runs BERT's head at the target tokens only
+        logits *= cfg.data.mlm_probability
     comm = 0.0
     if data_ranks > 1:
         comm += 2 * p_bytes * (data_ranks - 1) / data_ranks
@@ -158,8 +163,12 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
         comm += n_micro * layers * {"ulysses": 4 * act_tensor / tp / sp * (sp - 1) * 2}.get(cfg.parallel.sp_impl, kv * (sp - 1) * 2)
     if pp > 1:
         comm += n_micro * 2 * act_tensor
+    attn_backward = 0.0
+    if cfg.parallel.sp_impl == "rsa" and sp > 1 and m.attention == "softmax":
+        width = 2 if t.precision == "bf16" else 4
+        attn_backward = 2 * m.num_heads / tp * T * tokens * width
     return Estimate(dp, pp, tp, sp, micro, params_b / MIB, grads_b / MIB, optim_b / MIB, acts / MIB,
-                    logits / MIB, runtime_mib, comm / MIB)
+                    logits / MIB, runtime_mib, comm / MIB, attn_backward / MIB)
 
 
 def layouts(cfg: Config, world: int):
