@@ -52,7 +52,7 @@ class Estimate:
     logits_mib: float
     runtime_mib: float
     comm_mib_per_step: float
-    # rsa's backward holds two more (seq_len/sp) x seq_len matrices per head for one layer at a time: after the
+    # rsa's backward holds three more (seq_len/sp) x seq_len matrices per head for one layer at a time: after the
     # logits are freed, so the peak holds the larger of the two.
     attn_backward_mib: float = 0.0
     step_s: float = 0.0  # estimated: compute at --tflops (times the pipeline bubble) + communication at --gbps
@@ -166,7 +166,7 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     attn_backward = 0.0
     if cfg.parallel.sp_impl == "rsa" and sp > 1 and m.attention == "softmax":
         width = 2 if t.precision == "bf16" else 4
-        attn_backward = 2 * m.num_heads / tp * T * tokens * width
+        attn_backward = 3 * m.num_heads / tp * T * tokens * width  # dP, P * dP and dS alive at once
     return Estimate(dp, pp, tp, sp, micro, params_b / MIB, grads_b / MIB, optim_b / MIB, acts / MIB,
                     logits / MIB, runtime_mib, comm / MIB, attn_backward / MIB)
 
