@@ -31,10 +31,12 @@ IMPLS = ("ring", "rsa", "ulysses", "ds-ulysses")
 
 
 def _inputs(seq_len: int, sp: int, rank: int, seed: int = 0):
+    """This rank's (q, k, v) leaves in a model's layout: (B, T, H, D) memory, as the projections make them (each
+    attention takes `.transpose(1, 2)` views, (B, H, T, D))."""
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, HEADS, seq_len, HEAD_DIM, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, seq_len, HEADS, HEAD_DIM, generator=g) for _ in range(3))
     chunk = seq_len // sp
-    return [t[:, :, rank * chunk:(rank + 1) * chunk].clone().requires_grad_() for t in (q, k, v)]
+    return [t[:, rank * chunk:(rank + 1) * chunk].clone().requires_grad_() for t in (q, k, v)]
 
 
 def _ds_ulysses(group):
@@ -71,50 +73,56 @@ def _attention(impl: str, group):
 
 def _step(impl: str, seq_len: int, causal: bool):
     sp, rank = dist.get_world_size(), dist.get_rank()
-    q, k, v = _inputs(seq_len, sp, rank)
+    leaves = _inputs(seq_len, sp, rank)
     if impl == "sdpa":
         def step():
+            q, k, v = (x.transpose(1, 2) for x in leaves)
             F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
         return step
     attn = _attention(impl, dist.group.WORLD)
 
     def step():
+        q, k, v = (x.transpose(1, 2) for x in leaves)
         attn(q, k, v, causal=causal, key_padding_mask=None, dropout_p=0.0).sum().backward()
 
     return step
 
 
 def _ring_parts(seq_len: int, causal: bool):
-    """(compute-only step, communication-only step) of bidirectional ring attention on this rank."""
+    """(compute-only step, communication-only step) of bidirectional ring attention on this rank: the same block
+    kernels, merges and head-grouped gradient adds as `seqpar.parallel.sequence.ring`, and the same exchanges."""
     from seqpar.parallel.comm import RingExchange
     from seqpar.parallel.sequence.kernels import block_backward, block_forward, merge_into
+    from seqpar.parallel.sequence.ring import _head_groups
 
     sp, rank = dist.get_world_size(), dist.get_rank()
-    q, k, v = (t.detach() for t in _inputs(seq_len, sp, rank))
+    q, k, v = (t.detach().transpose(1, 2) for t in _inputs(seq_len, sp, rank))
 
     def compute():
-        out = torch.zeros(q.shape)
-        lse = torch.full(q.shape[:-1], float("-inf"))
-        for _ in range(sp):
-            blk_out, blk_lse = block_forward(q, k, v, False, None)
-            merge_into(out, lse, blk_out, blk_lse)
+        out, lse = block_forward(q, k, v, False, None)
+        for _ in range(sp - 1):
+            merge_into(out, lse, *block_forward(q, k, v, False, None))
         dout = torch.ones_like(q)
-        for _ in range(sp):
-            block_backward(dout, q, k, v, out, lse, False, None)
+        dq, dk, dv = block_backward(dout, q, k, v, out, lse, False, None)
+        for _ in range(sp - 1):
+            for h in _head_groups(q.shape[1]):
+                g = block_backward(dout[:, h], q[:, h], k[:, h], v[:, h], out[:, h], lse[:, h].contiguous(), False, None)
+                dq[:, h] += g[0]
+                dk[:, h] += g[1]
+                dv[:, h] += g[2]
 
     def communicate():
-        kv, dkv = torch.stack([k, v]), torch.zeros(2, *k.shape)
+        kb, vb, dk, dv = k, v, torch.zeros_like(k), torch.zeros_like(v)
         ring, dring = RingExchange(dist.group.WORLD, tag=0), RingExchange(dist.group.WORLD, tag=1)
         for _ in range(sp - 1):  # forward: the key/value blocks
-            ring.start(kv)
-            kv = ring.wait()
+            kb, vb = ring.start(kb, vb).wait()
         for i in range(sp):  # backward: the blocks again and their gradient accumulators
             if i < sp - 1:
-                ring.start(kv)
-            dring.start(dkv)
-            dkv = dring.wait()
+                ring.start(kb, vb)
+            (dk,) = dring.start(dk).wait()
+            (dv,) = dring.start(dv).wait()
             if i < sp - 1:
-                kv = ring.wait()
+                kb, vb = ring.wait()
 
     return compute, communicate
 

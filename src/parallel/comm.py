@@ -1,9 +1,9 @@
 """Small communication primitives for sequence parallelism. Each says which collective runs, and when.
 
-- `RingExchange.start(t)`: point-to-point, non-blocking: send `t` to the next rank of the ring and receive the
-  same-shaped tensor from the previous one (`batch_isend_irecv`). `wait()` returns the received tensor. Ring
-  attention starts the exchange of the next key/value block, computes on the current one, then waits, so the
-  transfer overlaps the compute. These are used inside autograd functions whose backward runs its own exchanges,
+- `RingExchange.start(*ts)`: point-to-point, non-blocking: send the tensors `ts` to the next rank of the ring and
+  receive same-shaped ones from the previous rank (`batch_isend_irecv`). `wait()` returns the received tensors.
+  Ring attention starts the exchange of the next key/value block, computes on the current one, then waits, so the
+  transfer overlaps the compute; k and v travel as they are (no stacked copy). These are used inside autograd functions whose backward runs its own exchanges,
   so the primitive itself has no backward.
 - `all_gather_list(t, group)`: all-gather of a small non-differentiable tensor (the padding masks of every chunk).
 - `ring_pass(x, group, visit, grad)`: n - 1 ring exchanges that show every rank's chunk to `visit`; with `grad`,
@@ -30,25 +30,34 @@ class RingExchange:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size) if group is not None else (self.rank + 1) % self.size
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size) if group is not None else (self.rank - 1) % self.size
         self._reqs: list = []
-        self._recv: torch.Tensor | None = None
+        self._recv: list[torch.Tensor] = []
 
-    def start(self, t: torch.Tensor) -> RingExchange:
+    def start(self, *tensors: torch.Tensor) -> RingExchange:
         assert not self._reqs, "exchange already in flight"
-        t = t.contiguous()
-        self._recv = torch.empty_like(t)
-        ops = [
-            dist.P2POp(dist.isend, t, self.next, self.group, self.tag),
-            dist.P2POp(dist.irecv, self._recv, self.prev, self.group, self.tag),
-        ]
+        # A tensor whose memory is dense in another dimension order (attention's (B, H, T, D) views of (B, T, H, D)
+        # projections) travels as its dense view, without a copy, and arrives with the same strides.
+        self._recv = [torch.empty_like(t) for t in tensors]  # same strides as t when t is dense
+        sends, recvs = [_dense_view(t) for t in tensors], [_dense_view(t) for t in self._recv]
+        # one tag per tensor: gloo matches messages by (peer, tag); NCCL ignores tags and keeps the order
+        tags = [self.tag * 16 + i for i in range(len(sends))]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t, tag in zip(sends, tags, strict=True)]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag) for t, tag in zip(recvs, tags, strict=True)]
         self._reqs = dist.batch_isend_irecv(ops)
         return self
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> list[torch.Tensor]:
         for req in self._reqs:
             req.wait()
         self._reqs = []
-        out, self._recv = self._recv, None
+        out, self._recv = self._recv, []
         return out
+
+
+def _dense_view(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous view of `t`'s memory (its dims ordered by decreasing stride), or a contiguous copy of `t` when
+    its memory is not dense (a slice)."""
+    view = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    return view if view.is_contiguous() else t.contiguous()
 
 
 def all_gather_list(t: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:
@@ -75,15 +84,15 @@ def ring_pass(x: torch.Tensor, group, visit, grad: bool = False) -> torch.Tensor
         g = visit(src, x)
         if grad:
             if i > 0:
-                acc = acc_ring.wait()  # the accumulator of chunk `src`, from the previous rank
+                (acc,) = acc_ring.wait()  # the accumulator of chunk `src`, from the previous rank
             acc += g
             if n > 1:
                 acc_ring.start(acc)  # on to the next rank, with the chunk it belongs to
         if i < n - 1:
-            x = ring.wait()
+            (x,) = ring.wait()
     if not grad:
         return None
-    return acc_ring.wait() if n > 1 else acc  # after n exchanges our own chunk's accumulator is home
+    return acc_ring.wait()[0] if n > 1 else acc  # after n exchanges our own chunk's accumulator is home
 
 
 class _AllToAll(torch.autograd.Function):

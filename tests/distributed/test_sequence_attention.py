@@ -42,16 +42,21 @@ def _check_one(rank, world, impl, causal, padded):
 
     idx = chunk_indices(seq_len, world, rank, zigzag=causal)
     local = [shard_sequence(x, world, rank, causal, dim=2).clone().requires_grad_() for x in (q, k, v)]
+    inputs = local
+    if padded:  # also the model's layout: (B, H, T, D) views of (B, T, H, D) memory
+        local = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in local]
+        inputs = [x.transpose(1, 2) for x in local]
     local_mask = shard_sequence(mask, world, rank, causal, dim=1) if padded else None
     attn = IMPLS[impl](dist.group.WORLD)
-    y = attn(*local, causal=causal, key_padding_mask=local_mask, dropout_p=0.0)
+    y = attn(*inputs, causal=causal, key_padding_mask=local_mask, dropout_p=0.0)
     y.backward(dout[:, :, idx])
     rows = slice(None)
     if padded:  # padded queries are free to attend to anything; compare real ones
         rows = local_mask[:, None, :, None].expand_as(y)
     torch.testing.assert_close(y[rows], out.detach()[:, :, idx][rows], atol=ATOL, rtol=0)
     for name, mine, ref in zip("qkv", local, (rq, rk, rv), strict=True):
-        torch.testing.assert_close(mine.grad, ref.grad[:, :, idx], atol=ATOL, rtol=0, msg=lambda m, n=name: f"d{n}: {m}")
+        grad = mine.grad.transpose(1, 2) if padded else mine.grad
+        torch.testing.assert_close(grad, ref.grad[:, :, idx], atol=ATOL, rtol=0, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def _check_all(rank, world):

@@ -88,10 +88,13 @@ def no_key_rows(lse: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor) -> None:
-    """In place: combine a block's (out, lse) into the running fp32 (out, lse) with the log-sum-exp rule."""
+    """In place: combine a block's (out, lse) into the running fp32 (out, lse) with the log-sum-exp rule.
+
+    `blk_out` is a kernel's fresh output and is scaled in place (fp32), so the merge allocates no output-sized
+    temporary."""
     new = torch.logaddexp(lse, blk_lse)
     safe = torch.where(torch.isinf(new), 0.0, new)
-    out.mul_(torch.exp(lse - safe)[..., None]).add_(blk_out.float() * torch.exp(blk_lse - safe)[..., None])
+    out.mul_(torch.exp(lse - safe)[..., None]).add_(blk_out.float().mul_(torch.exp(blk_lse - safe)[..., None]))
     lse.copy_(new)
 
 

@@ -8,8 +8,12 @@ is used) or one that only the second half of the local queries sees (only those 
 work is skipped. Backward recomputes per block from the saved output and log-sum-exp; the key/value gradients
 travel around the ring with their block and arrive home after sp exchanges.
 
-Communication: forward, sp - 1 ring exchanges of the stacked (k, v) chunk plus one all-gather of the padding masks;
+Communication: forward, sp - 1 ring exchanges of the (k, v) chunk plus one all-gather of the padding masks;
 backward, sp - 1 exchanges of (k, v) and sp exchanges of their fp32 gradient accumulators.
+
+Memory: no zero-filled or stacked buffers: the own block's output and gradients start the accumulators, k and v
+travel as they are, a remote block's gradients are computed a head group at a time into the accumulators, and the
+gradient accumulators travel one at a time, each exchange waited for (a spare of one chunk, not four).
 """
 
 from __future__ import annotations
@@ -35,6 +39,25 @@ def _plan(rank: int, src: int, causal: bool, t: int):
 
 
 # ------------------------------------------------------------------------------------------ ring attention
+GRAD_HEAD_GROUPS = 4  # a block's gradients are computed this many head groups at a time (see `_head_groups`)
+
+
+def _head_groups(heads: int) -> list[slice]:
+    """Head slices for one block's backward: the kernel's dq/dk/dv temporaries are a group's, not the block's,
+    so beside the accumulators a remote block costs a quarter of a chunk's gradients in memory, not all three."""
+    size = -(-heads // GRAD_HEAD_GROUPS)
+    return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
+
+
+def _accumulators(blk_out: torch.Tensor, blk_lse: torch.Tensor, mask: torch.Tensor | None):
+    """The own (diagonal) block's output and log-sum-exp as the fp32 running accumulators, with 0 output where a
+    query has no attendable key (kernels leave anything there)."""
+    out = blk_out.float()
+    if mask is not None:
+        out.masked_fill_(torch.isinf(blk_lse)[..., None], 0.0)
+    return out, blk_lse.float()
+
+
 class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, causal: bool, group):
@@ -42,19 +65,22 @@ class _RingAttentionFn(torch.autograd.Function):
         n, r = ring.size, ring.rank
         masks = all_gather_list(key_mask, group) if key_mask is not None else [None] * n
         t = q.shape[-2]
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
+        kb, vb = k, v
         for i in range(n):
             src = (r - i) % n
             if i < n - 1:
-                ring.start(kv)  # next block in flight while this one computes
+                ring.start(kb, vb)  # next block in flight while this one computes
             qs, ks, blk_causal = _plan(r, src, causal, t)
             m = masks[src][:, ks] if masks[src] is not None else None
-            blk_out, blk_lse = block_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], blk_causal, key_bias(m, q.dtype))
-            merge_into(out[:, :, qs], lse[:, :, qs], blk_out, no_key_rows(blk_lse, m))
+            blk_out, blk_lse = block_forward(q[:, :, qs], kb[:, :, ks], vb[:, :, ks], blk_causal, key_bias(m, q.dtype))
+            blk_lse = no_key_rows(blk_lse, m)
+            if i == 0:  # our own block covers every local query and key
+                out, lse = _accumulators(blk_out, blk_lse, m)
+            else:
+                merge_into(out[:, :, qs], lse[:, :, qs], blk_out, blk_lse)
+            del blk_out, blk_lse
             if i < n - 1:
-                kv = ring.wait()
+                kb, vb = ring.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.masks, ctx.causal, ctx.group = masks, causal, group
@@ -63,39 +89,43 @@ class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        lse = torch.where(torch.isinf(lse), 0.0, lse)  # a query with no key at all: its probabilities stay 0
         masks, causal, group = ctx.masks, ctx.causal, ctx.group
+        if masks[0] is not None:  # a query with no key at all (-inf): its probabilities stay 0
+            lse = torch.where(torch.isinf(lse), 0.0, lse)
         kv_ring, dkv_ring = RingExchange(group, tag=0), RingExchange(group, tag=1)
         n, r = kv_ring.size, kv_ring.rank
         t = q.shape[-2]
         dout = dout.contiguous()
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-        in_flight = False
+        kb, vb = k, v
         for i in range(n):
             src = (r - i) % n
             if i < n - 1:
-                kv_ring.start(kv)
+                kv_ring.start(kb, vb)
             qs, ks, blk_causal = _plan(r, src, causal, t)
             m = masks[src][:, ks] if masks[src] is not None else None
-            g = block_backward(
-                dout[:, :, qs], q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
-                out[:, :, qs], lse[:, :, qs].contiguous(), blk_causal, key_bias(m, q.dtype),
-            )
-            dq[:, :, qs] += g[0]
-            if in_flight:
-                dkv = dkv_ring.wait()  # the gradient buffer of block `src`, from the previous rank
-            dkv[0][:, :, ks] += g[1]
-            dkv[1][:, :, ks] += g[2]
+            bias = key_bias(m, q.dtype)
+            if i == 0:  # our own block: its gradients become the fp32 accumulators (no zero-filled buffers)
+                dq, dk, dv = (g.float() for g in block_backward(dout, q, kb, vb, out, lse, blk_causal, bias))
+            else:  # dk, dv: block `src`'s accumulators, received from the previous rank at the end of the last step
+                for h in _head_groups(q.shape[1]):
+                    g = block_backward(
+                        dout[:, h, qs], q[:, h, qs], kb[:, h, ks], vb[:, h, ks],
+                        out[:, h, qs], lse[:, h, qs].contiguous(), blk_causal, bias,
+                    )
+                    dq[:, h, qs] += g[0]
+                    dk[:, h, ks] += g[1]
+                    dv[:, h, ks] += g[2]
+                    del g
             if n > 1:
-                dkv_ring.start(dkv)  # on to the next rank, with the block it belongs to
-                in_flight = True
+                # on to the next rank, with the block they belong to; the previous rank's come in (after n
+                # exchanges our own block's are home). dk, then dv, each waited for: one spare buffer is alive,
+                # not the two of both in flight, at the price of this exchange not overlapping compute (the
+                # key/value exchange does).
+                (dk,) = dkv_ring.start(dk).wait()
+                (dv,) = dkv_ring.start(dv).wait()
             if i < n - 1:
-                kv = kv_ring.wait()
-        if n > 1:
-            dkv = dkv_ring.wait()  # after n exchanges our own block's gradients are home
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+                kb, vb = kv_ring.wait()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 class RingAttention:
