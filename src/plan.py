@@ -11,10 +11,12 @@ that fit, by an estimated step time (the step's FLOPs at --tflops per device, st
 plus the communication at --gbps), then by memory.
 
 The estimate counts what this code keeps, in fp32 (or bf16 activations under autocast), per token of a layer:
-LayerNorm inputs and outputs, the projections' inputs, q, k, v and the attention output, the MLP's two
-ffn-wide tensors; rsa adds its L/sp x L probabilities and the gathered keys and values; the logits and their
-log-softmax per vocabulary entry (BERT without tp or pp: at the target tokens only); plus a runtime baseline (a forked CPU rank with the training stack loaded, or a
-CUDA context). It is checked against measured peaks of real runs in the tests (within 10%).
+LayerNorm inputs and outputs, q, k, v and the attention output, the MLP's two ffn-wide tensors (rsa and ulysses
+add the copy of their output that o_proj reads, rsa its L/sp x L probabilities); the log-softmax and two
+gradients of its size per vocabulary entry (BERT without tp or pp: at the target tokens only); plus a runtime
+baseline (on CPU, measured: a rank forked with the training stack loaded, or the whole process when the job is
+one process; on GPU, a CUDA context). It is checked against measured peaks of real runs in the tests (within
+10%).
 """
 
 from __future__ import annotations
@@ -52,16 +54,17 @@ class Estimate:
     logits_mib: float
     runtime_mib: float
     comm_mib_per_step: float
-    # rsa's backward holds three more (seq_len/sp) x seq_len matrices per head for one layer at a time: after the
-    # logits are freed, so the peak holds the larger of the two.
-    attn_backward_mib: float = 0.0
+    # What the backward holds for one layer at a time, after the logits are freed (so the peak holds the larger of
+    # the two): under activation checkpointing the rebuilt block's activations; rsa's three (seq_len/sp) x seq_len
+    # matrices per head.
+    backward_mib: float = 0.0
     step_s: float = 0.0  # estimated: compute at --tflops (times the pipeline bubble) + communication at --gbps
     fits: bool = False
 
     @property
     def peak_mib(self) -> float:
         return (self.params_mib + self.grads_mib + self.optimizer_mib + self.activations_mib
-                + max(self.logits_mib, self.attn_backward_mib) + self.runtime_mib)
+                + max(self.logits_mib, self.backward_mib) + self.runtime_mib)
 
     @property
     def layout(self) -> str:
@@ -107,14 +110,15 @@ def activation_bytes_per_token_layer(cfg: Config, tp: int, sp: int, seq_len: int
     m = cfg.model
     h, f, a = m.hidden_size, m.ffn_size, m.num_heads
     width = 2 if cfg.trainer.precision == "bf16" else 4
-    # Replicated over tp: 2 LayerNorm inputs + 2 outputs; sharded by tp: q, k, v, attention output and the copy
-    # o_proj reads (5h), the MLP's up output and activation output (2f).
-    per_token = 4 * h + (5 * h + 2 * f) / tp
+    # Replicated over tp: 2 LayerNorm inputs + 2 outputs; sharded by tp: q, k, v and the attention output (4h),
+    # the MLP's up output and activation output (2f).
+    per_token = 4 * h + (4 * h + 2 * f) / tp
+    if sp > 1 and impl in ("rsa", "ulysses"):
+        per_token += h / tp  # their output is not in the projections' layout: o_proj reads a contiguous copy
     if m.dropout > 0:
         per_token += 2 * h / 4  # two hidden dropout masks (1 byte per element, counted as a quarter float)
     if impl == "rsa" and sp > 1 and m.attention == "softmax":
-        # The gathered keys and values of the whole sequence and this rank's (seq_len/sp) x seq_len probabilities.
-        per_token += (2 * h * sp + a * seq_len) / tp
+        per_token += a * seq_len / tp  # this rank's (seq_len/sp) x seq_len probabilities (k and v stay chunks)
     return per_token * width
 
 
@@ -138,8 +142,10 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     stages = pp * (2 if pp > 1 and cfg.parallel.pp_schedule == "interleaved_1f1b" else 1)
     layers = math.ceil(m.num_layers / stages) * (stages // pp)
     per_layer = activation_bytes_per_token_layer(cfg, tp, sp, T, cfg.parallel.sp_impl) * tokens
-    if t.activation_checkpointing:  # block inputs kept, one block's activations rebuilt at a time
-        acts = layers * tokens * m.hidden_size * 4 + per_layer
+    backward = 0.0
+    if t.activation_checkpointing:  # block inputs kept; in backward, one block's activations rebuilt at a time
+        acts = layers * tokens * m.hidden_size * 4
+        backward = per_layer
     else:
         acts = layers * per_layer
     in_flight = 1
@@ -148,7 +154,9 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     acts *= in_flight
     acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
     vocab = m.vocab_size / tp
-    logits = 4 * tokens * vocab * 4  # logits, log-softmax, and two gradients of that size in the loss's backward
+    # The log-softmax output and, in the loss's backward, two gradients of its size; under tp, torch's loss_parallel
+    # backward holds five (the log-softmax, its exp, the target term, their sum and the product with the gradient).
+    logits = (3 if tp == 1 else 5) * tokens * vocab * 4
     if m.arch == "bert" and tp == 1 and pp == 1:  # the trainer runs BERT's head at the target tokens only
         logits *= cfg.data.mlm_probability
     comm = 0.0
@@ -163,12 +171,11 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
         comm += n_micro * layers * {"ulysses": 4 * act_tensor / tp / sp * (sp - 1) * 2}.get(cfg.parallel.sp_impl, kv * (sp - 1) * 2)
     if pp > 1:
         comm += n_micro * 2 * act_tensor
-    attn_backward = 0.0
     if cfg.parallel.sp_impl == "rsa" and sp > 1 and m.attention == "softmax":
         width = 2 if t.precision == "bf16" else 4
-        attn_backward = 3 * m.num_heads / tp * T * tokens * width  # dP, P * dP and dS alive at once
+        backward += 3 * m.num_heads / tp * T * tokens * width  # dP, P * dP and dS alive at once
     return Estimate(dp, pp, tp, sp, micro, params_b / MIB, grads_b / MIB, optim_b / MIB, acts / MIB,
-                    logits / MIB, runtime_mib, comm / MIB, attn_backward / MIB)
+                    logits / MIB, runtime_mib, comm / MIB, backward / MIB)
 
 
 def layouts(cfg: Config, world: int):
@@ -221,28 +228,36 @@ def _rank_baseline_probe() -> None:
     import seqpar.data  # noqa: F401
     import seqpar.trainer.loop  # noqa: F401
 
-    read, write = os.pipe()
-    if os.fork() == 0:  # a rank: one small training step touches the kernels' code
-        anon = _status_mib("RssAnon")["RssAnon"]
+    def small_step():  # touches the kernels' code
         torch.set_num_threads(1)
         layer = torch.nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
         layer(torch.randn(2, 16, 64)).sum().backward()
         torch.optim.AdamW(layer.parameters()).step()
+
+    read, write = os.pipe()
+    if os.fork() == 0:  # a forked rank
+        anon = _status_mib("RssAnon")["RssAnon"]
+        small_step()
         os.write(write, f"{anon + _status_mib('RssFile')['RssFile']}".encode())
         os._exit(0)
     os.close(write)
-    print(os.read(read, 64).decode())
+    forked = os.read(read, 64).decode()
+    small_step()  # a rank that is a process of its own (one process, or one that torchrun or srun started)
+    status = _status_mib("RssAnon", "RssFile")
+    print(forked, status["RssAnon"] + status["RssFile"])
 
 
 @functools.cache
-def runtime_baseline_mib(device: str) -> float:
+def runtime_baseline_mib(device: str, world: int = 2) -> float:
     """Memory a rank uses before it holds any tensor: a CUDA context on GPU; on CPU, what `_rank_baseline_probe`
-    measures in a fresh process (this one may hold much more: a test runner, a notebook)."""
+    measures in a fresh process (this one may hold much more: a test runner, a notebook): a rank forked by the
+    local launcher when `world` > 1, the whole process when the job is one process."""
     if device == "cuda":
         return 600.0
     probe = "from seqpar.plan import _rank_baseline_probe; _rank_baseline_probe()"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    return float(out.split()[-1])
+    forked, single = (float(x) for x in out.split()[-2:])
+    return single if world == 1 else forked
 
 
 def plan(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda", tflops: float = 400.0,
@@ -250,7 +265,7 @@ def plan(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda", tflop
     """Every layout's estimate, best first: those that fit, by estimated step time, then the larger micro-batch,
     then memory."""
     counts, _ = _param_counts(cfg)
-    runtime = runtime_baseline_mib(device)
+    runtime = runtime_baseline_mib(device, gpus)
     m, t = cfg.model, cfg.trainer
     total = sum(counts.values())
     flops = (6.0 * total + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_len) * t.global_batch_size * cfg.data.seq_len

@@ -2,7 +2,7 @@
 """The memory planner's estimate against the measured peak of real CPU runs, for several layouts and both models.
 
 Each layout runs `train.py -m model=gpt_tiny,bert_tiny` at a size where activations and logits outweigh the
-runtime (hidden 256, FFN 1024, 8 sequences x 512 tokens, 2 steps, one thread per rank), and its `peak_mem_mib`
+runtime (hidden 256, FFN 1024, 8 sequences x 512 tokens, one step, one thread per rank), and its `peak_mem_mib`
 (maximum over ranks) is set beside `python -m seqpar.plan`'s estimate for the same overrides (`--device cpu`).
 
     python scripts/bench/planner_accuracy.py                     # every layout below; a markdown table
@@ -22,8 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SIZE = ["model.hidden_size=256", "model.ffn_hidden_size=1024", "model.max_seq_len=512", "data.seq_len=512",
         "trainer.global_batch_size=8"]
-RUN = ["trainer.max_steps=2", "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.threads=1",
+RUN = ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.threads=1",
        "trainer.save_final=false", "checkpoint.at_end=false", "logger.wandb.mode=disabled"]
+# One thread per rank; glibc serves every allocation above 128 KiB by mmap, so a freed tensor leaves the resident
+# set at once and the peak is the live memory (what a GPU's allocator reports), not what malloc kept after frees
+# (with glibc's adaptive threshold the same run peaks 10-30% higher, by a different amount on every rank).
+MEASURE_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 LAYOUTS = {
     "sp=1 (one process)": [],
     "sp=2 ring": ["parallel.sp=2"],
@@ -43,7 +47,7 @@ def measure(layout: list[str], workdir: Path) -> dict[str, float]:
     sweep = workdir / "sweep"
     cmd = [sys.executable, str(REPO / "train.py"), "-m", "model=gpt_tiny,bert_tiny", *SIZE, *layout, *RUN,
            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, **MEASURE_ENV})
     out = {}
     for model, job in zip(("gpt_tiny", "bert_tiny"), ("0", "1"), strict=True):
         out[model] = json.loads((sweep / job / "metrics.jsonl").read_text().splitlines()[0])["peak_mem_mib"]
