@@ -213,8 +213,7 @@ class _SignalForwarder:
 
     def _forward(self, signum, frame) -> None:
         if os.getpid() != self.pid:
-            global _pending_signal
-            _pending_signal = signum
+            _record_stop_signal(signum, frame)
             return
         for p in self.processes:
             if p.is_alive():
@@ -256,9 +255,20 @@ def _stop(processes, grace_s: float) -> None:
         p.join()
 
 
+def _record_stop_signal(signum, frame) -> None:
+    global _pending_signal
+    _pending_signal = signum
+
+
 def run_joined(info: RankInfo, fn, *args, device_type: str = "cpu", timeout_s: float = 1800.0) -> None:
-    """This process is one rank of a job started by torchrun or srun: join, run, tear down."""
+    """This process is one rank of a job started by torchrun or srun: join, run, tear down.
+
+    SIGUSR1 (SLURM's warning ahead of preemption or the time limit) is recorded for the rank's whole life: before
+    the trainer listens, the trainer honours it at its first step (`pending_stop_signal`); after training, while
+    the rank exports and tears down, it has nothing left to do (the default action would kill this rank in the
+    middle of the final collective and fail a finished job)."""
     _quiet_unless_rank0(info.rank)
+    signal.signal(signal.SIGUSR1, _record_stop_signal)
     init_distributed(info, device_type, timeout_s)
     try:
         fn(*args)

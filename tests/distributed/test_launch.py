@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from seqpar.parallel.launch import RankFailed, first_host, launch_local, launched_rank
+from seqpar.parallel.launch import RankFailed, first_host, free_port, launch_local, launched_rank
 
 
 def _raise_on_rank1() -> None:
@@ -83,3 +85,37 @@ def test_rank_detection_from_launcher_variables():
                                         ("c-12", "c-12"), ("x[010-011]", "x010")])
 def test_first_host_of_a_slurm_nodelist(nodes, host):
     assert first_host(nodes) == host
+
+
+LATE_SIGNAL = """
+import os, signal, sys
+from seqpar.parallel.launch import launch
+from seqpar.trainer.loop import StopRequest
+
+def job():
+    os.kill(os.getpid(), signal.SIGUSR1)  # before the trainer listens: remembered for it
+    stop = StopRequest()
+    early = stop.signum
+    stop.restore()  # training over, as at the end of fit()
+    os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning while the rank exports and tears down
+    with open(sys.argv[1] + os.environ["RANK"], "w") as f:
+        f.write(str(early))
+
+launch(job, 2)
+with open(sys.argv[1] + os.environ["RANK"], "a") as f:
+    f.write(" finished")
+"""
+
+
+def test_a_late_usr1_does_not_kill_a_launched_rank_and_an_early_one_is_kept(tmp_path):
+    """Ranks started by torchrun/srun (RANK/WORLD_SIZE set): SIGUSR1 before the trainer listens is handed to it;
+    SIGUSR1 after training (SLURM's preemption warning) must not kill a rank in the final barrier."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", LATE_SIGNAL, str(tmp_path / "rank")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": port, "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    for r, p in enumerate(procs):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        assert (tmp_path / f"rank{r}").read_text() == f"{int(signal.SIGUSR1)} finished"
