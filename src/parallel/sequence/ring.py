@@ -12,8 +12,9 @@ Communication: forward, sp - 1 ring exchanges of the (k, v) chunk plus one all-g
 backward, sp - 1 exchanges of (k, v) and sp exchanges of their fp32 gradient accumulators.
 
 Memory: no zero-filled or stacked buffers: the own block's output and gradients start the accumulators, k and v
-travel as they are, a remote block's gradients are computed a head group at a time into the accumulators, and the
-gradient accumulators travel one at a time, each exchange waited for (a spare of one chunk, not four).
+travel as they are; for chunks of 4 MiB and more (`LEAN_MIN_BYTES`) a remote block's gradients are computed a head
+group at a time into the accumulators, and the gradient accumulators travel one at a time, each exchange waited for
+(a spare of one chunk, not four).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def _plan(rank: int, src: int, causal: bool, t: int):
 
 # ------------------------------------------------------------------------------------------ ring attention
 GRAD_HEAD_GROUPS = 4  # a block's gradients are computed this many head groups at a time (see `_head_groups`)
+# From this size of a rank's key chunk on, backward saves memory over latency: a remote block's gradients a head
+# group at a time and the gradient accumulators exchanged one at a time, each waited for. Below it the memory is
+# small and the exchanges' latency is not: one kernel call per block, and the accumulators travel together while
+# the next block computes (at 64 tokens x 4 heads, 1.5x faster per call; at 16K tokens the lean path saves 11%
+# of the peak, see docs/benchmarks.md).
+LEAN_MIN_BYTES = 4 * 2**20
 
 
 def _head_groups(heads: int) -> list[slice]:
@@ -96,6 +103,8 @@ class _RingAttentionFn(torch.autograd.Function):
         n, r = kv_ring.size, kv_ring.rank
         t = q.shape[-2]
         dout = dout.contiguous()
+        lean = k.numel() * k.element_size() >= LEAN_MIN_BYTES
+        groups = _head_groups(q.shape[1]) if lean else [slice(None)]
         kb, vb = k, v
         for i in range(n):
             src = (r - i) % n
@@ -106,25 +115,31 @@ class _RingAttentionFn(torch.autograd.Function):
             bias = key_bias(m, q.dtype)
             if i == 0:  # our own block: its gradients become the fp32 accumulators (no zero-filled buffers)
                 dq, dk, dv = (g.float() for g in block_backward(dout, q, kb, vb, out, lse, blk_causal, bias))
-            else:  # dk, dv: block `src`'s accumulators, received from the previous rank at the end of the last step
-                for h in _head_groups(q.shape[1]):
+            else:
+                for h in groups:
                     g = block_backward(
                         dout[:, h, qs], q[:, h, qs], kb[:, h, ks], vb[:, h, ks],
                         out[:, h, qs], lse[:, h, qs].contiguous(), blk_causal, bias,
                     )
+                    if not lean and h is groups[0]:
+                        dk, dv = dkv_ring.wait()  # block `src`'s accumulators, in flight during this compute
                     dq[:, h, qs] += g[0]
                     dk[:, h, ks] += g[1]
                     dv[:, h, ks] += g[2]
                     del g
-            if n > 1:
-                # on to the next rank, with the block they belong to; the previous rank's come in (after n
-                # exchanges our own block's are home). dk, then dv, each waited for: one spare buffer is alive,
-                # not the two of both in flight, at the price of this exchange not overlapping compute (the
-                # key/value exchange does).
+            if n > 1 and lean:
+                # On to the next rank with the block they belong to; the previous rank's come in (after n
+                # exchanges our own block's are home). dk, then dv, each waited for: one spare chunk is alive, not
+                # the four of both in flight, at the price of this exchange not overlapping compute.
                 (dk,) = dkv_ring.start(dk).wait()
                 (dv,) = dkv_ring.start(dv).wait()
+            elif n > 1:
+                dkv_ring.start(dk, dv)  # waited for during the next block's compute
+                del dk, dv
             if i < n - 1:
                 kb, vb = kv_ring.wait()
+        if n > 1 and not lean:
+            dk, dv = dkv_ring.wait()  # after n exchanges our own block's gradients are home
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
