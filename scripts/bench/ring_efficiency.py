@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ring attention's efficiency: sequence-parallel core attention (forward + backward) over sp local processes of one
-thread each, against one process with --threads (2) threads running SDPA over the whole length, with our rsa and ulysses and
-DeepSpeed-Ulysses' `DistributedAttention` (SDPA on each rank's heads) beside it, in one run.
+thread each, against one process with --threads (2) threads running SDPA over the whole length, with our rsa and
+ulysses and DeepSpeed-Ulysses' `DistributedAttention` (SDPA on each rank's heads) beside it, in one run.
 
 Shape: batch 1, 12 heads of 64 (BERT-base width), fp32, bidirectional (--causal for GPT's zigzag ring). Each row
 is the fastest of --reps steps after a warm-up step at a short length (time: the slowest rank); peak memory per

@@ -5,10 +5,10 @@ BertForMaskedLM at the same configuration, batch and sequence length.
 A step is forward, loss, backward and an AdamW update. Ours runs as the trainer runs it (`build_model`,
 `model_loss_sum`, `build_optimizer`: fused AdamW, and BERT's MLM head at the target tokens only); transformers'
 model gets its own loss (`labels=`) and `torch.optim.AdamW` with the same hyper-parameters. FLOP rates count the
-usual model FLOPs (6 per weight per token, the head at every token, plus attention) for both. The two alternate step by step in one process, after warm-up steps, so that both see the same
-machine state; the report gives the median step time of each, their ratio, the model FLOP rate (the trainer's
-FLOPs-per-token estimate) and that rate as a fraction of the machine's fp32 matmul rate, measured in the same run
-on square matrices with the same thread count.
+usual model FLOPs (6 per weight per token, the head at every token, plus attention) for both. The two alternate
+step by step in one process, after warm-up steps, so that both see the same machine state; the report gives the
+median step time of each, their ratio, the model FLOP rate and that rate as a fraction of the machine's fp32
+matmul rate, measured in the same run on square matrices with the same thread count.
 
     python scripts/bench/throughput.py --model gpt2_small --batch 2 --seq 512
     python scripts/bench/throughput.py --model bert_base --batch 2 --seq 512 --json out.json

@@ -3,8 +3,8 @@
 - `RingExchange.start(*ts)`: point-to-point, non-blocking: send the tensors `ts` to the next rank of the ring and
   receive same-shaped ones from the previous rank (`batch_isend_irecv`). `wait()` returns the received tensors.
   Ring attention starts the exchange of the next key/value block, computes on the current one, then waits, so the
-  transfer overlaps the compute; k and v travel as they are (no stacked copy). These are used inside autograd functions whose backward runs its own exchanges,
-  so the primitive itself has no backward.
+  transfer overlaps the compute; k and v travel as they are (no stacked copy). These are used inside autograd
+  functions whose backward runs its own exchanges, so the primitive itself has no backward.
 - `all_gather_list(t, group)`: all-gather of a small non-differentiable tensor (the padding masks of every chunk).
 - `ring_pass(x, group, visit, grad)`: n - 1 ring exchanges that show every rank's chunk to `visit`; with `grad`,
   n more exchanges carry a gradient accumulator with each chunk back to its owner (Ring Self-Attention uses it

@@ -44,8 +44,7 @@ GRAD_HEAD_GROUPS = 4  # a block's gradients are computed this many head groups a
 # From this size of a rank's key chunk on, backward saves memory over latency: a remote block's gradients a head
 # group at a time and the gradient accumulators exchanged one at a time, each waited for. Below it the memory is
 # small and the exchanges' latency is not: one kernel call per block, and the accumulators travel together while
-# the next block computes (at 64 tokens x 4 heads, 1.5x faster per call; at 16K tokens the lean path saves 11%
-# of the peak, see docs/benchmarks.md).
+# the next block computes (at 16K tokens the lean path saves 11% of the peak, see docs/benchmarks.md).
 LEAN_MIN_BYTES = 4 * 2**20
 
 
