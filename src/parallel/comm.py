@@ -5,6 +5,11 @@
   Ring attention starts the exchange of the next key/value block, computes on the current one, then waits, so the
   transfer overlaps the compute; k and v travel as they are (no stacked copy). These are used inside autograd
   functions whose backward runs its own exchanges, so the primitive itself has no backward.
+  On CUDA with NCCL the transfer runs on NCCL's own stream (the side stream): `start` orders it after the compute
+  stream's work so far (the tensors to send are ready), `wait` makes the compute stream wait for it without
+  blocking the host, so the next block's kernels queue at once and the GPU runs them during the transfer. Tensors
+  in flight are kept alive by the process group until the exchange is waited for. With gloo (CPU) the transfer runs
+  on gloo's threads and `wait` blocks until it is done.
 - `all_gather_list(t, group)`: all-gather of a small non-differentiable tensor (the padding masks of every chunk).
 - `ring_pass(x, group, visit, grad)`: n - 1 ring exchanges that show every rank's chunk to `visit`; with `grad`,
   n more exchanges carry a gradient accumulator with each chunk back to its owner (Ring Self-Attention uses it

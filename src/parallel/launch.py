@@ -17,6 +17,7 @@ use `srun --kill-on-bad-exit=1`); a rank stuck in a collective fails after `time
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import re
 import signal
@@ -88,6 +89,7 @@ def free_port() -> int:
 def init_distributed(info: RankInfo, device_type: str, timeout_s: float) -> None:
     """Set this rank's device and threads and join the process group (NCCL on CUDA, gloo on CPU). The rank's
     place is also put in the environment as torchrun would (libraries such as DeepSpeed read LOCAL_RANK)."""
+    faulthandler.enable()  # a crash in native code (a segfault) prints every thread's Python stack
     for key, value in (("RANK", info.rank), ("WORLD_SIZE", info.world), ("LOCAL_RANK", info.local_rank),
                        ("LOCAL_WORLD_SIZE", info.local_world), ("MASTER_ADDR", info.master_addr),
                        ("MASTER_PORT", info.master_port)):

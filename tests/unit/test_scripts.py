@@ -46,3 +46,30 @@ def test_wandb_dashboard_is_built_offline():
     assert {"loss", "eval_loss", "tokens_per_s", "mfu", "peak_mem_mib", "grad_norm", "lr"} <= ys
     assert sections["Loss"].panels[0].x == "tokens"  # loss against tokens seen, comparable across batch sizes
     assert any(p.metric_regex and "rank" in p.metric_regex for p in sections["Memory"].panels)
+
+
+def test_mfu_benchmark_reports_the_trainers_rate_against_the_given_peak(tmp_path, cache_dir):
+    """scripts/bench/mfu.py runs train.py and reports the median tokens/s and MFU of the steps after warm-up; the MFU
+    is tokens/s x the model's FLOPs per token / the peak it was given."""
+    from seqpar.cli import compose
+    from seqpar.models import build_model
+    from seqpar.trainer.metrics import flops_per_token
+
+    from ..conftest import cli_env
+
+    out = tmp_path / "mfu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "mfu.py"), "--model", "gpt_tiny",
+                           "--seq", "64", "--batch", "4", "--steps", "4", "--warmup", "1", "--device", "cpu",
+                           "--threads", "1", "--peak-tflops", "1", "--json", str(out)],
+                          cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["peak_flops"] == 1e12
+    (row,) = report["rows"]
+    assert (row["seq"], row["batch"], row["steps"], row["precision"]) == (64, 4, 3, "fp32")
+    cfg = compose(ROOT / "configs", ["model=gpt_tiny", "data.seq_len=64", "model.max_seq_len=64"])
+    flops = flops_per_token(build_model(cfg.model), cfg.model, 64)
+    assert 0 < row["mfu"] < 1
+    # medians of per-step values: equal when the median step is the same for both (odd count of steps)
+    assert abs(row["mfu"] - row["tokens_per_s"] * flops / 1e12) / row["mfu"] < 1e-3
+    assert f"| gpt_tiny | 64 | 4 | cpu | fp32 | {row['tokens_per_s']:.0f} | {row['mfu']:.1%} |" in proc.stdout

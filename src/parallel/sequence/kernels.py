@@ -1,7 +1,16 @@
 """Per-block attention kernels that return (and accept) the log-sum-exp, and the log-sum-exp merge.
 
-On CPU these are PyTorch's fused flash-attention kernels (`aten._scaled_dot_product_flash_attention_for_cpu` and its
-backward, which accepts an outside output and log-sum-exp); elsewhere a math kernel with block-sized memory.
+Each kernel's backward accepts an outside output and log-sum-exp (the merged ones of all blocks). `block_kernel`
+picks, by device, dtype, head size and mask:
+- "cpu": PyTorch's fused CPU flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`);
+- "flash": FlashAttention-2 on CUDA (`aten._scaled_dot_product_flash_attention`): fp16/bf16, no mask, head size a
+  multiple of 8 up to 256, compute capability 8.0 or newer;
+- "efficient": the memory-efficient CUDA kernel (`aten._scaled_dot_product_efficient_attention`) for the rest on
+  CUDA (fp32, or a padding mask, which it takes as an additive bias); its log-sum-exp is padded to a multiple of 32
+  queries and its bias rows must be 16-aligned, both handled here;
+- "math": a kernel of plain tensor ops with block-sized memory, anywhere else.
+The CUDA kernels' calls are also exercised on the meta device (shapes, dtypes, argument order), so a machine
+without a GPU checks them too; their numbers are checked against the math kernel where a GPU is present.
 Masks are additive float biases: a (B, 1, 1, Tk) padding bias, plus a lower-triangular one when a block is both
 causal and padded.
 """
@@ -29,13 +38,38 @@ def _causal_bias(bias: torch.Tensor | None, tq: int, tk: int, like: torch.Tensor
     return tri if bias is None else bias + tri
 
 
+def block_kernel(q: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """Which kernel computes a block of these queries with this bias: "cpu", "flash", "efficient" or "math"."""
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type not in ("cuda", "meta") or q.shape[-1] % 8:
+        return "math"
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if bias is None and half and q.shape[-1] <= 256 and _ampere_or_newer(q.device):
+        return "flash"
+    return "efficient"
+
+
+def _ampere_or_newer(device: torch.device) -> bool:
+    return device.type == "meta" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def block_forward(q, k, v, causal: bool, bias):
     """(out, lse) of one block: out like q, lse (B, H, Tq) float32 natural log."""
     if causal and bias is not None:
         bias, causal = _causal_bias(bias, q.shape[-2], k.shape[-2], q), False
-    if q.device.type == "cpu":
+    kernel = block_kernel(q, bias)
+    if kernel == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias)
         return out, lse
+    if kernel == "flash":
+        out, lse, *_ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
+        return out, lse
+    if kernel == "efficient":
+        out, lse, *_ = aten._scaled_dot_product_efficient_attention(q, k, v, _aligned_bias(bias, q, k), True, 0.0, causal)
+        if bias is not None:  # a query with no attendable key: 0, not NaN (the merge weighs it by exp(-inf) = 0)
+            out = out.nan_to_num_(0.0)
+        return out, lse[..., : q.shape[-2]]
     return _math_forward(q, k, v, causal, bias)
 
 
@@ -43,11 +77,49 @@ def block_backward(dout, q, k, v, out, lse, causal: bool, bias):
     """(dq, dk, dv) of one block given the *global* output and log-sum-exp of these queries."""
     if causal and bias is not None:
         bias, causal = _causal_bias(bias, q.shape[-2], k.shape[-2], q), False
-    if q.device.type == "cpu":
+    kernel = block_kernel(q, bias)
+    if kernel == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias
         )
+    if kernel == "flash":
+        # No dropout: the random-number state is never read; empty tensors of the forward's kinds stand in for it.
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        offset = torch.empty((), dtype=torch.uint64, device=q.device)
+        return aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, seed, offset
+        )
+    if kernel == "efficient":
+        seed, offset = (torch.empty((), dtype=torch.long, device=q.device) for _ in range(2))
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, _aligned_bias(bias, q, k), out, _padded_lse(lse), seed, offset, 0.0,
+            [True, True, True, False], causal,
+        )
+        return dq, dk, dv
     return _math_backward(dout, q, k, v, out, lse, causal, bias)
+
+
+def _aligned_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The bias as the memory-efficient kernel reads it: (B, H, Tq, Tk) with broadcast dimensions at stride 0 and
+    rows 16-aligned (a padded buffer, sliced back to Tk keys)."""
+    if bias is None:
+        return None
+    tk = k.shape[-2]
+    if tk % 16:
+        buf = bias.new_zeros(*bias.shape[:-1], tk + 16 - tk % 16)
+        buf[..., :tk] = bias
+        bias = buf[..., :tk]
+    return bias.expand(q.shape[0], q.shape[1], q.shape[-2], tk)
+
+
+def _padded_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp in the memory-efficient kernel's layout: queries padded to a multiple of 32."""
+    tq = lse.shape[-1]
+    if tq % 32 == 0:
+        return lse.contiguous()
+    out = lse.new_zeros(*lse.shape[:-1], tq + 32 - tq % 32)
+    out[..., :tq] = lse
+    return out
 
 
 def _scores(q, k, causal, bias):
