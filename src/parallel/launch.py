@@ -96,8 +96,10 @@ def init_distributed(info: RankInfo, device_type: str, timeout_s: float) -> None
         os.environ[key] = str(value)
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world))
+    else:  # $OMP_NUM_THREADS, applied here too: torch reads it only if it was set before torch was imported
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                              else max(1, (os.cpu_count() or 1) // info.local_world))
     dist.init_process_group(
         "nccl" if device_type == "cuda" else "gloo",
         init_method=f"tcp://{info.master_addr}:{info.master_port}",

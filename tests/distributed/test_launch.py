@@ -119,3 +119,23 @@ def test_a_late_usr1_does_not_kill_a_launched_rank_and_an_early_one_is_kept(tmp_
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
         assert (tmp_path / f"rank{r}").read_text() == f"{int(signal.SIGUSR1)} finished"
+
+
+def _threads(path: str) -> None:
+    with open(f"{path}.{dist.get_rank()}", "w") as f:
+        f.write(str(torch.get_num_threads()))
+
+
+def test_ranks_take_their_thread_count_from_omp_num_threads_even_when_set_after_import(tmp_path, monkeypatch):
+    """$OMP_NUM_THREADS set after torch was imported (a benchmark script's setdefault) still gives each rank that
+    many threads; unset, the cores are shared between the local ranks. More threads than cores made every rank's
+    idle threads spin while its peer needed the core (a ring benchmark step ran 8x slower)."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    launch_local(_threads, 2, str(tmp_path / "set"), deadline_s=90)
+    assert [(tmp_path / f"set.{r}").read_text() for r in range(2)] == ["3", "3"]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    launch_local(_threads, 2, str(tmp_path / "unset"), deadline_s=90)
+    want = str(max(1, (os.cpu_count() or 1) // 2))
+    assert [(tmp_path / f"unset.{r}").read_text() for r in range(2)] == [want, want]
+    assert torch.get_num_threads() == before  # the parent's own count is untouched
