@@ -7,8 +7,9 @@ wandb off); the report is the median over the steps after `--warmup` of the trai
 `seqpar.trainer.metrics.flops_per_token`) / (the device's peak x the number of ranks).
 
 The peak: on CUDA the device's dense bf16 peak (known GPUs, `seqpar.trainer.metrics.PEAK_FLOPS`) unless
-`--peak-tflops` is given; on CPU the fp32 matmul rate of this machine measured first with the training's thread
-count (so a CPU MFU is a fraction of what the machine's matmul reaches, not of a datasheet number).
+`--peak-tflops` is given; on CPU the fp32 matmul rate of this machine with the training's thread count, the best
+of probes before and after every run (a shared machine's rate moves; the MFU is rescaled to that best), so a CPU
+MFU is a fraction of what the machine's matmul reaches, not of a datasheet number.
 
     python scripts/bench/mfu.py --model gpt2_small --seq 1024 8192 --device cuda --precision bf16 --batch 8
     python scripts/bench/mfu.py --model gpt_tiny --seq 128 256 --device cpu --steps 6 --json out.json
@@ -82,9 +83,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup >= args.steps:
         ap.error(f"--warmup ({args.warmup}) must be less than --steps ({args.steps})")
     peak = args.peak_tflops * 1e12 if args.peak_tflops else None
-    if peak is None and args.device == "cpu":
+    probe = peak is None and args.device == "cpu"
+    if probe:
         peak = matmul_gflops(args.threads) * 1e9
-    rows = [measure(args, seq, peak) for seq in args.seq]
+    rows = []
+    for seq in args.seq:
+        rows.append(measure(args, seq, peak))
+        rows[-1]["peak_flops"] = peak  # the peak the trainer divided by
+        if probe:
+            peak = max(peak, matmul_gflops(args.threads) * 1e9)
+    for r in rows:  # every MFU against the best rate seen
+        if "mfu" in r:
+            r["mfu"] *= r["peak_flops"] / peak
+        r["peak_flops"] = peak
     print("| model | seq | batch | device | precision | tokens/s | MFU | peak memory (MiB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
