@@ -66,35 +66,38 @@ class MLMSequences:
         }
 
 
-def pack_stream(docs: list[list[int]], eos_id: int) -> np.ndarray:
-    """Concatenate documents, each followed by `eos_id`."""
-    total = sum(len(d) + 1 for d in docs)
-    out = np.empty(total, dtype=np.int32)
-    i = 0
-    for d in docs:
-        out[i : i + len(d)] = d
-        out[i + len(d)] = eos_id
-        i += len(d) + 1
+def pack_stream(docs, eos_id: int) -> np.ndarray:
+    """Concatenate documents (sequences of ids), each followed by `eos_id`."""
+    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+    out = np.full(int(lengths.sum()) + len(docs), eos_id, dtype=np.int32)
+    is_token = np.ones(len(out), dtype=bool)
+    is_token[np.cumsum(lengths + 1) - 1] = False
+    if len(docs):
+        out[is_token] = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs])
     return out
 
 
-def pack_windows(docs: list[list[int]], seq_len: int, cls_id: int, sep_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def pack_windows(docs, seq_len: int, cls_id: int, sep_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Greedy packing of documents into [CLS] body [SEP] [PAD]... windows of `seq_len` tokens."""
     body = seq_len - 2
-    bodies: list[list[int]] = []
-    current: list[int] = []
+    bodies: list[list] = []  # each a list of pieces (id arrays) that fill one window
+    current: list = []
+    used = 0
     for doc in docs:
-        pieces = [doc[i : i + body] for i in range(0, len(doc), body)] or []
-        for piece in pieces:
-            if len(current) + len(piece) > body:
+        doc = np.asarray(doc, dtype=np.int32)
+        for i in range(0, len(doc), body):
+            piece = doc[i : i + body]
+            if used + len(piece) > body:
                 bodies.append(current)
-                current = []
-            current = current + piece
+                current, used = [], 0
+            current.append(piece)
+            used += len(piece)
     if current:
         bodies.append(current)
     windows = np.full((len(bodies), seq_len), pad_id, dtype=np.int32)
     lengths = np.empty(len(bodies), dtype=np.int64)
-    for i, b in enumerate(bodies):
+    for i, pieces in enumerate(bodies):
+        b = np.concatenate(pieces)
         windows[i, 0] = cls_id
         windows[i, 1 : 1 + len(b)] = b
         windows[i, 1 + len(b)] = sep_id
@@ -110,30 +113,16 @@ class SequenceData:
 
 
 def build_sequences(cfg: Config) -> SequenceData:
-    """Load text, tokenize (with `datasets`, cached), split by document and make the training sequences."""
-    from seqpar.data.corpus import cache_root, corpus_fingerprint, load_text_dataset
-    from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, trained_tokenizer
-
+    """Load text, tokenize (with `datasets`; the token ids are cached, see `token_cache`), split by document and
+    make the training sequences."""
     d, arch = cfg.data, cfg.model.arch
-    ds = load_text_dataset(d)
-    if d.tokenizer:
-        tok = load_tokenizer_dir(d.tokenizer, arch)
-    else:
-        tok = trained_tokenizer(arch, cfg.model.vocab_size, lambda: iter(ds["text"]), cache_root(d), corpus_fingerprint(ds, d))
-    check_vocab(tok, cfg.model.vocab_size)
-
-    split = ds.train_test_split(test_size=d.val_fraction, seed=0, shuffle=True)
-
-    def tokenize(batch):
-        return {"ids": tok(batch["text"], add_special_tokens=False)["input_ids"]}
-
+    tok, parts = _tokenized_documents(cfg)
     out = []
-    for part in (split["train"], split["test"]):
-        ids = part.map(tokenize, batched=True, remove_columns=["text"], num_proc=d.num_proc if d.num_proc > 1 else None)["ids"]
+    for docs in parts:
         if arch == "gpt":
-            out.append(PackedSequences(pack_stream(ids, tok.eos_token_id), d.seq_len))
+            out.append(PackedSequences(pack_stream(docs, tok.eos_token_id), d.seq_len))
         else:
-            windows, lengths = pack_windows(ids, d.seq_len, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
+            windows, lengths = pack_windows(docs, d.seq_len, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
             out.append(MLMSequences(windows, lengths, tok, cfg.trainer.seed, d.mlm_probability))
     train, val = out
     if len(train) < cfg.trainer.global_batch_size:
@@ -145,6 +134,46 @@ def build_sequences(cfg: Config) -> SequenceData:
     if len(val) == 0:
         raise ConfigError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
     return SequenceData(train=train, val=val, tokenizer=tok)
+
+
+def _tokenized_documents(cfg: Config):
+    """(tokenizer, [training documents, validation documents]): from the token cache when it holds this text
+    tokenized by this tokenizer, else through `datasets` (and then cached)."""
+    from seqpar.data import token_cache
+    from seqpar.data.corpus import cache_root, corpus_fingerprint, load_text_dataset
+    from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, trained_tokenizer
+
+    d, arch = cfg.data, cfg.model.arch
+
+    def tokenizer(corpus_id: str, texts):
+        if d.tokenizer:
+            return load_tokenizer_dir(d.tokenizer, arch)
+        return trained_tokenizer(arch, cfg.model.vocab_size, texts, cache_root(d), corpus_id)
+
+    entry = token_cache.entry_path(cfg)
+    meta = token_cache.read_meta(entry) if entry is not None and entry.is_file() else None
+    if meta is not None:
+        # Training a tokenizer anew (its cached file was removed) needs the text after all.
+        tok = tokenizer(meta["corpus_id"], lambda: iter(load_text_dataset(d)["text"]))
+        if token_cache.tokenizer_digest(tok) == meta["tokenizer"]:
+            check_vocab(tok, cfg.model.vocab_size)
+            return tok, token_cache.read_documents(entry)
+
+    ds = load_text_dataset(d)
+    corpus_id = corpus_fingerprint(ds, d)
+    tok = tokenizer(corpus_id, lambda: iter(ds["text"]))
+    check_vocab(tok, cfg.model.vocab_size)
+    split = ds.train_test_split(test_size=d.val_fraction, seed=0, shuffle=True)
+
+    def tokenize(batch):
+        return {"ids": tok(batch["text"], add_special_tokens=False)["input_ids"]}
+
+    num_proc = d.num_proc if d.num_proc > 1 else None
+    parts = [part.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc)["ids"]
+             for part in (split["train"], split["test"])]
+    if entry is not None:
+        token_cache.write(entry, parts, corpus_id, tok)
+    return tok, parts
 
 
 _last_built: tuple[str, SequenceData] | None = None

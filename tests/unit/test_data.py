@@ -191,6 +191,49 @@ def test_text_files_source_builds_sequences(tmp_path, cache_dir):
     assert len(d.train) > 4 and len(d.tokenizer) <= 300
 
 
+def test_token_cache_replaces_datasets_until_the_text_or_tokenizer_changes(tmp_path, monkeypatch):
+    """The second build of the same text reads the cached token ids without loading the text; an edited file or a
+    retrained tokenizer (same settings, different merges) is tokenized again."""
+    import shutil
+
+    import seqpar.data.corpus as corpus
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(f"Paragraph {i} tells of rings, keys and values passed along." for i in range(300)))
+    cfg = Config(
+        model=ModelConfig(arch="gpt", vocab_size=300, max_seq_len=32),
+        data=DataConfig(source="text_files", paths=[str(book)], seq_len=32, cache_dir=str(tmp_path / "cache")),
+        trainer=TrainerConfig(global_batch_size=4),
+    )
+    first = build_sequences(cfg)
+    assert len(list((tmp_path / "cache" / "sequences").glob("*.npz"))) == 1
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the text was loaded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(corpus, "load_text_dataset", no_loading)
+        again = build_sequences(cfg)
+    assert np.array_equal(again.train.stream, first.train.stream) and np.array_equal(again.val.stream, first.val.stream)
+
+    book.write_text(book.read_text() + "\n\nA last paragraph about sequence parallelism.")
+    edited = build_sequences(cfg)
+    assert len(edited.train.stream) + len(edited.val.stream) > len(first.train.stream) + len(first.val.stream)
+
+    # Another tokenizer under the same cache file name: the cached ids were made by the old one and are not used.
+    tok_file = next((tmp_path / "cache" / "tokenizers").glob("gpt-300-*.json"))
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"Entirely different words number {i}: zebra quartz fjord." for i in range(300)))
+    from seqpar.data.tokenizer import _train
+
+    _train("gpt", iter(other.read_text().split("\n\n")), 300).save(str(tok_file))
+    retrained = build_sequences(cfg)
+    assert not np.array_equal(retrained.train.stream, edited.train.stream)
+    shutil.rmtree(tmp_path / "cache" / "sequences")
+    fresh = build_sequences(cfg)  # through datasets with the new tokenizer
+    assert np.array_equal(retrained.train.stream, fresh.train.stream)
+
+
 def test_hf_dataset_source_loads_a_local_dataset(tmp_path, cache_dir):
     """`data=hf_dataset` goes through datasets.load_dataset; a local directory stands in for a hub name offline."""
     import json
