@@ -219,10 +219,9 @@ def _rank_baseline_probe() -> None:
     library code it touches as it runs (file-backed pages count towards a forked process only once touched)."""
     import os
 
-    import datasets  # noqa: F401  (everything a training process imports)
-    import hydra  # noqa: F401
-    import torch
-    import transformers  # noqa: F401
+    import hydra  # noqa: F401  (everything a training process imports: with its text's token ids cached, not
+    import torch  #              `datasets`; of transformers, the tokenizer and the config classes it saves with)
+    from transformers import BertConfig, GenerationConfig, GPT2Config, PreTrainedTokenizerFast  # noqa: F401
 
     import seqpar.cli  # noqa: F401
     import seqpar.data  # noqa: F401

@@ -105,6 +105,7 @@ def hf_config_from(cfg: ModelConfig) -> Any:
             bos_token_id=None,
             eos_token_id=None,
             tie_word_embeddings=True,
+            torch_dtype="float32",
         )
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation]
     return BertConfig(
@@ -122,6 +123,7 @@ def hf_config_from(cfg: ModelConfig) -> Any:
         initializer_range=cfg.init_std,
         pad_token_id=0,
         tie_word_embeddings=True,
+        torch_dtype="float32",
     )
 
 
@@ -286,14 +288,37 @@ def to_hf(model: nn.Module) -> nn.Module:
     return hf_model.eval()
 
 
+# Weights transformers ties to others and leaves out of its files (GPT-2's head is the token embedding; BERT's
+# decoder is the word embedding and its bias is cls.predictions.bias).
+_TIED = {"gpt": ("lm_head.weight",), "bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")}
+_HF_CLASS = {"gpt": "GPT2LMHeadModel", "bert": "BertForMaskedLM"}
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
-    """Write `model` (and optionally its tokenizer) as a transformers directory (safetensors)."""
+    """Write `model` (and optionally its tokenizer) as a transformers directory (safetensors, fp32).
+
+    The files are the ones transformers' own `save_pretrained` writes for GPT2LMHeadModel / BertForMaskedLM
+    (config.json, generation_config.json for GPT, model.safetensors without the tied copies), written from the
+    converted state dict: building the transformers model only to save it would import its modelling code, about
+    2 s of every training process that saves its final weights."""
+    from safetensors.torch import save_file
+
+    cfg: ModelConfig = model.config
+    if not_exportable(cfg):
+        raise ValueError(not_exportable(cfg))
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    from transformers.utils import logging as hf_logging
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    convert = _gpt_to_hf if cfg.arch == "gpt" else _bert_to_hf
+    tensors = {k: v.contiguous() for k, v in convert(sd, cfg).items() if k not in _TIED[cfg.arch]}
+    config = hf_config_from(cfg)
+    config.architectures = [_HF_CLASS[cfg.arch]]
+    config.save_pretrained(str(out))
+    if cfg.arch == "gpt":  # transformers writes one for every model that can generate
+        from transformers import GenerationConfig
 
-    hf_logging.disable_progress_bar()
-    to_hf(model).save_pretrained(str(out))
+        GenerationConfig.from_model_config(config).save_pretrained(str(out))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

@@ -104,8 +104,8 @@ def train(cfg: Config) -> None:
         from seqpar.data.sequences import build_sequences_once
 
         data = build_sequences_once(cfg)
-        if cfg.trainer.save_final:  # rank 0 saves through transformers: import its model classes once, here
-            from transformers import BertForMaskedLM, GPT2LMHeadModel  # noqa: F401
+        if cfg.trainer.save_final:  # rank 0 writes transformers' files: import its config classes once, here
+            from transformers import BertConfig, GenerationConfig, GPT2Config  # noqa: F401
         if cfg.trainer.engine == "deepspeed":  # a second or more per rank when each imports it
             from seqpar.trainer.engine import import_deepspeed
 

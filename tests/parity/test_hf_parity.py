@@ -121,6 +121,26 @@ def test_directory_round_trip(tmp_path, arch):
     assert read_checkpoint_config(tmp_path / "ckpt").num_heads == 5
 
 
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_saved_files_are_the_ones_transformers_writes(tmp_path, arch):
+    """save_pretrained writes the files itself (without building the transformers model): the same names, JSON
+    and tensors as GPT2LMHeadModel / BertForMaskedLM's own save_pretrained."""
+    from safetensors import safe_open
+
+    model = make_model(*next(c for c in CONFIGS if c[0] == arch))
+    save_pretrained(model, tmp_path / "ours")
+    to_hf(model).save_pretrained(str(tmp_path / "theirs"))
+    names = sorted(p.name for p in (tmp_path / "theirs").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == names
+    for name in (n for n in names if n.endswith(".json")):
+        assert json.loads((tmp_path / "ours" / name).read_text()) == json.loads((tmp_path / "theirs" / name).read_text()), name
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "theirs" / "model.safetensors"), "pt") as b:
+        assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
+        for k in b.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
 def test_unsupported_checkpoint_is_refused(tmp_path):
     model = make_model(*CONFIGS[0])
     save_pretrained(model, tmp_path / "c")
