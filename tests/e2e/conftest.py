@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .test_parallel_cli import NO_CHECKPOINT, STEPS, final_weights
+from .test_parallel_cli import NO_CHECKPOINT, STEPS, final_weights, merged
 from .test_train_cli import read_metrics, train_ok
 
 
@@ -18,13 +18,16 @@ def reference(tmp_path_factory, cache_dir):
 
     runs = {}
 
-    def get(model):
-        if model not in runs:
-            run = shared_tmp(tmp_path_factory) / f"reference-{model}"
+    def get(model, *overrides):
+        """The run of `model` with STEPS, and `overrides` (model.* keys) replacing their values."""
+        key = (model, *overrides)
+        if key not in runs:
+            run = shared_tmp(tmp_path_factory) / "-".join(["reference", model, *(o.replace("=", "_") for o in overrides)])
             with FileLock(f"{run}.lock"):
                 if not (run / "final_model" / "model.safetensors").is_file():
-                    train_ok([f"model={model}", *STEPS, *NO_CHECKPOINT, f"hydra.run.dir={run}"], cache_dir)
-            runs[model] = (*read_metrics(run), final_weights(run))
-        return runs[model]
+                    train_ok([f"model={model}", *merged(STEPS, overrides), *NO_CHECKPOINT, f"hydra.run.dir={run}"],
+                             cache_dir)
+            runs[key] = (*read_metrics(run), final_weights(run))
+        return runs[key]
 
     return get

@@ -1,6 +1,6 @@
 """Every parallel layout through the command line, against the single-process run.
 
-Same seed and global batch, 5 steps: at every step the loss must agree to a relative 1e-5 and the gradient norm
+Same seed and global batch, 5 steps of the two-layer tiny models: at every step the loss must agree to a relative 1e-5 and the gradient norm
 to 1e-4 (fp32 on CPU), the final evaluation loss too, and the saved final weights to 1e-4: Adam moves every
 weight by about the learning rate (1e-3) per step whatever its gradient's size, so a missing or doubled gradient
 contribution shows at that scale, while float rounding in near-zero gradients stays around 1e-5.
@@ -20,8 +20,10 @@ import yaml
 from ..conftest import ROOT, cli_env, run_train
 from .test_train_cli import read_metrics, train_ok
 
+# Two layers of the tiny models (enough for a pipeline stage each at pp=2; the per-step cost of these runs is
+# mostly per-operation overhead, so halving the layers saves about a third of the suite's parallel runs).
 STEPS = ["trainer.max_steps=5", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1",
-         "trainer.threads=1", "trainer.warmup_steps=2"]
+         "trainer.threads=1", "trainer.warmup_steps=2", "model.num_layers=2"]
 NO_CHECKPOINT = ["checkpoint.at_end=false"]  # checkpoints have their own tests; the 4D run still saves one
 LOSS_RTOL, GRAD_ATOL, WEIGHT_ATOL = 1e-5, 1e-4, 1e-4
 MODELS = ("gpt_tiny", "bert_tiny")
@@ -38,11 +40,22 @@ SWEEPS = {
     # the dropout test below, for GPT).
     "tp activation sharding": ["parallel.tp=2", "parallel.tp_shard_activations=true", "parallel.sp=2",
                                "trainer.micro_batch_size=4"],
-    "pp schedules": ["parallel.pp=2", "parallel.pp_schedule=gpipe,1f1b,interleaved_1f1b", "parallel.microbatches=4"],
+    # interleaved_1f1b holds 2 stages per rank: 4 layers (against a reference of 4 layers).
+    "pp schedules": ["parallel.pp=2", "parallel.pp_schedule=gpipe,1f1b,interleaved_1f1b", "parallel.microbatches=4",
+                     "model.num_layers=4"],
     "pp x sp": ["parallel.pp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa", "parallel.microbatches=4"],
     "pp x tp (x sp)": ["parallel.pp=2", "parallel.tp=2", "parallel.sp=1,2", "parallel.microbatches=4"],
     "dp x pp x tp": ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"],
 }
+
+
+def merged(*groups: list[str]) -> list[str]:
+    """Overrides, a later group's value replacing an earlier one's for the same key (Hydra refuses duplicates)."""
+    out: dict[str, str] = {}
+    for group in groups:
+        for o in group:
+            out[o.split("=", 1)[0]] = o
+    return list(out.values())
 
 
 def final_weights(run) -> dict:
@@ -85,15 +98,16 @@ def multirun(args, cache_dir, sweep_dir, weights=True) -> tuple[list[tuple[str, 
 @pytest.mark.parametrize("sweep", list(SWEEPS))
 def test_layouts_match_single_process(tmp_path, cache_dir, reference, sweep):
     """One multirun per family of layouts, over both models (GPT and BERT)."""
-    jobs, stdout = multirun([f"model={','.join(MODELS)}", *SWEEPS[sweep], *STEPS, *NO_CHECKPOINT], cache_dir,
+    jobs, stdout = multirun([f"model={','.join(MODELS)}", *merged(STEPS, SWEEPS[sweep]), *NO_CHECKPOINT], cache_dir,
                             tmp_path / "sweep")
+    model_overrides = [o for o in SWEEPS[sweep] if o.startswith("model.")]
     expected = len(MODELS)
     for arg in SWEEPS[sweep]:
         expected *= len(arg.split("=", 1)[1].split(","))
     assert len(jobs) == expected
     assert stdout.count("step 5 | loss") == expected  # progress from rank 0 only
     for model, label, run in jobs:
-        assert_same_run(run, reference(model), f"{model} {label}")
+        assert_same_run(run, reference(model, *model_overrides), f"{model} {label}")
 
 
 def test_full_4d_layout_matches_single_process(tmp_path, cache_dir, reference):

@@ -221,7 +221,11 @@ def test_token_cache_replaces_datasets_until_the_text_or_tokenizer_changes(tmp_p
     assert len(edited.train.stream) + len(edited.val.stream) > len(first.train.stream) + len(first.val.stream)
 
     # Another tokenizer under the same cache file name: the cached ids were made by the old one and are not used.
-    tok_file = next((tmp_path / "cache" / "tokenizers").glob("gpt-300-*.json"))
+    from seqpar.data import token_cache
+
+    corpus_id = token_cache.read_meta(token_cache.entry_path(cfg))["corpus_id"]  # the edited text's tokenizer
+    tok_file = tmp_path / "cache" / "tokenizers" / f"gpt-300-{corpus_id}.json"
+    assert tok_file.is_file()
     other = tmp_path / "other.txt"
     other.write_text("\n\n".join(f"Entirely different words number {i}: zebra quartz fjord." for i in range(300)))
     from seqpar.data.tokenizer import _train
