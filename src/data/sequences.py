@@ -155,9 +155,10 @@ def _tokenized_documents(cfg: Config):
     if meta is not None:
         # Training a tokenizer anew (its cached file was removed) needs the text after all.
         tok = tokenizer(meta["corpus_id"], lambda: iter(load_text_dataset(d)["text"]))
-        if token_cache.tokenizer_digest(tok) == meta["tokenizer"]:
+        parts = token_cache.read_documents(entry) if token_cache.tokenizer_digest(tok) == meta["tokenizer"] else None
+        if parts is not None:
             check_vocab(tok, cfg.model.vocab_size)
-            return tok, token_cache.read_documents(entry)
+            return tok, parts
 
     ds = load_text_dataset(d)
     corpus_id = corpus_fingerprint(ds, d)

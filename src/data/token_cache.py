@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,19 +65,27 @@ def tokenizer_digest(tok) -> str | None:
     return hashlib.sha1(backend.to_str().encode()).hexdigest()
 
 
+# What reading a damaged entry (truncated, overwritten by something else) raises; such an entry is made again.
+_UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
 def read_meta(path: Path) -> dict | None:
     """The entry's record of how it was made ({"corpus_id", "tokenizer"}), or None if there is no usable entry."""
     try:
         with np.load(path) as z:
             return json.loads(str(z["meta"]))
-    except (OSError, ValueError, KeyError):
+    except _UNREADABLE:
         return None
 
 
-def read_documents(path: Path) -> list[list[np.ndarray]]:
-    """[training documents, validation documents], each a list of int32 id arrays (views of one array)."""
-    with np.load(path) as z:
-        return [np.split(z[f"{part}_ids"], z[f"{part}_offsets"][1:-1]) for part in ("train", "val")]
+def read_documents(path: Path) -> list[list[np.ndarray]] | None:
+    """[training documents, validation documents], each a list of int32 id arrays (views of one array), or None
+    if the entry cannot be read."""
+    try:
+        with np.load(path) as z:
+            return [np.split(z[f"{part}_ids"], z[f"{part}_offsets"][1:-1]) for part in ("train", "val")]
+    except _UNREADABLE:
+        return None
 
 
 def write(path: Path, parts: list[list], corpus_id: str, tok) -> None:

@@ -216,6 +216,10 @@ def test_token_cache_replaces_datasets_until_the_text_or_tokenizer_changes(tmp_p
         again = build_sequences(cfg)
     assert np.array_equal(again.train.stream, first.train.stream) and np.array_equal(again.val.stream, first.val.stream)
 
+    entry = next((tmp_path / "cache" / "sequences").glob("*.npz"))
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # damaged: made again, not an error
+    assert np.array_equal(build_sequences(cfg).train.stream, first.train.stream)
+
     book.write_text(book.read_text() + "\n\nA last paragraph about sequence parallelism.")
     edited = build_sequences(cfg)
     assert len(edited.train.stream) + len(edited.val.stream) > len(first.train.stream) + len(first.val.stream)
