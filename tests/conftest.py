@@ -16,6 +16,12 @@ CONFIG_DIR = ROOT / "configs"
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): the multi-process runs start at once on every worker and the quick
+    tests fill the gaps after them, instead of one long run being left alone at the end of the session."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def shared_tmp(tmp_path_factory) -> Path:
     """A temporary folder all of this session's test processes (xdist workers) share."""
     base = tmp_path_factory.getbasetemp()

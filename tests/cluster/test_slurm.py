@@ -16,7 +16,7 @@ from ..conftest import ROOT, cli_env
 from ..e2e.test_parallel_cli import GRAD_ATOL, LOSS_RTOL
 from ..e2e.test_train_cli import read_metrics, train_ok
 
-pytestmark = pytest.mark.xdist_group("slurm")  # one worker starts the one test cluster and runs these tests
+pytestmark = [pytest.mark.xdist_group("slurm"), pytest.mark.slow]  # one worker starts the one test cluster and runs these
 
 STEPS = ["model=gpt_tiny", "trainer.max_steps=6", "trainer.log_every=1", "trainer.eval_every=0",
          "trainer.eval_batches=1", "trainer.threads=1", "trainer.warmup_steps=2", "checkpoint.at_end=false"]

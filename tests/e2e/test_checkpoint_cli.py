@@ -14,12 +14,15 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from ..conftest import ROOT, cli_env
 from .test_parallel_cli import GRAD_ATOL, LOSS_RTOL, final_weights
 from .test_train_cli import assert_transformers_logits_match, read_metrics, train_ok
+
+pytestmark = pytest.mark.slow
 
 EXACT = 1e-6
 COMMON = ["trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1", "trainer.threads=1",

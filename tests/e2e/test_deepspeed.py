@@ -20,6 +20,8 @@ from seqpar.export import export
 from .test_parallel_cli import GRAD_ATOL, NO_CHECKPOINT, STEPS, WEIGHT_ATOL, final_weights, multirun
 from .test_train_cli import read_metrics, train_ok
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install -e '.[deepspeed]'")
 
 LOSS_RTOL = 1e-4

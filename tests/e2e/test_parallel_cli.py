@@ -20,6 +20,8 @@ import yaml
 from ..conftest import ROOT, cli_env, run_train
 from .test_train_cli import read_metrics, train_ok
 
+pytestmark = pytest.mark.slow
+
 # Two layers of the tiny models (enough for a pipeline stage each at pp=2; the per-step cost of these runs is
 # mostly per-operation overhead, so halving the layers saves about a third of the suite's parallel runs).
 STEPS = ["trainer.max_steps=5", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1",

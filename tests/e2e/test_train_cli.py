@@ -10,6 +10,8 @@ import torch
 
 from ..conftest import run_train
 
+pytestmark = pytest.mark.slow
+
 FIELDS = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_mib"}
 SECRET = "local-5ec7e75ec7e75ec7e75ec7e75ec7e75ec7e75ec7"  # a made-up wandb API key in the environment
 FAST = ["trainer.threads=1", "trainer.log_every=1", "trainer.eval_batches=1"]

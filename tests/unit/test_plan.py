@@ -73,6 +73,7 @@ def test_command_line_table_json_and_nothing_fits(capsys):
 ACCURACY_LAYOUTS = ["sp=2 rsa", "tp=2 x sp=2", "activation checkpointing"]
 
 
+@pytest.mark.slow
 def test_estimates_match_measured_peaks_of_real_runs(tmp_path, cache_dir):
     """Three layouts x both models, real CPU runs through `scripts/bench/planner_accuracy.py` (hidden 256, 8 x 512
     tokens, so that activations and logits outweigh the runtime; freed memory returned to the OS at once, so the
