@@ -269,18 +269,23 @@ def not_exportable(cfg: ModelConfig) -> str | None:
     return None
 
 
-def to_hf(model: nn.Module) -> nn.Module:
-    """A transformers model with our model's weights (fp32, on the CPU)."""
-    from transformers import BertForMaskedLM, GPT2LMHeadModel
-
+def _hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our model's weights under transformers' names (fp32, on the CPU), tied copies included."""
     cfg: ModelConfig = model.config
     if not_exportable(cfg):
         raise ValueError(not_exportable(cfg))
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    cls = GPT2LMHeadModel if cfg.arch == "gpt" else BertForMaskedLM
-    convert = _gpt_to_hf if cfg.arch == "gpt" else _bert_to_hf
-    hf_model = cls(hf_config_from(cfg))
-    missing, unexpected = hf_model.load_state_dict(convert(sd, cfg), strict=False)
+    return (_gpt_to_hf if cfg.arch == "gpt" else _bert_to_hf)(sd, cfg)
+
+
+def to_hf(model: nn.Module) -> nn.Module:
+    """A transformers model with our model's weights (fp32, on the CPU)."""
+    from transformers import BertForMaskedLM, GPT2LMHeadModel
+
+    weights = _hf_state_dict(model)
+    cls = GPT2LMHeadModel if model.config.arch == "gpt" else BertForMaskedLM
+    hf_model = cls(hf_config_from(model.config))
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
     # transformers may keep buffers (position_ids, token_type_ids) that carry no weights.
     missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
     if missing or unexpected:
@@ -304,13 +309,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     from safetensors.torch import save_file
 
     cfg: ModelConfig = model.config
-    if not_exportable(cfg):
-        raise ValueError(not_exportable(cfg))
+    tensors = {k: v.contiguous() for k, v in _hf_state_dict(model).items() if k not in _TIED[cfg.arch]}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    convert = _gpt_to_hf if cfg.arch == "gpt" else _bert_to_hf
-    tensors = {k: v.contiguous() for k, v in convert(sd, cfg).items() if k not in _TIED[cfg.arch]}
     config = hf_config_from(cfg)
     config.architectures = [_HF_CLASS[cfg.arch]]
     config.save_pretrained(str(out))
