@@ -90,39 +90,43 @@ def _step(impl: str, seq_len: int, causal: bool):
 
 def _ring_parts(seq_len: int, causal: bool):
     """(compute-only step, communication-only step) of bidirectional ring attention on this rank: the same block
-    kernels, merges and head-grouped gradient adds as `seqpar.parallel.sequence.ring`, and the same exchanges."""
+    kernels, merges and gradient adds as `seqpar.parallel.sequence.ring` (head group by head group in backward
+    from `LEAN_MIN_BYTES` on), and the same exchanges."""
     from seqpar.parallel.comm import RingExchange
+    from seqpar.parallel.sequence import ring as ring_attention
     from seqpar.parallel.sequence.kernels import block_backward, block_forward, merge_into
-    from seqpar.parallel.sequence.ring import _head_groups
 
     sp, rank = dist.get_world_size(), dist.get_rank()
     q, k, v = (t.detach().transpose(1, 2) for t in _inputs(seq_len, sp, rank))
+    lean = k.numel() * k.element_size() >= ring_attention.LEAN_MIN_BYTES
+    groups = ring_attention._head_groups(q.shape[1]) if lean else [slice(None)]
 
     def compute():
         out, lse = block_forward(q, k, v, False, None)
         for _ in range(sp - 1):
             merge_into(out, lse, *block_forward(q, k, v, False, None))
         dout = torch.ones_like(q)
-        dq, dk, dv = block_backward(dout, q, k, v, out, lse, False, None)
-        for _ in range(sp - 1):
-            for h in _head_groups(q.shape[1]):
+        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        for i in range(sp):
+            for h in groups:
                 g = block_backward(dout[:, h], q[:, h], k[:, h], v[:, h], out[:, h], lse[:, h].contiguous(), False, None)
-                dq[:, h] += g[0]
-                dk[:, h] += g[1]
-                dv[:, h] += g[2]
+                for acc, x in zip((dq, dk, dv), g, strict=True):
+                    acc[:, h] = x if i == 0 else acc[:, h] + x
 
     def communicate():
         kb, vb, dk, dv = k, v, torch.zeros_like(k), torch.zeros_like(v)
         ring, dring = RingExchange(dist.group.WORLD, tag=0), RingExchange(dist.group.WORLD, tag=1)
         for _ in range(sp - 1):  # forward: the key/value blocks
             kb, vb = ring.start(kb, vb).wait()
-        for i in range(sp):  # backward: the blocks again and their gradient accumulators
+        for i in range(sp):  # backward: the blocks again (a head group at a time when lean) and the accumulators
             if i < sp - 1:
-                ring.start(kb, vb)
-            (dk,) = dring.start(dk).wait()
-            (dv,) = dring.start(dv).wait()
-            if i < sp - 1:
-                kb, vb = ring.wait()
+                for h in groups:
+                    ring.start(kb[:, h], vb[:, h]).wait()
+            if lean:
+                (dk,) = dring.start(dk).wait()
+                (dv,) = dring.start(dv).wait()
+            else:
+                dk, dv = dring.start(dk, dv).wait()
 
     return compute, communicate
 

@@ -40,9 +40,11 @@ class RingExchange:
     def start(self, *tensors: torch.Tensor) -> RingExchange:
         assert not self._reqs, "exchange already in flight"
         # A tensor whose memory is dense in another dimension order (attention's (B, H, T, D) views of (B, T, H, D)
-        # projections) travels as its dense view, without a copy, and arrives with the same strides.
-        self._recv = [torch.empty_like(t) for t in tensors]  # same strides as t when t is dense
-        sends, recvs = [_dense_view(t) for t in tensors], [_dense_view(t) for t in self._recv]
+        # projections) travels as its dense view, without a copy, and arrives with the same strides; one that is
+        # not dense (a head slice of such a view) travels as a contiguous copy and arrives contiguous.
+        sends, orders = zip(*(_dense_view(t) for t in tensors), strict=True)
+        recvs = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in sends]
+        self._recv = [r.permute(_inverse(order)) for r, order in zip(recvs, orders, strict=True)]
         # one tag per tensor: gloo matches messages by (peer, tag); NCCL ignores tags and keeps the order
         tags = [self.tag * 16 + i for i in range(len(sends))]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t, tag in zip(sends, tags, strict=True)]
@@ -58,11 +60,19 @@ class RingExchange:
         return out
 
 
-def _dense_view(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous view of `t`'s memory (its dims ordered by decreasing stride), or a contiguous copy of `t` when
-    its memory is not dense (a slice)."""
-    view = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
-    return view if view.is_contiguous() else t.contiguous()
+def _dense_view(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """A contiguous view of `t`'s memory (its dims ordered by decreasing stride) and that order, or a contiguous
+    copy of `t` (and the identity order) when its memory is not dense (a slice)."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    view = t.permute(order)
+    return (view, order) if view.is_contiguous() else (t.contiguous(), list(range(t.dim())))
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inv = [0] * len(order)
+    for i, d in enumerate(order):
+        inv[d] = i
+    return inv
 
 
 def all_gather_list(t: torch.Tensor, group: dist.ProcessGroup | None) -> list[torch.Tensor]:

@@ -49,7 +49,10 @@ def _check_one(rank, world, impl, causal, padded):
     local_mask = shard_sequence(mask, world, rank, causal, dim=1) if padded else None
     attn = IMPLS[impl](dist.group.WORLD)
     y = attn(*inputs, causal=causal, key_padding_mask=local_mask, dropout_p=0.0)
-    y.backward(dout[:, :, idx])
+    grad_out = dout[:, :, idx]
+    if padded:  # the output gradient as a model passes it: a (B, H, T, D) view of (B, T, H, D) memory
+        grad_out = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    y.backward(grad_out)
     rows = slice(None)
     if padded:  # padded queries are free to attend to anything; compare real ones
         rows = local_mask[:, None, :, None].expand_as(y)

@@ -11,10 +11,12 @@ travel around the ring with their block and arrive home after sp exchanges.
 Communication: forward, sp - 1 ring exchanges of the (k, v) chunk plus one all-gather of the padding masks;
 backward, sp - 1 exchanges of (k, v) and sp exchanges of their fp32 gradient accumulators.
 
-Memory: no zero-filled or stacked buffers: the own block's output and gradients start the accumulators, k and v
-travel as they are; for chunks of 4 MiB and more (`LEAN_MIN_BYTES`) a remote block's gradients are computed a head
-group at a time into the accumulators, and the gradient accumulators travel one at a time, each exchange waited for
-(a spare of one chunk, not four).
+Memory: no zero-filled or stacked buffers: the own block's output starts the accumulators, k and v travel as they
+are. For chunks of 4 MiB and more (`LEAN_MIN_BYTES`) backward trades latency for memory: blocks are computed a head
+group at a time and keys and values travel a head group at a time, each group let go once sent (about a group
+beside the block in use, not a second block in flight), and the gradient accumulators travel one at a time, each
+exchange waited for (a spare of one chunk, not four). On CPU the output gradient is used in the layout it comes in
+(no contiguous copy).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import torch
 import torch.distributed as dist
 
 from seqpar.parallel.comm import RingExchange, all_gather_list
-from seqpar.parallel.sequence.kernels import block_backward, block_forward, key_bias, merge_into, no_key_rows
+from seqpar.parallel.sequence.kernels import (
+    block_backward,
+    block_forward,
+    block_kernel,
+    key_bias,
+    merge_into,
+    no_key_rows,
+)
 
 
 # ------------------------------------------------------------------------------------------ ring attention
@@ -41,16 +50,16 @@ def _plan(rank: int, src: int, causal: bool, t: int):
 
 # ------------------------------------------------------------------------------------------ ring attention
 GRAD_HEAD_GROUPS = 4  # a block's gradients are computed this many head groups at a time (see `_head_groups`)
-# From this size of a rank's key chunk on, backward saves memory over latency: a remote block's gradients a head
-# group at a time and the gradient accumulators exchanged one at a time, each waited for. Below it the memory is
-# small and the exchanges' latency is not: one kernel call per block, and the accumulators travel together while
-# the next block computes (at 16K tokens the lean path saves 11% of the peak, see docs/benchmarks.md).
+# From this size of a rank's key chunk on, backward saves memory over latency (`_lean_backward`: head groups, keys
+# and values travelling a group at a time, the gradient accumulators one at a time). Below it the memory is small and
+# the exchanges' latency is not (`_backward`: one kernel call and one exchange per block, the accumulators travelling
+# together while the next block computes). See docs/benchmarks.md for what each costs.
 LEAN_MIN_BYTES = 4 * 2**20
 
 
 def _head_groups(heads: int) -> list[slice]:
-    """Head slices for one block's backward: the kernel's dq/dk/dv temporaries are a group's, not the block's,
-    so beside the accumulators a remote block costs a quarter of a chunk's gradients in memory, not all three."""
+    """Head slices for the lean backward: the kernel's dq/dk/dv temporaries are a group's, not the block's, and
+    keys and values travel a group at a time."""
     size = -(-heads // GRAD_HEAD_GROUPS)
     return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
 
@@ -98,48 +107,89 @@ class _RingAttentionFn(torch.autograd.Function):
         masks, causal, group = ctx.masks, ctx.causal, ctx.group
         if masks[0] is not None:  # a query with no key at all (-inf): its probabilities stay 0
             lse = torch.where(torch.isinf(lse), 0.0, lse)
-        kv_ring, dkv_ring = RingExchange(group, tag=0), RingExchange(group, tag=1)
-        n, r = kv_ring.size, kv_ring.rank
-        t = q.shape[-2]
-        dout = dout.contiguous()
-        lean = k.numel() * k.element_size() >= LEAN_MIN_BYTES
-        groups = _head_groups(q.shape[1]) if lean else [slice(None)]
-        kb, vb = k, v
-        for i in range(n):
-            src = (r - i) % n
-            if i < n - 1:
-                kv_ring.start(kb, vb)
-            qs, ks, blk_causal = _plan(r, src, causal, t)
-            m = masks[src][:, ks] if masks[src] is not None else None
-            bias = key_bias(m, q.dtype)
-            if i == 0:  # our own block: its gradients become the fp32 accumulators (no zero-filled buffers)
-                dq, dk, dv = (g.float() for g in block_backward(dout, q, kb, vb, out, lse, blk_causal, bias))
-            else:
-                for h in groups:
-                    g = block_backward(
-                        dout[:, h, qs], q[:, h, qs], kb[:, h, ks], vb[:, h, ks],
-                        out[:, h, qs], lse[:, h, qs].contiguous(), blk_causal, bias,
-                    )
-                    if not lean and h is groups[0]:
-                        dk, dv = dkv_ring.wait()  # block `src`'s accumulators, in flight during this compute
-                    dq[:, h, qs] += g[0]
-                    dk[:, h, ks] += g[1]
-                    dv[:, h, ks] += g[2]
-                    del g
-            if n > 1 and lean:
-                # On to the next rank with the block they belong to; the previous rank's come in (after n
-                # exchanges our own block's are home). dk, then dv, each waited for: one spare chunk is alive, not
-                # the four of both in flight, at the price of this exchange not overlapping compute.
-                (dk,) = dkv_ring.start(dk).wait()
-                (dv,) = dkv_ring.start(dv).wait()
-            elif n > 1:
-                dkv_ring.start(dk, dv)  # waited for during the next block's compute
-                del dk, dv
-            if i < n - 1:
-                kb, vb = kv_ring.wait()
-        if n > 1 and not lean:
-            dk, dv = dkv_ring.wait()  # after n exchanges our own block's gradients are home
+        if block_kernel(q, None) != "cpu":  # CUDA's fused kernels read the output gradient densely; CPU's any strides
+            dout = dout.contiguous()
+        backward = _lean_backward if k.numel() * k.element_size() >= LEAN_MIN_BYTES else _backward
+        dq, dk, dv = backward(dout, q, k, v, out, lse, masks, causal, group)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _backward(dout, q, k, v, out, lse, masks, causal, group):
+    """Backward for small chunks: one kernel call per block; the next key/value block and the previous block's
+    gradient accumulators are in flight while a block computes."""
+    kv_ring, dkv_ring = RingExchange(group, tag=0), RingExchange(group, tag=1)
+    n, r = kv_ring.size, kv_ring.rank
+    t = q.shape[-2]
+    kb, vb = k, v
+    for i in range(n):
+        src = (r - i) % n
+        if i < n - 1:
+            kv_ring.start(kb, vb)
+        qs, ks, blk_causal = _plan(r, src, causal, t)
+        m = masks[src][:, ks] if masks[src] is not None else None
+        g = block_backward(dout[:, :, qs], q[:, :, qs], kb[:, :, ks], vb[:, :, ks], out[:, :, qs],
+                           lse[:, :, qs], blk_causal, key_bias(m, q.dtype))
+        if i == 0:  # our own block: its gradients become the fp32 accumulators (no zero-filled buffers)
+            dq, dk, dv = (x.float() for x in g)
+        else:
+            dk, dv = dkv_ring.wait()  # block `src`'s accumulators, in flight during this compute
+            dq[:, :, qs] += g[0]
+            dk[:, :, ks] += g[1]
+            dv[:, :, ks] += g[2]
+        del g
+        if n > 1:
+            dkv_ring.start(dk, dv)  # on to the next rank with the block they belong to
+            del dk, dv
+        if i < n - 1:
+            kb, vb = kv_ring.wait()
+    if n > 1:
+        dk, dv = dkv_ring.wait()  # after n exchanges our own block's gradients are home
+    return dq, dk, dv
+
+
+def _lean_backward(dout, q, k, v, out, lse, masks, causal, group):
+    """Backward for large chunks, memory over latency. Every block is computed a head group at a time, and keys
+    and values travel a head group at a time: while group j computes, group j goes on to the next rank and the
+    previous rank's group j comes in, and a group is let go once sent. So beside the block in use about one
+    group more is alive (not a whole second block), and the kernel's temporaries are a group's. The gradient
+    accumulators travel after the block, dk then dv, each waited for (one spare chunk, not four)."""
+    kv_ring, dkv_ring = RingExchange(group, tag=0), RingExchange(group, tag=1)
+    n, r = kv_ring.size, kv_ring.rank
+    t = q.shape[-2]
+    groups = _head_groups(q.shape[1])
+    dq, dk, dv = (torch.empty_like(x, dtype=torch.float32) for x in (q, k, v))  # x's strides: no copy on return
+    block = [(k[:, h], v[:, h]) for h in groups]  # our own block's groups are views; they go out as dense copies
+    for i in range(n):
+        src = (r - i) % n
+        qs, ks, blk_causal = _plan(r, src, causal, t)
+        m = masks[src][:, ks] if masks[src] is not None else None
+        bias = key_bias(m, q.dtype)
+        arrived = []
+        for j, h in enumerate(groups):
+            kg, vg = block[j]
+            block[j] = None  # alive only until sent
+            if i < n - 1:
+                if j:
+                    arrived.append(kv_ring.wait())  # the previous group has gone on and the next block's has come
+                kv_ring.start(kg, vg)
+            g = block_backward(dout[:, h, qs], q[:, h, qs], kg[:, :, ks], vg[:, :, ks], out[:, h, qs],
+                               lse[:, h, qs].contiguous(), blk_causal, bias)
+            del kg, vg
+            if i == 0:  # our own block covers every local query and key
+                dq[:, h], dk[:, h], dv[:, h] = g
+            else:
+                dq[:, h, qs] += g[0]
+                dk[:, h, ks] += g[1]
+                dv[:, h, ks] += g[2]
+            del g
+        if i < n - 1:
+            block = [*arrived, kv_ring.wait()]
+        if n > 1:
+            # On to the next rank with the block they belong to; the previous rank's come in (after n exchanges our
+            # own block's are home).
+            (dk,) = dkv_ring.start(dk).wait()
+            (dv,) = dkv_ring.start(dv).wait()
+    return dq, dk, dv
 
 
 class RingAttention:
