@@ -101,6 +101,9 @@ def _ring_parts(seq_len: int, causal: bool):
     lean = k.numel() * k.element_size() >= ring_attention.LEAN_MIN_BYTES
     groups = ring_attention._head_groups(q.shape[1]) if lean else [slice(None)]
 
+    def grouped(i: int) -> list[slice]:  # how block i's backward is split (see ring._lean_backward)
+        return groups if lean and not (i == 0 and sp == 2) else [slice(None)]
+
     def compute():
         out, lse = block_forward(q, k, v, False, None)
         for _ in range(sp - 1):
@@ -108,7 +111,7 @@ def _ring_parts(seq_len: int, causal: bool):
         dout = torch.ones_like(q)
         dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
         for i in range(sp):
-            for h in groups:
+            for h in grouped(i):
                 g = block_backward(dout[:, h], q[:, h], k[:, h], v[:, h], out[:, h], lse[:, h].contiguous(), False, None)
                 for acc, x in zip((dq, dk, dv), g, strict=True):
                     acc[:, h] = x if i == 0 else acc[:, h] + x
@@ -120,7 +123,7 @@ def _ring_parts(seq_len: int, causal: bool):
             kb, vb = ring.start(kb, vb).wait()
         for i in range(sp):  # backward: the blocks again (a head group at a time when lean) and the accumulators
             if i < sp - 1:
-                for h in groups:
+                for h in grouped(i):
                     ring.start(kb[:, h], vb[:, h]).wait()
             if lean:
                 (dk,) = dring.start(dk).wait()

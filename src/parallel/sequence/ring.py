@@ -146,42 +146,53 @@ def _backward(dout, q, k, v, out, lse, masks, causal, group):
 
 
 def _lean_backward(dout, q, k, v, out, lse, masks, causal, group):
-    """Backward for large chunks, memory over latency. Every block is computed a head group at a time, and keys
-    and values travel a head group at a time: while group j computes, group j goes on to the next rank and the
-    previous rank's group j comes in, and a group is let go once sent. So beside the block in use about one
-    group more is alive (not a whole second block), and the kernel's temporaries are a group's. The gradient
-    accumulators travel after the block, dk then dv, each waited for (one spare chunk, not four)."""
+    """Backward for large chunks, memory over latency. A remote block is computed a head group at a time (the
+    kernel's temporaries are a group's), and from three ranks on keys and values travel a head group at a time:
+    while group j computes, group j goes on to the next rank and the previous rank's group j comes in, and a group
+    is let go once sent, so beside the block in use about one group more is alive, not a whole second block. With
+    two ranks our block is the only one to travel and the one received goes no further: it travels whole (no
+    copies) while ours computes in one kernel call. The gradient accumulators travel after each block, dk then dv,
+    each waited for (one spare chunk, not four)."""
     kv_ring, dkv_ring = RingExchange(group, tag=0), RingExchange(group, tag=1)
     n, r = kv_ring.size, kv_ring.rank
     t = q.shape[-2]
     groups = _head_groups(q.shape[1])
-    dq, dk, dv = (torch.empty_like(x, dtype=torch.float32) for x in (q, k, v))  # x's strides: no copy on return
     block = [(k[:, h], v[:, h]) for h in groups]  # our own block's groups are views; they go out as dense copies
+    dq = dk = dv = None
     for i in range(n):
         src = (r - i) % n
         qs, ks, blk_causal = _plan(r, src, causal, t)
         m = masks[src][:, ks] if masks[src] is not None else None
         bias = key_bias(m, q.dtype)
-        arrived = []
-        for j, h in enumerate(groups):
-            kg, vg = block[j]
-            block[j] = None  # alive only until sent
+        if i == 0 and n == 2:  # our block's gradients become the fp32 accumulators (no zero-filled buffers)
+            kv_ring.start(k, v)
+            dq, dk, dv = (x.float() for x in block_backward(dout, q, k, v, out, lse, blk_causal, bias))
+            kb, vb = kv_ring.wait()
+            block = [(kb[:, h], vb[:, h]) for h in groups]
+            del kb, vb
+        else:
+            if dq is None:  # x's strides, so the gradients return without a copy
+                dq, dk, dv = (torch.empty_like(x, dtype=torch.float32) for x in (q, k, v))
+            arrived = []
+            for j, h in enumerate(groups):
+                kg, vg = block[j]
+                block[j] = None  # alive only until sent
+                if i < n - 1:
+                    if j:
+                        arrived.append(kv_ring.wait())  # the previous group has gone on and the next block's came
+                    kv_ring.start(kg, vg)
+                g = block_backward(dout[:, h, qs], q[:, h, qs], kg[:, :, ks], vg[:, :, ks], out[:, h, qs],
+                                   lse[:, h, qs].contiguous(), blk_causal, bias)
+                del kg, vg
+                if i == 0:  # our own block covers every local query and key
+                    dq[:, h], dk[:, h], dv[:, h] = g
+                else:
+                    dq[:, h, qs] += g[0]
+                    dk[:, h, ks] += g[1]
+                    dv[:, h, ks] += g[2]
+                del g
             if i < n - 1:
-                if j:
-                    arrived.append(kv_ring.wait())  # the previous group has gone on and the next block's has come
-                kv_ring.start(kg, vg)
-            g = block_backward(dout[:, h, qs], q[:, h, qs], kg[:, :, ks], vg[:, :, ks], out[:, h, qs],
-                               lse[:, h, qs].contiguous(), blk_causal, bias)
-            del kg, vg
-            if i == 0:  # our own block covers every local query and key
-                dq[:, h], dk[:, h], dv[:, h] = g
-            else:
-                dq[:, h, qs] += g[0]
-                dk[:, h, ks] += g[1]
-                dv[:, h, ks] += g[2]
-            del g
-        if i < n - 1:
-            block = [*arrived, kv_ring.wait()]
+                block = [*arrived, kv_ring.wait()]
         if n > 1:
             # On to the next rank with the block they belong to; the previous rank's come in (after n exchanges our
             # own block's are home).
