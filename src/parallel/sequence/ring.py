@@ -126,7 +126,7 @@ def _backward(dout, q, k, v, out, lse, masks, causal, group):
         qs, ks, blk_causal = _plan(r, src, causal, t)
         m = masks[src][:, ks] if masks[src] is not None else None
         g = block_backward(dout[:, :, qs], q[:, :, qs], kb[:, :, ks], vb[:, :, ks], out[:, :, qs],
-                           lse[:, :, qs], blk_causal, key_bias(m, q.dtype))
+                           lse[:, :, qs].contiguous(), blk_causal, key_bias(m, q.dtype))
         if i == 0:  # our own block: its gradients become the fp32 accumulators (no zero-filled buffers)
             dq, dk, dv = (x.float() for x in g)
         else:
