@@ -42,6 +42,16 @@ LAYOUTS = {
 }
 
 
+def prepare() -> None:
+    """Train the tokenizers and cache the token ids first: a job that builds them holds the memory of doing so (and
+    a rank's parent that builds them passes it on to every forked rank), which is no part of training."""
+    from seqpar.cli import compose
+    from seqpar.data.sequences import build_sequences
+
+    for model in ("gpt_tiny", "bert_tiny"):
+        build_sequences(compose(REPO / "configs", [f"model={model}", *SIZE]))
+
+
 def measure(layout: list[str], workdir: Path) -> dict[str, float]:
     """{model: measured peak MiB} of one multirun over both models."""
     sweep = workdir / "sweep"
@@ -73,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
+    prepare()
     rows = []
     print("| layout | GPT measured | GPT estimate | BERT measured | BERT estimate | estimate error |")
     print("| --- | --- | --- | --- | --- | --- |")

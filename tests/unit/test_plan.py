@@ -80,13 +80,8 @@ def test_estimates_match_measured_peaks_of_real_runs(tmp_path, cache_dir):
     peak is the live memory): every measured peak (`peak_mem_mib`, the maximum over ranks) is within 10% of the
     planner's estimate for its layout. The script's other seven layouts (one process, sp=2 and 4 ring, sp=2
     ulysses, dp=2, tp=2, pp=2) are in docs/benchmarks.md, within 5%."""
-    from seqpar.data.sequences import build_sequences
-
     from ..conftest import ROOT, cli_env
 
-    size = ["model.hidden_size=256", "model.ffn_hidden_size=1024", "model.max_seq_len=512", "data.seq_len=512"]
-    for model in ("gpt_tiny", "bert_tiny"):  # tokenizers trained beforehand: training would grow every rank's parent
-        build_sequences(compose(CONFIG_DIR, [f"model={model}", *size]))
     out = tmp_path / "accuracy.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / "planner_accuracy.py"), "--layouts",
                            *ACCURACY_LAYOUTS, "--json", str(out)], cwd=ROOT, env=cli_env(cache_dir),
