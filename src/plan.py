@@ -154,9 +154,10 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     acts *= in_flight
     acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
     vocab = m.vocab_size / tp
-    # The log-softmax output and, in the loss's backward, two gradients of its size; under tp, torch's loss_parallel
-    # backward holds five (the log-softmax, its exp, the target term, their sum and the product with the gradient).
-    logits = (3 if tp == 1 else 5) * tokens * vocab * 4
+    # The logits, whose memory the loss (seqpar.trainer.loss) reuses for their gradient; under tp, torch's
+    # loss_parallel backward holds five fp32 tensors of their size (the log-softmax, its exp, the target term, their
+    # sum and the product with the gradient).
+    logits = tokens * vocab * (2 if t.precision == "bf16" else 4) if tp == 1 else 5 * tokens * vocab * 4
     if m.arch == "bert" and tp == 1 and pp == 1:  # the trainer runs BERT's head at the target tokens only
         logits *= cfg.data.mlm_probability
     comm = 0.0

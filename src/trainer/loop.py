@@ -22,7 +22,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seqpar.config import Config, ConfigError
@@ -39,6 +38,7 @@ from seqpar.parallel.tensor import loss_context
 from seqpar.trainer import checkpoint
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
+from seqpar.trainer.loss import loss_sum
 from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib, reset_peak_mem
 from seqpar.trainer.optim import build_optimizer, build_scheduler
 from seqpar.trainer.progress import Progress
@@ -72,11 +72,6 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over target tokens (labels != -100), in fp32."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device, targets_only: bool) -> torch.Tensor:
