@@ -5,7 +5,7 @@ With autograd recording and plain-tensor logits, the forward also computes the g
 a time; backward only scales it by the incoming gradient. The logits are the largest tensor of a step (tokens x
 vocabulary: 13 GB for 64K tokens of GPT-2's 50257 in fp32), and PyTorch's `cross_entropy` keeps two more of that
 size (the log-softmax, then the gradient) besides the fp32 copy it makes of bf16 logits; here they are the only one,
-plus an fp32 slab of at most `SLAB_ELEMENTS` for bf16/fp16 logits. The logits' values are gone after the loss, so
+plus an fp32 slab (`SLAB_ELEMENTS`) for bf16/fp16 logits. The logits' values are gone after the loss, so
 this is for logits that nothing else reads: the trainer's. Without autograd (evaluation), and for tensor-parallel
 (DTensor) logits, which torch's `loss_parallel` handles, it is `F.cross_entropy` itself.
 """
@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 from seqpar.data.mlm import IGNORE_INDEX
 
-SLAB_ELEMENTS = 2**22  # rows are processed in slabs of about this many logits (16 MiB in fp32)
+# Rows are processed in slabs of about this many logits: 16 MiB in fp32 on CPU, where a larger temporary is
+# page-faulted in afresh each time; 256 MiB on a GPU, where a slab's dozen kernel launches should stay few.
+SLAB_ELEMENTS = {"cpu": 2**22}
+SLAB_ELEMENTS_GPU = 2**26
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,7 +36,8 @@ class _CrossEntropySum(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = logits.detach()
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        step = max(1, SLAB_ELEMENTS // max(1, x.shape[-1]))
+        labels = labels.to(x.device)
+        step = max(1, SLAB_ELEMENTS.get(x.device.type, SLAB_ELEMENTS_GPU) // max(1, x.shape[-1]))
         for start in range(0, x.shape[0], step):
             rows = slice(start, start + step)
             slab = x[rows].float()  # x's own rows when x is fp32; an fp32 copy of them otherwise
@@ -57,4 +61,4 @@ class _CrossEntropySum(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("the loss's backward ran twice: its gradient is computed once, in forward")
-        return grad.mul_(grad_total.to(grad.dtype)), None
+        return grad.mul_(grad_total), None  # a 0-dim fp32 factor: bf16 gradients are rounded once, not twice

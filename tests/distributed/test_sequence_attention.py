@@ -26,10 +26,10 @@ def reference(q, k, v, causal, mask):
     return out, q, k, v
 
 
-def _check_one(rank, world, impl, causal, padded):
+def _check_one(rank, world, impl, causal, padded, heads=None):
     torch.manual_seed(0)
     seq_len = 2 * world * 5 if causal else world * 7  # not powers of two
-    b, h, d = 2, 2 * world, 8  # ulysses needs heads divisible by sp
+    b, h, d = 2, heads or 2 * world, 8  # ulysses needs heads divisible by sp
     q, k, v = (torch.randn(b, h, seq_len, d) for _ in range(3))
     dout = torch.randn(b, h, seq_len, d)
     mask = None
@@ -66,15 +66,17 @@ def _check_all(rank, world):
     from seqpar.parallel.sequence import ring
 
     default = ring.LEAN_MIN_BYTES
-    for impl, lean_min in [(impl, default) for impl in IMPLS] + [("ring", 0)]:  # ring again: its memory-lean backward
+    # ring again: its memory-lean backward, also with 5 heads (head groups of 2, 2 and 1)
+    runs = [(impl, default, None) for impl in IMPLS] + [("ring", 0, None), ("ring", 0, 5)]
+    for impl, lean_min, heads in runs:
         ring.LEAN_MIN_BYTES = lean_min
         for causal in (False, True):
             for padded in (False, True):
                 try:
-                    _check_one(rank, world, impl, causal, padded)
+                    _check_one(rank, world, impl, causal, padded, heads)
                 except AssertionError as e:
-                    raise AssertionError(f"{impl} (lean from {lean_min} B) sp={world} causal={causal} "
-                                         f"padded={padded}: {e}") from None
+                    raise AssertionError(f"{impl} (lean from {lean_min} B, heads {heads or 2 * world}) sp={world} "
+                                         f"causal={causal} padded={padded}: {e}") from None
     ring.LEAN_MIN_BYTES = default
 
 

@@ -11,10 +11,12 @@ travel around the ring with their block and arrive home after sp exchanges.
 Communication: forward, sp - 1 ring exchanges of the (k, v) chunk plus one all-gather of the padding masks;
 backward, sp - 1 exchanges of (k, v) and sp exchanges of their fp32 gradient accumulators.
 
-Memory: no zero-filled or stacked buffers: the own block's output and gradients start the accumulators, k and v
-travel as they are; for chunks of 4 MiB and more (`LEAN_MIN_BYTES`) a remote block's gradients are computed a head
-group at a time into the accumulators, and the gradient accumulators travel one at a time, each exchange waited for
-(a spare of one chunk, not four).
+Memory: no zero-filled or stacked buffers: the own block's output starts the accumulators, k and v travel as they
+are. For chunks of 1 MiB and more (`LEAN_MIN_BYTES`) backward trades latency for memory (`_lean_backward`): blocks
+are computed a head group at a time, from three ranks on keys and values travel a head group at a time, each group
+let go once sent (about a group beside the block in use, not a second block in flight), and the gradient
+accumulators travel one at a time, each exchange waited for (a spare of one chunk, not four). On CPU the output
+gradient is used in the layout it comes in (no contiguous copy).
 """
 
 from __future__ import annotations
@@ -48,16 +50,16 @@ def _plan(rank: int, src: int, causal: bool, t: int):
 
 # ------------------------------------------------------------------------------------------ ring attention
 GRAD_HEAD_GROUPS = 4  # a block's gradients are computed this many head groups at a time (see `_head_groups`)
-# From this size of a rank's key chunk on, backward saves memory over latency: a remote block's gradients a head
-# group at a time and the gradient accumulators exchanged one at a time, each waited for. Below it the memory is
-# small and the exchanges' latency is not: one kernel call per block, and the accumulators travel together while
-# the next block computes (at 16K tokens the lean path saves 11% of the peak, see docs/benchmarks.md).
+# From this size of a rank's key chunk on, backward saves memory over latency (`_lean_backward`: head groups, keys
+# and values travelling a group at a time, the gradient accumulators one at a time). Below it the memory is small and
+# the exchanges' latency is not (`_backward`: one kernel call and one exchange per block, the accumulators travelling
+# together while the next block computes). See docs/benchmarks.md for what each costs.
 LEAN_MIN_BYTES = 1 * 2**20
 
 
 def _head_groups(heads: int) -> list[slice]:
-    """Head slices for one block's backward: the kernel's dq/dk/dv temporaries are a group's, not the block's,
-    so beside the accumulators a remote block costs a quarter of a chunk's gradients in memory, not all three."""
+    """Head slices for the lean backward: the kernel's dq/dk/dv temporaries are a group's, not the block's, and
+    keys and values travel a group at a time."""
     size = -(-heads // GRAD_HEAD_GROUPS)
     return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
 
@@ -105,8 +107,8 @@ class _RingAttentionFn(torch.autograd.Function):
         masks, causal, group = ctx.masks, ctx.causal, ctx.group
         if masks[0] is not None:  # a query with no key at all (-inf): its probabilities stay 0
             lse = torch.where(torch.isinf(lse), 0.0, lse)
-        if block_kernel(q, None) != "cpu":  # CUDA's fused kernels read the output gradient densely; CPU's any strides
-            dout = dout.contiguous()
+        if block_kernel(q, None) != "cpu":  # CUDA's kernels get a dense output gradient (one expanded from a
+            dout = dout.contiguous()  # .sum() is not); the CPU kernel reads any strides, so no copy there
         backward = _lean_backward if k.numel() * k.element_size() >= LEAN_MIN_BYTES else _backward
         dq, dk, dv = backward(dout, q, k, v, out, lse, masks, causal, group)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
