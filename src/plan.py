@@ -149,8 +149,11 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     else:
         acts = layers * per_layer
     in_flight = 1
-    if pp > 1:  # measured: torch's pipelining schedules keep every micro-batch's activations until its backward
+    if pp > 1:  # micro-batches whose activations a stage holds at once (measured with torch's schedules): GPipe all
+        # of them; 1F1B at most pp (the first stage's warm-up); interleaved 1F1B counted as all of them (an upper bound)
         in_flight = cfg.parallel.microbatches
+        if cfg.parallel.pp_schedule == "1f1b":
+            in_flight = min(in_flight, pp)
     acts *= in_flight
     acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
     vocab = m.vocab_size / tp
@@ -160,6 +163,8 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     logits = tokens * vocab * (2 if t.precision == "bf16" else 4) if tp == 1 else 5 * tokens * vocab * 4
     if m.arch == "bert" and tp == 1 and pp == 1:  # the trainer runs BERT's head at the target tokens only
         logits *= cfg.data.mlm_probability
+    if pp > 1 and cfg.parallel.pp_schedule != "1f1b":  # the last stage runs every forward before any backward
+        logits *= in_flight
     comm = 0.0
     if data_ranks > 1:
         comm += 2 * p_bytes * (data_ranks - 1) / data_ranks

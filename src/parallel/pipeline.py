@@ -19,6 +19,7 @@ their gradient backward; one all-reduce of the tied weight's gradient per step.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -106,6 +107,10 @@ class Pipeline:
             PipelineStage(m, s, n_stages, device, group=group) for m, s in zip(self.modules, self.stage_ids, strict=True)
         ]
         self.schedule = _schedule(schedule, stages, microbatches, loss_fn)
+        # The last stage would otherwise keep every micro-batch's output (the logits) to return them; only the losses
+        # are used (torch >= 2.10 can skip that).
+        no_outputs = "return_outputs" in inspect.signature(self.schedule.step).parameters
+        self._no_outputs = {"return_outputs": False} if no_outputs else {}
 
     def step(self, batch: dict[str, torch.Tensor], inputs: tuple[str, ...]) -> list[torch.Tensor]:
         """Forward and backward of one batch (split into micro-batches); the last stage returns their losses."""
@@ -113,7 +118,7 @@ class Pipeline:
         args = (batch["input_ids"].to(self.device),) if self.first else ()
         losses: list[torch.Tensor] = []
         target = batch["labels"].to(self.device) if self.last else None
-        self.schedule.step(*args, target=target, losses=losses if self.last else None, **kwargs)
+        self.schedule.step(*args, target=target, losses=losses if self.last else None, **self._no_outputs, **kwargs)
         return losses
 
     def counted(self, p: nn.Parameter) -> bool:
