@@ -19,8 +19,7 @@ from seqpar.data.mlm import IGNORE_INDEX
 
 # Rows are processed in slabs of about this many logits: 16 MiB in fp32 on CPU, where a larger temporary is
 # page-faulted in afresh each time; 256 MiB on a GPU, where a slab's dozen kernel launches should stay few.
-SLAB_ELEMENTS = {"cpu": 2**22}
-SLAB_ELEMENTS_GPU = 2**26
+SLAB_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -37,7 +36,7 @@ class _CrossEntropySum(torch.autograd.Function):
         x = logits.detach()
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         labels = labels.to(x.device)
-        step = max(1, SLAB_ELEMENTS.get(x.device.type, SLAB_ELEMENTS_GPU) // max(1, x.shape[-1]))
+        step = max(1, SLAB_ELEMENTS.get(x.device.type, SLAB_ELEMENTS["cuda"]) // max(1, x.shape[-1]))
         for start in range(0, x.shape[0], step):
             rows = slice(start, start + step)
             slab = x[rows].float()  # x's own rows when x is fp32; an fp32 copy of them otherwise
