@@ -14,7 +14,8 @@ matmul rate, measured in the same run on square matrices with the same thread co
     python scripts/bench/throughput.py --model bert_base --batch 2 --seq 512 --json out.json
 
 Dropout is the model config's (gpt2_small and bert_base: 0.1 hidden, 0 on attention probabilities); pass
---dropout to change both models' hidden dropout.
+--dropout to change both models' hidden dropout. Ours draws its masks per token from the sequences' dropout seeds,
+as in training; `--torch-dropout` also times it with torch's RNG masks, to measure what the keyed masks cost.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def ours(cfg, tcfg):
+def ours(cfg, tcfg, keyed_dropout: bool = True):
+    """Our model's step as the trainer runs it; `keyed_dropout=False`: hidden dropout from torch's RNG instead of
+    the per-token keyed masks (what a model called without `dropout_seed` does)."""
     from seqpar.models import build_model
     from seqpar.trainer.loop import model_loss_sum
     from seqpar.trainer.optim import build_optimizer
@@ -66,6 +69,8 @@ def ours(cfg, tcfg):
 
     def step(b):
         micro = {**b, "position_ids": torch.arange(b["input_ids"].shape[1])}
+        if keyed_dropout:
+            micro["dropout_seed"] = torch.arange(b["input_ids"].shape[0])
         loss = model_loss_sum(model, micro, torch.device("cpu"), targets_only) / (b["labels"] != -100).sum()
         loss.backward()
         opt.step()
@@ -100,7 +105,8 @@ def transformers_model(cfg, tcfg):
     return model, step
 
 
-def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads: int, dropout: float | None) -> dict:
+def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads: int, dropout: float | None,
+        torch_dropout: bool = False) -> dict:
     from seqpar.cli import compose
 
     overrides = [f"model={model_name}", f"data.seq_len={seq}", f"trainer.global_batch_size={batch}",
@@ -111,6 +117,8 @@ def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads:
     torch.set_num_threads(threads)
     b = _batch(cfg.model, batch, seq)
     contenders = {"seqpar": ours(cfg, cfg.trainer), "transformers": transformers_model(cfg, cfg.trainer)}
+    if torch_dropout:
+        contenders["seqpar_torch_dropout"] = ours(cfg, cfg.trainer, keyed_dropout=False)
     times = {name: [] for name in contenders}
     for i in range(warmup + steps):
         for name, (_, step) in contenders.items():
@@ -128,6 +136,8 @@ def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads:
         med = statistics.median(ts)
         result[name] = {"step_s": med, "gflops": flops / med / 1e9, "of_matmul": flops / med / 1e9 / peak}
     result["speedup"] = result["transformers"]["step_s"] / result["seqpar"]["step_s"]
+    if torch_dropout:
+        result["keyed_dropout_cost"] = result["seqpar"]["step_s"] / result["seqpar_torch_dropout"]["step_s"]
     return result
 
 
@@ -140,15 +150,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--dropout", type=float, default=None, help="hidden dropout of both models (default: config's)")
+    ap.add_argument("--torch-dropout", action="store_true",
+                    help="also time our model with torch's RNG dropout masks instead of the per-token keyed ones")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
-    r = run(args.model, args.batch, args.seq, args.steps, args.warmup, args.threads, args.dropout)
+    r = run(args.model, args.batch, args.seq, args.steps, args.warmup, args.threads, args.dropout, args.torch_dropout)
     print(f"{r['model']} batch {r['batch']} x seq {r['seq']}, {r['threads']} threads, dropout {r['dropout']}; "
           f"fp32 matmul {r['matmul_gflops']:.0f} GFLOP/s")
-    for name in ("seqpar", "transformers"):
-        x = r[name]
-        print(f"  {name:13s} {x['step_s']:.3f} s/step  {x['gflops']:.0f} GFLOP/s  ({x['of_matmul']:.0%} of matmul)")
+    for name in ("seqpar", "transformers", "seqpar_torch_dropout"):
+        if name in r:
+            x = r[name]
+            print(f"  {name:20s} {x['step_s']:.3f} s/step  {x['gflops']:.0f} GFLOP/s  ({x['of_matmul']:.0%} of matmul)")
     print(f"  speedup (transformers / seqpar step time): {r['speedup']:.2f}x")
+    if "keyed_dropout_cost" in r:
+        print(f"  keyed dropout / torch dropout step time: {r['keyed_dropout_cost']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
 

@@ -4,6 +4,10 @@ Each epoch visits the training sequences in a permutation drawn from (seed, epoc
 global batch perm[s*G:(s+1)*G] (a short tail is dropped), and data-parallel rank r of D takes the r-th contiguous
 G/D of it. The order therefore depends on the seed and the global batch only, never on the layout, and the
 position (epoch, step) is the whole state: `state_dict()` / `load_state_dict()` save and restore it.
+
+Each training sequence also carries `dropout_seed`, a 63-bit hash of (seed, epoch, step, its slot in the global
+batch): the model draws its dropout masks from it and the token positions (`seqpar.models.dropout`), so the masks
+are the same in every layout.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from seqpar.data.sequences import Example
 
 def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+
+
+def dropout_seed(seed: int, epoch: int, step: int, slot: int) -> int:
+    """The dropout seed of the sequence in `slot` of global batch `step` of `epoch` (layout-independent)."""
+    return int(np.random.SeedSequence([seed, epoch, step, slot]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class GlobalBatchLoader:
@@ -55,9 +64,12 @@ class GlobalBatchLoader:
         if self.step >= self.steps_per_epoch:
             self.epoch, self.step, self._perm = self.epoch + 1, 0, None
         share = self.global_batch_size // self.dp_size
-        idx = self.global_indices()[self.dp_rank * share : (self.dp_rank + 1) * share]
+        slots = range(self.dp_rank * share, (self.dp_rank + 1) * share)
+        idx = self.global_indices()[slots.start : slots.stop]
+        batch = collate([self.dataset.get(int(i), self.epoch) for i in idx])
+        batch["dropout_seed"] = torch.tensor([dropout_seed(self.seed, self.epoch, self.step, s) for s in slots])
         self.step += 1
-        return collate([self.dataset.get(int(i), self.epoch) for i in idx])
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "global_batch_size": self.global_batch_size}

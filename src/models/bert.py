@@ -9,21 +9,25 @@ import torch
 from torch import nn
 
 from seqpar.config import ModelConfig
-from seqpar.models.layers import MLP, SelfAttention, activation_fn, init_weights
+from seqpar.models.dropout import DropoutKey, KeyedDropout, block_sites
+from seqpar.models.layers import MLP, SelfAttention, activation_fn, init_parameters
 
 
 class BertBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn = SelfAttention(cfg)
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        attn_site, mlp_site = block_sites(layer)
+        self.attn_out_dropout = KeyedDropout(cfg.dropout, attn_site)
+        self.mlp_out_dropout = KeyedDropout(cfg.dropout, mlp_site)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.ln_1(x + self.dropout(self.attn(x, key_padding_mask)))
-        x = self.ln_2(x + self.dropout(self.mlp(x)))
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        x = self.ln_1(x + self.attn_out_dropout(self.attn(x, key_padding_mask), dropout_key))
+        x = self.ln_2(x + self.mlp_out_dropout(self.mlp(x), dropout_key))
         return x  # (B, T, C)
 
 
@@ -50,14 +54,20 @@ class BERT(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.emb_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(BertBlock(cfg) for _ in range(cfg.num_layers))
+        self.drop = KeyedDropout(cfg.dropout, site=0)
+        self.layers = nn.ModuleList(BertBlock(cfg, i) for i in range(cfg.num_layers))
         self.mlm_head = MLMHead(cfg)
         self.mlm_head.decoder.weight = self.word_embeddings.weight  # tied
         self.reset_parameters()
 
+    tied_weights = {"mlm_head.decoder.weight": "word_embeddings.weight"}  # MLM decoder -> the embedding it shares
+
     def reset_parameters(self) -> None:
-        init_weights(self, self.config.init_std)
+        init_parameters(self)
+
+    def init_std(self, name: str) -> float:
+        """The standard deviation of the initial weight `name`."""
+        return self.config.init_std
 
     def forward(
         self,
@@ -66,11 +76,13 @@ class BERT(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token, 0 = padding
         token_type_ids: torch.Tensor | None = None,  # (B, T); None = all zeros
         prediction_mask: torch.Tensor | None = None,  # (B, T) bool: run the MLM head only at these positions
+        dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
     ) -> torch.Tensor:  # logits (B, T, V), or (N, V) for the N positions of prediction_mask in row-major order
-        x = self.embed(input_ids, position_ids, token_type_ids)
+        key = DropoutKey(dropout_seed, position_ids) if dropout_seed is not None else None
+        x = self.embed(input_ids, position_ids, token_type_ids, key)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.layers:
-            x = block(x, key_padding_mask)
+            x = block(x, key_padding_mask, key)
         if prediction_mask is not None:
             # Only the masked tokens (about 15%) are predicted in training: the head's vocabulary-wide matmuls and
             # the loss's log-softmax need not run at the others.
@@ -78,11 +90,11 @@ class BERT(nn.Module):
         return self.head(x)
 
     # The three parts of forward, so a pipeline stage can run the ones it holds.
-    def embed(self, input_ids, position_ids, token_type_ids=None) -> torch.Tensor:  # (B, T) -> (B, T, C)
+    def embed(self, input_ids, position_ids, token_type_ids=None, dropout_key=None) -> torch.Tensor:  # (B, T) -> (B, T, C)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-        return self.drop(self.emb_ln(x + self.token_type_embeddings(token_type_ids)))
+        return self.drop(self.emb_ln(x + self.token_type_embeddings(token_type_ids)), dropout_key)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> logits (B, T, V)
         return self.mlm_head(x)

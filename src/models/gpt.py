@@ -11,21 +11,25 @@ import torch
 from torch import nn
 
 from seqpar.config import ModelConfig
-from seqpar.models.layers import MLP, SelfAttention, init_weights
+from seqpar.models.dropout import DropoutKey, KeyedDropout, block_sites
+from seqpar.models.layers import MLP, SelfAttention, init_parameters
 
 
 class GPTBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = SelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        attn_site, mlp_site = block_sites(layer)
+        self.attn_out_dropout = KeyedDropout(cfg.dropout, attn_site)
+        self.mlp_out_dropout = KeyedDropout(cfg.dropout, mlp_site)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.ln_1(x), key_padding_mask))
-        x = x + self.dropout(self.mlp(self.ln_2(x)))
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                dropout_key: DropoutKey | None = None) -> torch.Tensor:
+        x = x + self.attn_out_dropout(self.attn(self.ln_1(x), key_padding_mask), dropout_key)
+        x = x + self.mlp_out_dropout(self.mlp(self.ln_2(x)), dropout_key)
         return x  # (B, T, C)
 
 
@@ -36,20 +40,24 @@ class GPT(nn.Module):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.num_layers))
+        self.drop = KeyedDropout(cfg.dropout, site=0)
+        self.layers = nn.ModuleList(GPTBlock(cfg, i) for i in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.reset_parameters()
 
+    tied_weights = {"lm_head.weight": "wte.weight"}  # output layer -> the embedding it shares its weight with
+
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        init_weights(self, std)
-        # GPT-2 scales the residual-branch output projections by 1/sqrt(2 * layers).
-        for block in self.layers:
-            for lin in (block.attn.o_proj, block.mlp.down):
-                nn.init.normal_(lin.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_layers))
+        init_parameters(self)
+
+    def init_std(self, name: str) -> float:
+        """The standard deviation of the initial weight `name`."""
+        if name.endswith(("attn.o_proj.weight", "mlp.down.weight")):
+            # GPT-2 scales the residual-branch output projections by 1/sqrt(2 * layers).
+            return self.config.init_std / math.sqrt(2 * self.config.num_layers)
+        return self.config.init_std
 
     def forward(
         self,
@@ -57,16 +65,18 @@ class GPT(nn.Module):
         position_ids: torch.Tensor,  # (B, T) or (T,)
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token; None = no padding
         token_type_ids: torch.Tensor | None = None,  # unused by GPT; accepted for one calling convention
+        dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
     ) -> torch.Tensor:  # logits (B, T, V)
-        x = self.embed(input_ids, position_ids, token_type_ids)
+        key = DropoutKey(dropout_seed, position_ids) if dropout_seed is not None else None
+        x = self.embed(input_ids, position_ids, token_type_ids, key)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.layers:
-            x = block(x, key_padding_mask)
+            x = block(x, key_padding_mask, key)
         return self.head(x)
 
     # The three parts of forward, so a pipeline stage can run the ones it holds.
-    def embed(self, input_ids, position_ids, token_type_ids=None) -> torch.Tensor:  # (B, T) -> (B, T, C)
-        return self.drop(self.wte(input_ids) + self.wpe(position_ids))
+    def embed(self, input_ids, position_ids, token_type_ids=None, dropout_key=None) -> torch.Tensor:  # (B, T) -> (B, T, C)
+        return self.drop(self.wte(input_ids) + self.wpe(position_ids), dropout_key)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> logits (B, T, V)
         return self.lm_head(self.ln_f(x))

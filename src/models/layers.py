@@ -6,12 +6,16 @@ can shard each by heads with a plain column split.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from seqpar.config import ModelConfig
 from seqpar.models.attention import CoreAttention, sdpa_attention
+
+CHECKPOINT_WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper, not part of a parameter's name
 
 
 def project_sequence(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -85,19 +89,40 @@ class MLP(nn.Module):
         return self.down(self.act(self.up(x)))
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """GPT-2/BERT initialisation: normal(0, std) weights, zero biases, unit LayerNorms."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, SelfAttention) and hasattr(m, "proj_k"):
-            # Scale-preserving at the longest sequence: a projected row sums max_len keys.
-            for w in (m.proj_k, m.proj_v):
-                nn.init.normal_(w, mean=0.0, std=w.shape[1] ** -0.5)
+def _name_seed(seed: int, name: str) -> int:
+    """A 63-bit generator seed for parameter `name` under the run's `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def initial_value(model: nn.Module, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial value (fp32, on the CPU) of the whole parameter `name` of `model`, drawn from a generator keyed by
+    (seed, name): any rank can make the value of any parameter (or its shard) without building the others, and the
+    weights are the same in every layout. GPT-2/BERT initialisation: normal(0, model.init_std(name)) weights, zero
+    biases, unit LayerNorms; Linformer's projections normal(0, 1/sqrt(max_len)). `name` may carry activation
+    checkpointing's wrapper prefix and may be a tied alias (`model.tied_weights`), which takes its embedding's
+    value."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    canonical = name.replace(CHECKPOINT_WRAPPER, "")
+    canonical = getattr(model, "tied_weights", {}).get(canonical, canonical)
+    if isinstance(owner, nn.LayerNorm):
+        return torch.ones(shape) if attr == "weight" else torch.zeros(shape)
+    if attr == "bias":
+        return torch.zeros(shape)
+    # Linformer's projections are scale-preserving at the longest sequence: a projected row sums max_len keys.
+    std = shape[1] ** -0.5 if attr in ("proj_k", "proj_v") else model.init_std(canonical)
+    g = torch.Generator().manual_seed(_name_seed(seed, canonical))
+    return torch.empty(shape).normal_(0.0, std, generator=g)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int | None = None) -> None:
+    """Give every parameter of a single-device `model` its initial value (`initial_value`). `seed` None: one drawn
+    from torch's global RNG, so `torch.manual_seed(s)` before building a model fixes its weights."""
+    if any(p.is_meta for p in model.parameters()):
+        return  # built on the meta device: initialised once materialised (seqpar.parallel.parallelize.materialize)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (), device="cpu"))
+    for name, p in model.named_parameters():
+        p.copy_(initial_value(model, name, tuple(p.shape), seed))

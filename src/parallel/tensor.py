@@ -18,10 +18,10 @@ activations and store a tp-th of them. Each all-reduce becomes a reduce-scatter 
 mlp.down, the embedding) and an all-gather before the next column-parallel layer (the same bytes moved). The
 LayerNorm weights become replicated DTensors whose gradients DTensor sums over the tp ranks.
 
-Dropout streams: every tp rank keeps the same RNG state (same seed, same draws), so replicated activations get
-identical masks. Where activations are sharded, each rank must use a different part of the mask: hidden dropout on
-token shards and attention dropout on the rank's own heads draw the mask of the whole (unsharded) tensor and keep
-their slice, which is exactly the mask one process would draw, so these runs reproduce the single-process run.
+Dropout: hidden dropout draws each token's mask from the token's key (`seqpar.models.dropout`), so replicated
+activations get identical masks on every tp rank, and a rank holding a token shard draws its tokens' part.
+Attention dropout (sp = 1 only) draws from torch's RNG, whose state every tp rank keeps the same: on its own heads
+a rank draws the mask of all heads and keeps its slice, exactly the mask one process would draw.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqpar.models import BERT, GPT
 from seqpar.models.attention import masked_softmax_attention
+from seqpar.models.dropout import DropoutKey, KeyedDropout, keyed_dropout
 
 # Every transformer block: attention by heads (q/k/v column-parallel, o row-parallel), MLP by hidden units.
 BLOCK_PLAN = {
@@ -47,8 +49,8 @@ PLANS: dict[str, dict[str, str]] = {
 
 # Output layer weight -> the embedding weight it is tied to (both are sharded by vocabulary rows).
 TIED: dict[str, tuple[str, str]] = {
-    "gpt": ("lm_head.weight", "wte.weight"),
-    "bert": ("mlm_head.decoder.weight", "word_embeddings.weight"),
+    "gpt": next(iter(GPT.tied_weights.items())),
+    "bert": next(iter(BERT.tied_weights.items())),
 }
 
 
@@ -131,8 +133,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, arch: str, attn_dropout: fl
             _get(model, name).register_forward_hook(_token_shard_hook(tp_mesh))
         for parent in list(model.modules()):
             for child_name, child in parent.named_children():
-                if isinstance(child, nn.Dropout):
-                    setattr(parent, child_name, TokenShardedDropout(child.p, rank, size))
+                if isinstance(child, KeyedDropout):
+                    setattr(parent, child_name, TokenShardedDropout(child.p, child.site, rank, size))
 
 
 def _token_shard_hook(tp_mesh):
@@ -156,16 +158,21 @@ def _mask_slice(shape: tuple[int, ...], dim: int, rank: int, size: int, p: float
     return keep.narrow(dim, rank * shape[dim], shape[dim]).div_(1 - p)
 
 
-class TokenShardedDropout(nn.Module):
-    """Dropout of token-sharded (.., T/tp, C) activations with this rank's tokens' part of the whole mask."""
+class TokenShardedDropout(KeyedDropout):
+    """Dropout of token-sharded (.., T/tp, C) activations with this rank's tokens' part of the whole mask: the key of
+    its tokens (the masks are drawn per token position, `seqpar.models.dropout`), or without a key this rank's
+    slice of the mask drawn for the whole tensor from the RNG stream the tp ranks share."""
 
-    def __init__(self, p: float, rank: int, size: int):
-        super().__init__()
-        self.p, self.rank, self.size = p, rank, size
+    def __init__(self, p: float, site: int, rank: int, size: int):
+        super().__init__(p, site)
+        self.rank, self.size = rank, size
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key: DropoutKey | None = None) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        n = x.shape[-2]  # this rank's T/tp tokens
+        if key is not None:
+            return keyed_dropout(x, key.tokens(self.rank * n, n), self.site, self.p)
         return x * _mask_slice(tuple(x.shape), x.dim() - 2, self.rank, self.size, self.p, x)
 
 

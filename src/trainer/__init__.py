@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from seqpar.config import Config, ConfigError, validate
+from seqpar.config import Config, ConfigError, ModelConfig, validate
 from seqpar.parallel.mesh import ParallelMesh
 
 
@@ -32,20 +32,25 @@ def check_devices(cfg: Config) -> None:
         )
 
 
+def model_config(cfg: Config) -> ModelConfig:
+    """The architecture to build: `model.init_from`'s (the checkpoint fixes it; dropout stays as configured for
+    training), or the configured one."""
+    if not cfg.model.init_from:
+        return cfg.model
+    from seqpar.models.hf import read_checkpoint_config
+
+    ckpt = read_checkpoint_config(cfg.model.init_from)
+    return dataclasses.replace(ckpt, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout,
+                               init_from=cfg.model.init_from)
+
+
 def prepare(cfg: Config) -> Config:
     """Resolve what the config points at (an init_from checkpoint's architecture) and validate everything,
     including that data files and a tokenizer directory exist and are readable.
 
     Cheap and side-effect free: it runs at the entry point before any process or data is touched.
     """
-    if cfg.model.init_from:
-        from seqpar.models.hf import read_checkpoint_config
-
-        ckpt = read_checkpoint_config(cfg.model.init_from)
-        # The checkpoint fixes the architecture; dropout stays as configured for training.
-        cfg.model = dataclasses.replace(
-            ckpt, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout, init_from=cfg.model.init_from
-        )
+    cfg.model = model_config(cfg)
     validate(cfg)
     if cfg.parallel.auto:
         from seqpar.plan import choose_layout

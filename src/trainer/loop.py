@@ -30,12 +30,14 @@ from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, not_exportable, save_pretrained
+from seqpar.models.layers import CHECKPOINT_WRAPPER, initial_value
+from seqpar.parallel.data_parallel import GradientReducer
 from seqpar.parallel.mesh import ParallelMesh
-from seqpar.parallel.parallelize import parallelize
+from seqpar.parallel.parallelize import gradient_reducer, materialize, parallelize
 from seqpar.parallel.pipeline import Pipeline
 from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.tensor import loss_context
-from seqpar.trainer import checkpoint
+from seqpar.trainer import checkpoint, model_config
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.loss import loss_sum
@@ -43,7 +45,7 @@ from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_
 from seqpar.trainer.optim import build_optimizer, build_scheduler
 from seqpar.trainer.progress import Progress
 
-MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids", "dropout_seed")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption (SLURM sends SIGUSR1 ahead with --signal, then SIGTERM)
 
 
@@ -93,13 +95,34 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[i] = checkpoint_wrapper(block)
 
 
-def init_model(cfg: Config, device: torch.device) -> nn.Module:
-    """The model with the seed's weights, or the weights of `model.init_from` (same for every layout)."""
-    if cfg.model.init_from:
-        model, _ = from_pretrained(cfg.model.init_from, dropout=cfg.model.dropout, attn_dropout=cfg.model.attn_dropout)
-        return model.to(device)
-    torch.manual_seed(cfg.trainer.seed)
-    return build_model(cfg.model, device)
+def initial_values(cfg: Config, model: nn.Module):
+    """`value_of(name, shape)` for `materialize`: the seed's initial weights, or those of `model.init_from` (read
+    once on the CPU). The same for every layout."""
+    if not cfg.model.init_from:
+        return lambda name, shape: initial_value(model, name, shape, cfg.trainer.seed)
+    loaded, _ = from_pretrained(cfg.model.init_from)
+    state = checkpoint.state_by_name(loaded)
+    return lambda name, shape: state[name.replace(CHECKPOINT_WRAPPER, "")]
+
+
+def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None) -> tuple[nn.Module, Pipeline | None,
+                                                                                   GradientReducer | None]:
+    """This rank's part of the model, its pipeline (pp > 1) and its gradient reducer (dp x sp > 1).
+
+    Built on the meta device, given its sequence-parallel attention, sharded (tp), wrapped for activation
+    checkpointing and pruned to this rank's pipeline stages, and only then allocated and initialised: no rank ever
+    holds the whole model, and each holds the same weights as one process would (parallel/parallelize.py)."""
+    model = build_model(model_config(cfg), "meta")
+    parallelize(model, mesh, cfg)  # sp attention, tp sharding
+    if cfg.trainer.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    pipeline = None
+    if mesh.pp > 1:  # cut into stages; the model is pruned to this rank's part
+        p = cfg.parallel
+        pipeline = Pipeline(model, mesh.local_rank("pp"), mesh.pp, mesh.group("pp"), p.pp_schedule, p.microbatches,
+                            mesh.device, pipeline_loss)
+    materialize(model, mesh.device, initial_values(cfg, model))
+    return model, pipeline, gradient_reducer(model, mesh)  # dp_sp gradient sums of the parameters held here
 
 
 def _value(t: torch.Tensor) -> torch.Tensor:
@@ -147,18 +170,12 @@ class Trainer:
                 data = build_sequences(cfg)
         self.data = data
         check_same_data(self.data, mesh)
-        self.model = init_model(cfg, self.device)
-        self.flops_per_token = flops_per_token(self.model, cfg.model, cfg.data.seq_len)  # the whole model
-        self.reducer = parallelize(self.model, mesh, cfg)  # sp attention, tp sharding; dp_sp gradient sums
-        if t.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
         self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism
-        self.pipeline = None
         self._targets = torch.ones((), device=self.device)
-        if mesh.pp > 1:  # cut into stages; the model is pruned to this rank's part
-            p = cfg.parallel
-            self.pipeline = Pipeline(self.model, mesh.local_rank("pp"), mesh.pp, mesh.group("pp"), p.pp_schedule,
-                                     p.microbatches, self.device, self._pipeline_loss)
+        # torch's RNG, the same on every rank: attention dropout (tp ranks draw the same stream and keep their heads)
+        torch.manual_seed(t.seed)
+        self.model, self.pipeline, self.reducer = build_rank_model(cfg, mesh, self._pipeline_loss)
+        self.flops_per_token = flops_per_token(build_model(cfg.model, "meta"), cfg.model, cfg.data.seq_len)  # whole
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)  # on torch's AdamW: DeepSpeed steps that one too
         self.loader = GlobalBatchLoader(

@@ -1,6 +1,7 @@
 """Every parallel layout through the command line, against the single-process run.
 
-Same seed and global batch, 5 steps of the two-layer tiny models: at every step the loss must agree to a relative 1e-5 and the gradient norm
+Same seed and global batch, 5 steps of the two-layer tiny models with hidden dropout 0.1 (its masks are drawn per
+token, so they do not depend on the layout: `seqpar.models.dropout`): at every step the loss must agree to a relative 1e-5 and the gradient norm
 to 1e-4 (fp32 on CPU), the final evaluation loss too, and the saved final weights to 1e-4: Adam moves every
 weight by about the learning rate (1e-3) per step whatever its gradient's size, so a missing or doubled gradient
 contribution shows at that scale, while float rounding in near-zero gradients stays around 1e-5.
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 # Two layers of the tiny models (enough for a pipeline stage each at pp=2; the per-step cost of these runs is
 # mostly per-operation overhead, so halving the layers saves about a third of the suite's parallel runs).
 STEPS = ["trainer.max_steps=5", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1",
-         "trainer.threads=1", "trainer.warmup_steps=2", "model.num_layers=2"]
+         "trainer.threads=1", "trainer.warmup_steps=2", "model.num_layers=2", "model.dropout=0.1"]
 NO_CHECKPOINT = ["checkpoint.at_end=false"]  # checkpoints have their own tests; the 4D run still saves one
 LOSS_RTOL, GRAD_ATOL, WEIGHT_ATOL = 1e-5, 1e-4, 1e-4
 MODELS = ("gpt_tiny", "bert_tiny")
@@ -124,8 +125,8 @@ def test_full_4d_layout_matches_single_process(tmp_path, cache_dir, reference):
 @pytest.mark.parametrize("experiment,sp", [("bert_seq64k", 8), ("gpt_seq32k", 4)])
 def test_experiment_layouts_run_at_debug_size(tmp_path, cache_dir, experiment, sp):
     """The cluster experiments keep their layout (sp=8 ring for BERT, sp=4 for GPT), activation checkpointing and
-    micro-batching under `+debug=tiny`, and match the same run on one process (hidden dropout off for the check)."""
-    jobs, _ = multirun([f"+experiment={experiment}", "+debug=tiny", "model.dropout=0", f"parallel.sp={sp},1",
+    micro-batching under `+debug=tiny`, and match the same run on one process (with their hidden dropout, 0.1)."""
+    jobs, _ = multirun([f"+experiment={experiment}", "+debug=tiny", f"parallel.sp={sp},1",
                         *NO_CHECKPOINT], cache_dir, tmp_path / "sweep")
     (_, parallel_label, parallel), (_, _, single) = jobs
     assert parallel_label == f"parallel.sp={sp}"
@@ -146,9 +147,10 @@ def test_torchrun_joins_instead_of_starting_processes(tmp_path, cache_dir, refer
 
 def test_tensor_parallel_dropout_agrees_with_one_process(tmp_path, cache_dir):
     """Dropout under tp=2 with activation sharding reproduces the single-process run exactly: hidden dropout on
-    each rank's token shard and attention dropout on each rank's heads use their slice of the mask one process
-    draws (the ranks share one RNG stream), so the masks differ between ranks where their data do."""
-    jobs, _ = multirun(["model=gpt_tiny", "model.dropout=0.1", "model.attn_dropout=0.1", "parallel.tp=1,2",
+    each rank's token shard draws its tokens' masks, and attention dropout on each rank's heads uses its slice of
+    the mask one process draws (the ranks share one RNG stream), so the masks differ between ranks where their
+    data do."""
+    jobs, _ = multirun(["model=gpt_tiny", "model.attn_dropout=0.1", "parallel.tp=1,2",
                         "parallel.tp_shard_activations=true", *STEPS, *NO_CHECKPOINT], cache_dir, tmp_path / "sweep")
     (_, _, single), (_, _, tp2) = jobs
     assert_same_run(tp2, single, "dropout tp=2")

@@ -60,7 +60,7 @@ def test_token_sharded_dropout_is_one_process_dropout_cut_by_tokens():
     parts = []
     for rank in range(4):
         torch.manual_seed(3)
-        drop = TokenShardedDropout(0.25, rank, 4).train()
+        drop = TokenShardedDropout(0.25, 0, rank, 4).train()  # no key: the shared RNG stream
         parts.append(drop(x[:, 3 * rank : 3 * rank + 3]))
     assert torch.equal(torch.cat(parts, dim=1), want)
-    assert torch.equal(TokenShardedDropout(0.25, 0, 4).eval()(x), x)
+    assert torch.equal(TokenShardedDropout(0.25, 0, 0, 4).eval()(x), x)

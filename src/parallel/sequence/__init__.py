@@ -44,11 +44,10 @@ def shard_sequence(x: torch.Tensor, sp: int, rank: int, zigzag: bool, dim: int =
     return x.index_select(dim, chunk_indices(x.shape[dim], sp, rank, zigzag).to(x.device))
 
 
-
-
 def shard_batch(batch: dict[str, torch.Tensor], sp: int, rank: int, zigzag: bool) -> dict[str, torch.Tensor]:
-    """This rank's chunk of every (B, T) tensor of a batch (ids, positions, labels, masks, token types)."""
-    return {k: shard_sequence(v, sp, rank, zigzag, dim=1) for k, v in batch.items()}
+    """This rank's chunk of every (B, T) tensor of a batch (ids, positions, labels, masks, token types); per-sequence
+    (B,) tensors (dropout seeds) are kept whole."""
+    return {k: shard_sequence(v, sp, rank, zigzag, dim=1) if v.dim() > 1 else v for k, v in batch.items()}
 
 
 def sequence_attention(impl: str, group):
