@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -57,15 +56,17 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def installed(wheel, tmp_path_factory, cache_dir) -> dict:
-    """A fresh venv with the wheel installed (no -e): the test environment's site-packages are on its path as a
-    plain directory (a path line in a .pth file), so the editable install's import hook there never runs."""
+    """A fresh venv with the wheel installed (no -e): the test environment's site-packages are on its path as
+    plain directories (path lines in a .pth file), so the editable install's import hook there never runs."""
     venv = tmp_path_factory.mktemp("venv")
     ok(subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(venv)], capture_output=True,
                       text=True, timeout=120))
     python = venv / "bin" / "python"
     site = ok(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True)).stdout.strip()
-    deps = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    # The test environment's import path (its site-packages and what their .pth files added), not the checkout.
+    deps = [p for p in dict.fromkeys(sys.path) if p and Path(p).is_dir()
+            and not (Path(p).resolve() == ROOT or ROOT in Path(p).resolve().parents)]
     (Path(site) / "test-environment.pth").write_text("".join(f"{p}\n" for p in deps))
     # pip comes from the test environment too; --ignore-installed: the editable seqpar there is not this venv's.
     ok(subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
