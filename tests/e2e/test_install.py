@@ -64,9 +64,14 @@ def installed(wheel, tmp_path_factory, cache_dir) -> dict:
     python = venv / "bin" / "python"
     site = ok(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              capture_output=True, text=True)).stdout.strip()
-    # The test environment's import path (its site-packages and what their .pth files added), not the checkout.
-    deps = [p for p in dict.fromkeys(sys.path) if p and Path(p).is_dir()
-            and not (Path(p).resolve() == ROOT or ROOT in Path(p).resolve().parents)]
+    # The test environment's import path (its site-packages and what their .pth files added), without the
+    # checkout's own folders (the test environment's venv may lie inside the checkout, as in CI).
+    def wanted(p: str) -> bool:
+        path = Path(p).resolve()
+        in_checkout = path == ROOT or ROOT in path.parents
+        return path.is_dir() and (not in_checkout or path.name in ("site-packages", "dist-packages"))
+
+    deps = [p for p in dict.fromkeys(sys.path) if p and wanted(p)]
     (Path(site) / "test-environment.pth").write_text("".join(f"{p}\n" for p in deps))
     # pip comes from the test environment too; --ignore-installed: the editable seqpar there is not this venv's.
     ok(subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
