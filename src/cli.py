@@ -70,18 +70,61 @@ def compose(config_dir: str | Path, overrides: list[str], config_name: str = "co
     return cfg
 
 
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")  # Hydra's flag for a directory of the user's own configs
+
+
+def split_config_dir(argv: list[str]) -> tuple[str | None, list[str]] | None:
+    """`argv` as (the directory of Hydra's --config-dir/-cd flag or None, the overrides), or None when it holds any
+    other flag (--multirun, --cfg, --help, --config-name, ...)."""
+    config_dir, overrides, args = None, [], iter(argv)
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if name in CONFIG_DIR_FLAGS:
+            config_dir = value if eq else next(args, "")
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    return config_dir, overrides
+
+
+def with_config_dir(overrides: list[str], config_dir: str) -> list[str]:
+    """`overrides` with `config_dir` added to Hydra's search path where `--config-dir` puts it: after the primary
+    config directory, before the entries of a `hydra.searchpath=[...]` override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = Path(config_dir).resolve()
+    if not config_dir or not path.is_dir():
+        raise ConfigError("--config-dir", f"({config_dir}) is not a directory", "pass a directory of config files")
+    searchpath, rest = [], []
+    for o in overrides:
+        if o.split("=", 1)[0] == "hydra.searchpath":
+            searchpath = list(OverridesParser.create().parse_override(o).value())
+        else:
+            rest.append(o)
+    quoted = ("'" + p.replace("'", "\\'") + "'" for p in [f"file://{path}", *searchpath])  # any path, spaces too
+    entries = ",".join(quoted)
+    return [*rest, f"hydra.searchpath=[{entries}]"]
+
+
 def preflight(config_dir: str | Path, argv: list[str]) -> None:
     """Compose and validate before Hydra runs, so a bad input exits with one line and nothing is started.
 
-    Skipped when Hydra flags are present (--multirun sweeps, --cfg, --help): Hydra handles those itself and the
-    job still validates before it trains.
+    A user's own config directory counts as Hydra will read it: `--config-dir DIR` / `-cd DIR` and
+    `hydra.searchpath=[...]`. Skipped when other Hydra flags are present (--multirun sweeps, --cfg, --help, and
+    --config-name, whose primary config Hydra looks up before a search path override could add its directory):
+    Hydra handles those itself and the job still validates before it trains.
     """
-    if any(a.startswith("-") for a in argv):
+    split = split_config_dir(argv)
+    if split is None:
         return
+    user_dir, overrides = split
     from seqpar.trainer import prepare
 
     try:
-        prepare(compose(config_dir, argv, with_run_dir=True))
+        if user_dir is not None:
+            overrides = with_config_dir(overrides, user_dir)
+        prepare(compose(config_dir, overrides, with_run_dir=True))
     except ConfigError as e:
         fail(str(e))
     except Exception as e:  # Hydra/OmegaConf composition errors

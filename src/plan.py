@@ -29,12 +29,11 @@ import math
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from seqpar.config import Config, ConfigError, validate
+from seqpar.configs import CONFIG_DIR
 
 MIB = 2**20
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (editable install)
 COLWISE = ("q_proj", "k_proj", "v_proj", "mlp.up")  # weight and bias split over tp
 ROWWISE = ("o_proj", "mlp.down")  # weight split, bias replicated
 VOCAB = ("wte.weight", "word_embeddings.weight", "mlm_head.decoder.bias")
@@ -357,7 +356,7 @@ def choose_layout(cfg: Config) -> Config:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from seqpar.cli import compose, describe_hydra_error, fail
+    from seqpar.cli import compose, describe_hydra_error, fail, with_config_dir
 
     ap = argparse.ArgumentParser(prog="python -m seqpar.plan", description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, required=True, help="devices (ranks) the job will have")
@@ -367,9 +366,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gbps", type=float, default=100.0, help="GB/s per rank for collectives, for the step time")
     ap.add_argument("--json", action="store_true", help="print the estimates as JSON")
     ap.add_argument("--top", type=int, default=20, help="rows to print (the table)")
+    ap.add_argument("--config-dir", "-cd", help="a directory of your own configs, searched after seqpar's (as Hydra's)")
     args, overrides = ap.parse_known_args(argv)
     try:
-        cfg = compose(CONFIG_DIR, overrides)
+        cfg = compose(CONFIG_DIR, with_config_dir(overrides, args.config_dir) if args.config_dir else overrides)
         validate(cfg)
     except ConfigError as e:
         fail(str(e))

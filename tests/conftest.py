@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from seqpar.configs import CONFIG_DIR  # noqa: F401 - the packaged configs, for the tests
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs"
 
 torch.set_num_threads(1)
 

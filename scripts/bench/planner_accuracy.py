@@ -46,10 +46,11 @@ def prepare() -> None:
     """Train the tokenizers and cache the token ids first: a job that builds them holds the memory of doing so (and
     a rank's parent that builds them passes it on to every forked rank), which is no part of training."""
     from seqpar.cli import compose
+    from seqpar.configs import CONFIG_DIR
     from seqpar.data.sequences import build_sequences
 
     for model in ("gpt_tiny", "bert_tiny"):
-        build_sequences(compose(REPO / "configs", [f"model={model}", *SIZE]))
+        build_sequences(compose(CONFIG_DIR, [f"model={model}", *SIZE]))
 
 
 def measure(layout: list[str], workdir: Path) -> dict[str, float]:
@@ -66,9 +67,10 @@ def measure(layout: list[str], workdir: Path) -> dict[str, float]:
 
 def estimate(model: str, layout: list[str]) -> float:
     from seqpar.cli import compose
+    from seqpar.configs import CONFIG_DIR
     from seqpar.plan import plan
 
-    cfg = compose(REPO / "configs", [f"model={model}", *SIZE, *layout])
+    cfg = compose(CONFIG_DIR, [f"model={model}", *SIZE, *layout])
     p = cfg.parallel
     per_rank = cfg.trainer.global_batch_size // p.dp
     micro = per_rank // p.microbatches if p.pp > 1 else (cfg.trainer.micro_batch_size or per_rank)

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
     """The machine's fp32 matmul rate (GFLOP/s) on n x n matrices, best of `reps`."""
@@ -108,12 +106,13 @@ def transformers_model(cfg, tcfg):
 def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads: int, dropout: float | None,
         torch_dropout: bool = False) -> dict:
     from seqpar.cli import compose
+    from seqpar.configs import CONFIG_DIR
 
     overrides = [f"model={model_name}", f"data.seq_len={seq}", f"trainer.global_batch_size={batch}",
                  f"model.max_seq_len={max(seq, 512)}"]
     if dropout is not None:
         overrides.append(f"model.dropout={dropout}")
-    cfg = compose(REPO / "configs", overrides)
+    cfg = compose(CONFIG_DIR, overrides)
     torch.set_num_threads(threads)
     b = _batch(cfg.model, batch, seq)
     contenders = {"seqpar": ours(cfg, cfg.trainer), "transformers": transformers_model(cfg, cfg.trainer)}

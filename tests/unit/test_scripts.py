@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from ..conftest import ROOT
+from ..conftest import CONFIG_DIR, ROOT
 
 
 def test_plot_runs_draws_every_run(tmp_path):
@@ -67,7 +67,7 @@ def test_mfu_benchmark_reports_the_trainers_rate_against_the_given_peak(tmp_path
     assert report["peak_flops"] == 1e12
     (row,) = report["rows"]
     assert (row["seq"], row["batch"], row["steps"], row["precision"]) == (64, 4, 3, "fp32")
-    cfg = compose(ROOT / "configs", ["model=gpt_tiny", "data.seq_len=64", "model.max_seq_len=64"])
+    cfg = compose(CONFIG_DIR, ["model=gpt_tiny", "data.seq_len=64", "model.max_seq_len=64"])
     flops = flops_per_token(build_model(cfg.model), cfg.model, 64)
     assert 0 < row["mfu"] < 1
     # medians of per-step values: equal when the median step is the same for both (odd count of steps)

@@ -1,0 +1,58 @@
+"""Training from the command line: compose the Hydra config -> validate -> launch.
+
+    seqpar-train                                      # gpt_tiny on the built-in corpus
+    seqpar-train model=bert_tiny trainer.max_steps=30 hydra.run.dir=/tmp/run
+    seqpar-train model=gpt_tiny parallel.sp=4         # 4 local processes, sequence parallel (ring attention)
+    seqpar-train +experiment=bert_seq64k              # a preset experiment
+    seqpar-train --config-dir ~/my_configs model=mine # a config group option of your own
+
+`seqpar-train`, `python -m seqpar.train` and a checkout's `python train.py` are this module's `main()`. The configs
+come from the package (`seqpar.configs`), whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from seqpar.cli import fail, preflight
+from seqpar.config import ConfigError, register_configs, to_config
+from seqpar.configs import CONFIG_DIR
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
+def run(dcfg: DictConfig) -> None:
+    """One Hydra job (each run of a multirun too): convert the config once and train."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from seqpar.parallel.launch import RankFailed
+    from seqpar.trainer import prepare, train
+    from seqpar.trainer.loop import TrainingAborted
+
+    cfg = to_config(dcfg)
+    hydra_cfg = HydraConfig.get()
+    cfg.run_dir = hydra_cfg.runtime.output_dir
+    cfg.experiment = hydra_cfg.runtime.choices.get("experiment")
+    try:
+        # One process, or this rank of a torchrun/srun job, or `world_size` local processes started here.
+        train(prepare(cfg))
+    except ConfigError as e:
+        fail(str(e))
+    except TrainingAborted as e:
+        fail(str(e), e.exit_code)
+    except RankFailed as e:
+        fail(str(e), e.exit_code)
+
+
+def main() -> None:
+    """The command line (Hydra's overrides and flags in sys.argv): a bad input exits with one `error:` line
+    before Hydra makes a run directory, then Hydra runs the job."""
+    register_configs()
+    preflight(CONFIG_DIR, sys.argv[1:])
+    run()
+
+
+if __name__ == "__main__":
+    main()
