@@ -270,6 +270,17 @@ def _optim_state(optimizer: torch.optim.Optimizer, model: nn.Module, empty: bool
     return out
 
 
+def load_optim_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give the optimizer the loaded AdamW state (`optim.<name>.*`) through `Optimizer.load_state_dict`, which puts
+    each tensor where torch keeps it: the moments on the parameter's device and dtype, and `step` on the
+    parameter's device for the fused and capturable kernels (on CUDA they fail on a CPU step)."""
+    names = _param_names(model)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s index order
+    per_param = {i: {k: state[f"optim.{names[p][0]}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
+                 for i, p in enumerate(params)}
+    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
 def _rng_state(rank: int, device: torch.device) -> dict[str, torch.Tensor]:
     out = {f"rng.rank{rank}.cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -413,8 +424,7 @@ def load(trainer, path: Path) -> dict:
     if deepspeed:
         trainer.engine.load(str(path))  # weights and ZeRO's optimizer partitions
     else:
-        for p, names in _param_names(trainer.model).items():
-            trainer.optimizer.state[p] = {k: state[f"optim.{names[0]}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
+        load_optim_state(trainer.optimizer, trainer.model, state)
     sched = dict(meta["scheduler"], lr_lambdas=[None] * len(trainer.optimizer.param_groups))
     trainer.scheduler.load_state_dict(sched)
     for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr(), strict=True):
