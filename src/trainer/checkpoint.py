@@ -20,8 +20,9 @@ hold it. The RNG states are restored only into the same layout (they describe ea
 
 Writes are atomic: ranks write into `.tmp-step_*`; once every rank is done, rank 0 writes `meta.json`, syncs and
 renames the directory to `step_*`. A directory without `meta.json` is never taken for a checkpoint. Loading never
-unpickles arbitrary objects: tensors are read with `torch.load(weights_only=True)` by DCP, and DCP's `.metadata`
-index is read by an unpickler that only accepts DCP's own metadata classes and torch's dtypes and sizes.
+unpickles arbitrary objects: tensors are read with `torch.load(weights_only=True)` by DCP, DCP's `.metadata` index
+is read by an unpickler that only accepts DCP's own metadata classes and torch's dtypes and sizes, and DeepSpeed's
+files (only where meta.json names that engine) weights-only with DeepSpeed's few classes allowed.
 """
 
 from __future__ import annotations
@@ -390,14 +391,15 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _verify_files(path: Path, meta: dict) -> None:
+def verify_files(path: Path, meta: dict, field_name: str = "checkpoint.resume", *fix: str) -> None:
     """Every rank checks the CRC-32 of a share of the files; any mismatch fails every rank with its name."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     names = sorted(meta["files"])
     bad = [n for i, n in enumerate(names) if i % world == rank and _crc(path / n) != meta["files"][n][1]]
     bad = sorted(n for part in _gather(bad) for n in part)
     if bad:
-        raise _bad(path, f"file {bad[0]} does not match its recorded checksum: the checkpoint is corrupted")
+        raise _bad(path, f"file {bad[0]} does not match its recorded checksum: the checkpoint is corrupted", *fix,
+                   field_name=field_name)
 
 
 def load(trainer, path: Path) -> dict:
@@ -408,7 +410,7 @@ def load(trainer, path: Path) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     meta = read_meta(path)
     check_compatible(path, meta, cfg)
-    _verify_files(path, meta)
+    verify_files(path, meta)
     same_layout = meta["layout"] == _layout(cfg)
     deepspeed = trainer.engine.name == "deepspeed"
     state = {} if deepspeed else {**_model_state(trainer.model), **_optim_state(trainer.optimizer, trainer.model, empty=True)}
@@ -422,7 +424,8 @@ def load(trainer, path: Path) -> dict:
         raise _bad(path, f"could not be loaded into this model ({type(e).__name__}: "
                    f"{first[0][:200] if first else ''})") from None
     if deepspeed:
-        trainer.engine.load(str(path))  # weights and ZeRO's optimizer partitions
+        with _deepspeed_files(path, "checkpoint.resume"):
+            trainer.engine.load(str(path))  # weights and ZeRO's optimizer partitions, read weights-only
     else:
         load_optim_state(trainer.optimizer, trainer.model, state)
     sched = dict(meta["scheduler"], lr_lambdas=[None] * len(trainer.optimizer.param_groups))
@@ -439,15 +442,31 @@ def load(trainer, path: Path) -> dict:
     return meta
 
 
-def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Only the model's weights from a checkpoint, in one process (for export)."""
+@contextlib.contextmanager
+def _deepspeed_files(path: Path, field_name: str):
+    """DeepSpeed reads its own files, weights-only (`engine.weights_only_loads`); a file holding anything else
+    (a crafted pickle) becomes one `error:` line naming what it holds."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise _bad(path, f"has a DeepSpeed file holding an object seqpar does not unpickle{what}: crafted, or "
+                   "written by another program", "use only checkpoints written by seqpar's trainer.engine=deepspeed",
+                   field_name=field_name) from None
+
+
+def load_model_weights(path: Path, model: nn.Module, meta: dict, field_name: str = "checkpoint") -> None:
+    """Only the model's weights from a checkpoint, in one process (for export). `meta` (from `read_meta`, its files
+    checked with `verify_files`) says which engine wrote it: a `deepspeed/` folder alone never makes DeepSpeed read
+    anything."""
     import torch.distributed.checkpoint as dcp
 
-    if (path / DEEPSPEED_DIR).is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if meta.get("engine", {}).get("name") == "deepspeed":
+        from seqpar.trainer.engine import zero_fp32_state_dict
 
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        with _deepspeed_files(path, field_name):
+            state = zero_fp32_state_dict(str(path))
         model.load_state_dict({k.replace(WRAPPER, ""): v for k, v in state.items()}, strict=False)
         return
     state = _model_state(model)

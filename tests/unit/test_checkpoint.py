@@ -4,7 +4,9 @@ The runs here are gpt_tiny with a batch of 4 sequences, trained in this process 
 
 from __future__ import annotations
 
+import json
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,83 @@ def test_loaded_adam_state_equals_the_saved_one(saved, tmp_path):
     for p, q in zip(resumed.model.parameters(), reference.model.parameters(), strict=True):
         got, want = resumed.optimizer.state[p], reference.optimizer.state[q]
         assert all(torch.equal(got[k], want[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+# --- export reads nothing it should not --------------------------------------------------------------------------
+
+def _plant_deepspeed_files(ckpt: Path, target: Path) -> list[str]:
+    """Pickles where DeepSpeed's loader looks (model states and ZeRO optimizer partitions)."""
+    folder = ckpt / checkpoint.DEEPSPEED_DIR / checkpoint.DEEPSPEED_TAG
+    folder.mkdir(parents=True)
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    for name in names:
+        torch.save({"optimizer_state_dict": WritesFile(target), "module": WritesFile(target)}, folder / name)
+    return [str((folder / n).relative_to(ckpt)) for n in names]
+
+
+def test_export_of_a_seqpar_checkpoint_ignores_a_planted_deepspeed_folder(saved, tmp_path):
+    """meta.json says which engine wrote a checkpoint; a `deepspeed/` folder dropped into ours is never read."""
+    from seqpar.export import export
+
+    ckpt = shutil.copytree(saved / "checkpoints" / "step_00000002", tmp_path / "ckpt")
+    _plant_deepspeed_files(ckpt, tmp_path / "pwned")
+    out = export(ckpt, tmp_path / "out")
+    assert (out / "model.safetensors").is_file()
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_crafted_deepspeed_file_is_refused_with_an_error_line(saved, tmp_path, capsys):
+    """A checkpoint whose meta.json names DeepSpeed (sizes and checksums forged to match) is read weights-only:
+    the pickle's code never runs, export says what the file holds and exits 2."""
+    pytest.importorskip("deepspeed")
+    from seqpar.export import main
+
+    ckpt = shutil.copytree(saved / "checkpoints" / "step_00000002", tmp_path / "ckpt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["engine"] = {"name": "deepspeed", "zero_stage": 1}
+    for name in _plant_deepspeed_files(ckpt, tmp_path / "pwned"):
+        data = (ckpt / name).read_bytes()
+        meta["files"][name] = [len(data), zlib.crc32(data)]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as info:
+        main([str(ckpt), str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: checkpoint ({ckpt}) has a DeepSpeed file holding an object "
+                                               "seqpar does not unpickle (io.open): crafted"), err
+    assert "; use only checkpoints written by seqpar" in err[0]
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_deepspeed_loads_in_a_resume_are_weights_only(tmp_path):
+    """DeepSpeed's own loader asks torch.load for weights_only=False; inside `weights_only_loads` it gets True."""
+    pytest.importorskip("deepspeed")
+    import pickle
+
+    from seqpar.trainer.engine import weights_only_loads
+
+    torch.save({"x": WritesFile(tmp_path / "pwned")}, tmp_path / "crafted.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    with weights_only_loads():
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(tmp_path / "crafted.pt", weights_only=False)
+        assert torch.equal(torch.load(tmp_path / "plain.pt", weights_only=False)["w"], torch.ones(2))
+    assert not (tmp_path / "pwned").exists()
+    assert torch.load.__module__ == "torch.serialization"  # restored
+
+
+def test_export_checks_every_files_checksum(saved, tmp_path, capsys):
+    from seqpar.export import main
+
+    ckpt = shutil.copytree(saved / "checkpoints" / "step_00000002", tmp_path / "ckpt")
+    f = ckpt / "__0_0.distcp"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as info:
+        main([str(ckpt), str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: checkpoint ({ckpt}) file __0_0.distcp does not match its recorded checksum: the checkpoint is "
+        "corrupted; export another checkpoint of the run (a step_* directory)"]
+    assert not (tmp_path / "out").exists()
