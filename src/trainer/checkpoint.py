@@ -35,6 +35,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -314,42 +315,104 @@ def _gather(obj) -> list:
     return out
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (disk full, say). Every rank raises it at the same point of `save`, so
+    none waits for a peer that gave up; nothing was published and the partial files are removed."""
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a failure; DCP's CheckpointException shows the first failing rank's own error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = min(failures.items())[1][0]
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _attempt(fn, *args) -> str | None:
+    """Run `fn`; its failure as one line instead of an exception (DCP's is a BaseException)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        fn(*args)
+    except (Exception, CheckpointException) as e:
+        return _describe(e)
+    return None
+
+
+def _agree(error: str | None, root: Path, step: int, tmp: Path) -> None:
+    """Every rank says how its part went (a collective, so also a barrier); if any failed, all raise SaveFailed
+    with the first failure, after rank 0 removed the partial checkpoint."""
+    errors = _gather(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if not failed:
+        return
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _world_barrier()  # the partial files are gone when any rank goes on (rmtree above cannot raise)
+    where = f"rank {failed[0][0]}: " if len(errors) > 1 else ""
+    raise SaveFailed(f"checkpoint.dir ({root}) could not take the checkpoint of step {step} ({where}{failed[0][1]})")
+
+
+def _write_meta(tmp: Path, meta: dict) -> None:
+    with open(tmp / META, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save(trainer, reason: str = "periodic") -> Path | None:
-    """Write a checkpoint of the trainer's current step (every rank calls it). Returns its path."""
+    """Write a checkpoint of the trainer's current step (every rank calls it). Returns its path.
+
+    Each phase ends with every rank agreeing on its outcome (`_agree`): rank 0's preparation, every rank's write,
+    rank 0's meta.json and publication. A failure anywhere raises SaveFailed on every rank together."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
     cfg, step = trainer.cfg, trainer.step
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     root = checkpoint_root(cfg)
     final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
     if final.exists():
         return None  # this step is saved already (a resumed run that ends where it started)
-    if rank == 0:
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):  # left by an interrupted save
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    _world_barrier()
+
+    _agree(_attempt(prepare) if rank == 0 else None, root, step, tmp)
     deepspeed = trainer.engine.name == "deepspeed"
-    state = _rng_state(rank, trainer.device)
-    if not deepspeed:
-        state.update(_model_state(trainer.model))
-        state.update(_optim_state(trainer.optimizer, trainer.model, empty=False))
-    with _single_process_quiet():
-        dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not dist.is_initialized())
-    mine = {p.name: [p.stat().st_size, _crc(p)] for p in tmp.glob(f"__{rank}_*")}
-    if deepspeed:
-        trainer.engine.save(str(tmp))  # DeepSpeed's own files, under deepspeed/
-        _world_barrier()
+    mine: dict[str, list[int]] = {}
+
+    def write() -> None:
+        state = _rng_state(rank, trainer.device)
+        if not deepspeed:
+            state.update(_model_state(trainer.model))
+            state.update(_optim_state(trainer.optimizer, trainer.model, empty=False))
+        with _single_process_quiet():
+            dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True),
+                     no_dist=not dist.is_initialized())
+        mine.update({p.name: [p.stat().st_size, _crc(p)] for p in tmp.glob(f"__{rank}_*")})
+        if deepspeed:
+            trainer.engine.save(str(tmp))  # DeepSpeed's own files, under deepspeed/
+
+    _agree(_attempt(write), root, step, tmp)  # every rank's files are written
+
+    def checksum_deepspeed() -> None:  # each rank a share of DeepSpeed's files
         names = sorted(str(f.relative_to(tmp)) for f in (tmp / DEEPSPEED_DIR).rglob("*") if f.is_file())
-        world = dist.get_world_size() if dist.is_initialized() else 1
         mine.update({n: [(tmp / n).stat().st_size, _crc(tmp / n)] for i, n in enumerate(names) if i % world == rank})
+
+    if deepspeed:
+        _agree(_attempt(checksum_deepspeed), root, step, tmp)
     files = {k: v for part in _gather(mine) for k, v in part.items()}
-    if rank == 0:
+
+    def publish() -> None:
         files[".metadata"] = [(tmp / ".metadata").stat().st_size, _crc(tmp / ".metadata")]
         trainer.data.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        meta = {
+        _write_meta(tmp, {
             "format": FORMAT,
             "step": step,
             "reason": reason,
@@ -361,15 +424,16 @@ def save(trainer, reason: str = "periodic") -> Path | None:
             "bad_steps": trainer.bad_steps,
             "skipped_steps": trainer.skipped_steps,
             "files": files,
-        }
-        with open(tmp / META, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        })
         os.rename(tmp, final)  # publish: atomic on one file system
         _fsync_dir(root)
-        _prune(root, cfg.checkpoint.keep)
-    _world_barrier()
+
+    _agree(_attempt(publish) if rank == 0 else None, root, step, tmp)
+    if rank == 0:
+        problem = _attempt(_prune, root, cfg.checkpoint.keep)  # the new checkpoint stands either way
+        if problem:
+            print(f"warning: checkpoint.keep: could not remove old checkpoints in {root} ({problem})",
+                  file=sys.stderr, flush=True)
     return final
 
 

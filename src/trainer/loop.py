@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 import zlib
@@ -310,7 +311,18 @@ class Trainer:
         return int(self.mesh.max_over_all(float(stop.signum)))
 
     def save_checkpoint(self, reason: str, progress: Progress) -> None:
-        path = checkpoint.save(self, reason)
+        """Save; every rank learns of a failure together. A periodic save that fails is a warning (the run goes on
+        and tries again at the next one); the last save before exiting failing ends the run."""
+        try:
+            path = checkpoint.save(self, reason)
+        except checkpoint.SaveFailed as e:
+            if reason != "periodic":
+                raise TrainingAborted(f"{e}; free space or point checkpoint.dir at writable storage, then run the "
+                                      "same command again: it resumes from the newest checkpoint") from None
+            if self.mesh.is_logging_rank:
+                print(f"warning: {e}; training goes on and tries again at the next checkpoint", file=sys.stderr,
+                      flush=True)
+            return
         if path is not None:
             progress.print(f"saved checkpoint {path}")
 

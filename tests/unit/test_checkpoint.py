@@ -160,3 +160,33 @@ def test_export_checks_every_files_checksum(saved, tmp_path, capsys):
         f"error: checkpoint ({ckpt}) file __0_0.distcp does not match its recorded checksum: the checkpoint is "
         "corrupted; export another checkpoint of the run (a step_* directory)"]
     assert not (tmp_path / "out").exists()
+
+
+# --- a failed save -----------------------------------------------------------------------------------------------
+
+def test_a_failed_periodic_save_warns_and_training_goes_on_but_a_failed_last_save_ends_the_run(
+        tmp_path, cache_dir, monkeypatch, capsys):
+    import errno
+
+    from seqpar.trainer.loop import TrainingAborted
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_meta", disk_full)
+    trainer = make_trainer(tmp_path, "trainer.max_steps=2", "checkpoint.every=1")
+    root = tmp_path / "checkpoints"
+    with pytest.raises(TrainingAborted) as info:
+        trainer.fit()
+    assert trainer.step == 2  # step 1's save failed, step 2 was trained
+    err = capsys.readouterr().err
+    assert (f"warning: checkpoint.dir ({root}) could not take the checkpoint of step 1 (OSError: [Errno 28] No space "
+            "left on device); training goes on and tries again at the next checkpoint") in err
+    assert str(info.value) == (
+        f"checkpoint.dir ({root}) could not take the checkpoint of step 2 (OSError: [Errno 28] No space left on "
+        "device); free space or point checkpoint.dir at writable storage, then run the same command again: it "
+        "resumes from the newest checkpoint")
+    assert info.value.exit_code == 3
+    assert list(root.iterdir()) == []  # the partial checkpoints were removed, nothing was published
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
