@@ -218,26 +218,107 @@ def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
                        f"resume with trainer.{name}={loader[name]}: the data position is counted in its batches")
 
 
-def find_resume(cfg: Config) -> Path | None:
-    """The checkpoint this run continues from (checked), or None to start fresh. Raises ConfigError when a fresh
-    start would overwrite another run's checkpoints or the given checkpoint is unusable."""
+def _damage(e: ConfigError, path: Path) -> str:
+    """What a failed check found, without the setting's name and the fix."""
+    return e.problem.removeprefix(f"({path}) ")
+
+
+def find_resume(cfg: Config, passed_over: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The checkpoint this run continues from (meta.json, file sizes and compatibility checked), or None to start
+    fresh. Raises ConfigError when a fresh start would overwrite checkpoints or the checkpoint is unusable.
+
+    Under `auto` a damaged checkpoint (one that fails `read_meta`, or is already in `passed_over`) is passed over
+    for the newest one that passes; each newly passed over is added to `passed_over` with what is wrong with it.
+    Only when every checkpoint there is damaged does `auto` refuse. A checkpoint of another model or batch is
+    refused, never passed over: an older one of the same run would not fit either."""
     mode = cfg.checkpoint.resume
-    if mode in ("auto", "never"):
-        root = checkpoint_root(cfg)
-        found = complete_checkpoints(root)
-        if mode == "never":
-            if found:
-                raise ConfigError("checkpoint.resume", f"is never but {root} already holds checkpoints "
-                                  f"({found[-1].name}) that a fresh run would overwrite",
-                                  "use checkpoint.resume=auto to continue them, or a new hydra.run.dir / checkpoint.dir")
-            return None
-        if not found:
-            return None
-        path = found[-1]
-    else:
+    if mode not in ("auto", "never"):
         path = newest_if_root(Path(mode))
-    check_compatible(path, read_meta(path), cfg)
+        check_compatible(path, read_meta(path), cfg)
+        return path
+    root = checkpoint_root(cfg)
+    found = complete_checkpoints(root)
+    if mode == "never":
+        if found:
+            raise ConfigError("checkpoint.resume", f"is never but {root} already holds checkpoints "
+                              f"({found[-1].name}) that a fresh run would overwrite",
+                              "use checkpoint.resume=auto to continue them, or a new hydra.run.dir / checkpoint.dir")
+        return None
+    passed_over = [] if passed_over is None else passed_over
+    for path in reversed(found):
+        if any(path == bad for bad, _ in passed_over):
+            continue
+        try:
+            meta = read_meta(path)
+        except ConfigError as e:
+            passed_over.append((path, _damage(e, path)))
+            continue
+        check_compatible(path, meta, cfg)
+        return path
+    if found:
+        newest, why = next((bad, why) for bad, why in passed_over if bad == found[-1])
+        raise ConfigError("checkpoint.resume", f"is auto but no checkpoint in {root} passes its checks (the newest, "
+                          f"{newest.name}, {why})", f"move the damaged step_* directories out of {root} to start "
+                          "fresh there, or resume from a good copy (checkpoint.resume=<step_* dir>)")
+    return None
+
+
+def resume(trainer) -> Path | None:
+    """Find, verify and load the checkpoint this run continues from (every rank calls it); None: a fresh start.
+
+    Under `checkpoint.resume=auto` a checkpoint that fails its checks, the ranks' CRC-32 check included, is passed
+    over for the next older one, and rank 0 says which and why on stderr. Checkpoints of this run's directory
+    newer than the one resumed are then moved aside (`supersede`): the run's new history replaces them."""
+    cfg = trainer.cfg
+    passed_over: list[tuple[Path, str]] = []
+    while (path := find_resume(cfg, passed_over)) is not None:
+        meta = read_meta(path)
+        try:
+            verify_files(path, meta)
+        except ConfigError as e:
+            if cfg.checkpoint.resume != "auto":
+                raise
+            passed_over.append((path, _damage(e, path)))  # every rank saw the same result (verify_files gathers)
+            continue
+        _restore(trainer, path, meta)
+        break
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        for bad, why in passed_over:
+            instead = f"resuming from {path.name} instead" if path else "no other checkpoint there"
+            print(f"warning: checkpoint.resume=auto passes over {bad}: it {why}; {instead}", file=sys.stderr,
+                  flush=True)
+    if path is not None:
+        supersede(checkpoint_root(cfg), path, int(meta["step"]))
     return path
+
+
+def supersede(root: Path, resumed: Path, step: int) -> None:
+    """Move the checkpoints in `root` from `step` on (other than `resumed`) into `root/superseded/`, so that neither
+    a save (which keeps an existing step) nor a later auto-resume mixes them with this run's new history. Nothing is
+    deleted. Rank 0 moves; every rank learns the outcome together."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def move() -> None:
+        later = sorted(p for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and int(m.group(1)) >= step
+                       and p.resolve() != resumed.resolve()) if root.is_dir() else []
+        if not later:
+            return
+        aside = root / "superseded"
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            target, n = aside / p.name, 1
+            while target.exists():  # superseded before, by an earlier roll-back
+                target, n = aside / f"{p.name}.{n}", n + 1
+            os.rename(p, target)
+        print(f"warning: moved {', '.join(p.name for p in later)} into {aside}: this run continues from {resumed} "
+              f"(step {step}) and its new checkpoints replace them (nothing was deleted)", file=sys.stderr, flush=True)
+
+    errors = _gather(_attempt(move) if rank == 0 else None)
+    if errors[0]:
+        raise ConfigError("checkpoint.dir", f"({root}) holds checkpoints newer than {resumed.name}, which this run "
+                          f"continues from, and they could not be moved aside ({errors[0]})",
+                          f"move them out of {root} yourself, then run the same command again")
 
 
 # --- what is saved -------------------------------------------------------------------------------------------
@@ -467,14 +548,21 @@ def verify_files(path: Path, meta: dict, field_name: str = "checkpoint.resume", 
 
 
 def load(trainer, path: Path) -> dict:
-    """Restore the trainer from `path` (every rank calls it), in whatever layout this run has. Returns meta."""
+    """Restore the trainer from `path` (every rank calls it), in whatever layout this run has, after checking it.
+    Returns meta."""
+    meta = read_meta(path)
+    check_compatible(path, meta, trainer.cfg)
+    verify_files(path, meta)
+    _restore(trainer, path, meta)
+    return meta
+
+
+def _restore(trainer, path: Path, meta: dict) -> None:
+    """Load the checked checkpoint `path` into the trainer."""
     import torch.distributed.checkpoint as dcp
 
     cfg = trainer.cfg
     rank = dist.get_rank() if dist.is_initialized() else 0
-    meta = read_meta(path)
-    check_compatible(path, meta, cfg)
-    verify_files(path, meta)
     same_layout = meta["layout"] == _layout(cfg)
     deepspeed = trainer.engine.name == "deepspeed"
     state = {} if deepspeed else {**_model_state(trainer.model), **_optim_state(trainer.optimizer, trainer.model, empty=True)}
@@ -503,7 +591,6 @@ def load(trainer, path: Path) -> dict:
             torch.cuda.set_rng_state(state[f"rng.rank{rank}.cuda"], trainer.device)
     trainer.step = meta["step"]
     trainer.bad_steps, trainer.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
-    return meta
 
 
 @contextlib.contextmanager

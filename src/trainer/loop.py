@@ -125,12 +125,21 @@ def check_same_data(data, mesh: ParallelMesh) -> None:
         )
 
 
+def _record_of(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line the stopped run left half-written
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop the records after `step` from a run's metrics (a resumed run logs those steps again)."""
+    """Drop the records after `step` from a run's metrics (a resumed run logs those steps again), and any line a
+    killed run left half-written."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line.rstrip("\n") + "\n" for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (record := _record_of(line)) is not None and record.get("step", 0) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     tmp.replace(path)
@@ -179,11 +188,9 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0  # non-finite losses in a row
         self.skipped_steps = 0  # in the whole run
-        self.resumed_from = checkpoint.find_resume(cfg)
-        if self.resumed_from is not None:
-            checkpoint.load(self, self.resumed_from)
-            if mesh.is_logging_rank:
-                trim_metrics(Path(cfg.run_dir) / "metrics.jsonl", self.step)
+        self.resumed_from = checkpoint.resume(self)  # passes over damaged checkpoints under resume=auto
+        if self.resumed_from is not None and mesh.is_logging_rank:
+            trim_metrics(Path(cfg.run_dir) / "metrics.jsonl", self.step)
         self.logger = build_loggers(cfg, mesh.is_logging_rank)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.peak_flops = device_peak_flops(self.device, t.peak_flops)

@@ -190,3 +190,107 @@ def test_a_failed_periodic_save_warns_and_training_goes_on_but_a_failed_last_sav
     assert list(root.iterdir()) == []  # the partial checkpoints were removed, nothing was published
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+
+
+# --- damaged checkpoints under auto-resume, and roll-backs --------------------------------------------------------
+
+def _digest(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): zlib.crc32(p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _truncate(ckpt: Path) -> None:
+    f = ckpt / "__0_0.distcp"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip_a_byte(ckpt: Path) -> None:
+    f = ckpt / "__0_0.distcp"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,why", [
+    (_truncate, "file __0_0.distcp has"),  # found by the entry point's size check
+    (_flip_a_byte, "file __0_0.distcp does not match its recorded checksum"),  # found by the ranks' CRC check
+], ids=["truncated", "changed in place"])
+def test_auto_resume_passes_over_a_damaged_newest_checkpoint(saved, tmp_path, capsys, damage, why):
+    """A requeued job must not need a person: resume=auto continues from the newest checkpoint that passes its
+    checks, says which it passed over and why, and keeps the damaged one (moved aside, byte for byte). A
+    half-written last line of metrics.jsonl (the job was killed mid-write) is dropped, not a reason to stop."""
+    from seqpar.trainer import prepare
+
+    run = copy_run(saved, tmp_path / "run")
+    root, newest = run / "checkpoints", run / "checkpoints" / "step_00000002"
+    damage(newest)
+    kept = _digest(newest)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 7.9')
+    cfg = compose(CONFIG_DIR, [*FAST, "trainer.max_steps=2", "checkpoint.every=1"])
+    cfg.run_dir = str(run)
+    prepare(cfg)  # the entry point does not refuse the run
+    trainer = make_trainer(run, "trainer.max_steps=2", "checkpoint.every=1")
+    assert trainer.resumed_from == root / "step_00000001" and trainer.step == 1
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint.resume=auto passes over {newest}: it {why}" in err
+    assert "resuming from step_00000001 instead" in err
+    assert f"moved step_00000002 into {root / 'superseded'}" in err
+    assert _digest(root / "superseded" / "step_00000002") == kept
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 1
+    trainer.fit()  # step 2 again, saved as a new checkpoint where the damaged one was
+    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_00000001", "step_00000002"]
+    checkpoint.verify_files(newest, checkpoint.read_meta(newest))
+
+
+def test_auto_resume_refuses_when_every_checkpoint_is_damaged(saved, tmp_path):
+    from seqpar.config import ConfigError
+    from seqpar.trainer import prepare
+
+    run = copy_run(saved, tmp_path / "run")
+    for step in (1, 2):
+        _truncate(run / "checkpoints" / f"step_0000000{step}")
+    cfg = compose(CONFIG_DIR, [*FAST, "trainer.max_steps=2"])
+    cfg.run_dir = str(run)
+    with pytest.raises(ConfigError, match=r"^checkpoint.resume is auto but no checkpoint in .* passes its checks "
+                                          r"\(the newest, step_00000002, file __0_0.distcp has .*; move the damaged"):
+        prepare(cfg)
+
+
+def test_an_explicit_damaged_checkpoint_is_still_refused(saved, tmp_path):
+    from seqpar.config import ConfigError
+
+    run = copy_run(saved, tmp_path / "run")
+    _flip_a_byte(run / "checkpoints" / "step_00000002")
+    with pytest.raises(ConfigError, match="does not match its recorded checksum"):
+        make_trainer(run, "trainer.max_steps=2", f"checkpoint.resume={run / 'checkpoints' / 'step_00000002'}")
+
+
+def test_rolling_back_moves_the_newer_checkpoints_aside(saved, tmp_path, capsys):
+    """Resuming from step 1 of a run that has step 2: step 2 would otherwise block the new step 2 (a save keeps an
+    existing step) and be what a later auto-resume picks. It is moved to superseded/, never deleted; a second
+    roll-back keeps both old step-2 checkpoints."""
+    run = copy_run(saved, tmp_path / "run")
+    root = run / "checkpoints"
+    first = _digest(root / "step_00000002")
+    back = f"checkpoint.resume={root / 'step_00000001'}"
+    trainer = make_trainer(run, "trainer.max_steps=2", "checkpoint.every=1", "trainer.lr=5e-4", back)
+    assert trainer.step == 1 and not (root / "step_00000002").exists()
+    assert f"moved step_00000002 into {root / 'superseded'}" in capsys.readouterr().err
+    trainer.fit()
+    trainer.cfg.checkpoint.resume = "auto"
+    assert checkpoint.find_resume(trainer.cfg) == root / "step_00000002"  # the new history's (trained at lr 5e-4)
+    assert _digest(root / "step_00000002") != first
+    make_trainer(run, "trainer.max_steps=2", back)  # and back again
+    assert sorted(p.name for p in (root / "superseded").iterdir()) == ["step_00000002", "step_00000002.1"]
+    assert _digest(root / "superseded" / "step_00000002") == first
+
+
+def test_trim_metrics_drops_the_steps_after_the_checkpoint_and_a_half_written_line(tmp_path):
+    from seqpar.trainer.loop import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 8.0 - s}) for s in (1, 2, 3)] + [json.dumps({"step": 2, "eval_loss": 7.0})]
+    path.write_text("\n".join(lines) + '\n{"step": 4, "lo')
+    trim_metrics(path, 2)
+    assert path.read_text() == "\n".join([lines[0], lines[1], lines[3]]) + "\n"
