@@ -6,8 +6,9 @@ A checkpoint is a directory `<checkpoint.dir>/step_00000042/` holding
   `model.<name>` (each parameter and buffer as the rank holds it: a tensor-parallel DTensor shard, this pipeline
   stage's layers), `optim.<name>.{exp_avg,exp_avg_sq,step}` (AdamW's state, keyed by parameter name so that it
   reshards like the parameter) and `rng.rank<r>.{cpu,cuda}` (each rank's generator state);
-- `meta.json`, written last by rank 0: the step, the model architecture, the layout, the data loader's position,
-  the learning-rate schedule's state, the skipped-step counters, and the size and CRC-32 of every file;
+- `meta.json`, written last by rank 0: the step, the model architecture, the layout, the data settings (and the
+  tokenizer's vocabulary checksum and training-set size they made), the data loader's position, the learning-rate
+  schedule's state, the skipped-step counters, and the size and CRC-32 of every file;
 - `tokenizer/`, so that `python -m seqpar.export` makes a complete transformers directory.
 
 Under `trainer.engine=deepspeed` the model and optimizer are saved by DeepSpeed itself into `deepspeed/` (ZeRO's
@@ -192,8 +193,9 @@ def _engine_text(engine: dict) -> str:
 
 
 def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
-    """The checkpoint must hold this model's architecture and this run's data order; a DeepSpeed checkpoint
-    needs the same engine, ZeRO stage and layout (its optimizer files are per data-parallel rank)."""
+    """The checkpoint must hold this model's architecture and this run's data order (seed, global batch and data
+    settings); a DeepSpeed checkpoint needs the same engine, ZeRO stage and layout (its optimizer files are per
+    data-parallel rank)."""
     saved_engine, engine = meta.get("engine", {"name": "seqpar"}), _engine(cfg)
     if saved_engine != engine:
         raise _bad(path, f"was written with {_engine_text(saved_engine)}, this run has {_engine_text(engine)}",
@@ -216,11 +218,67 @@ def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
         if loader[name] != getattr(cfg.trainer, name):
             raise _bad(path, f"was trained with trainer.{name}={loader[name]}, this run has {getattr(cfg.trainer, name)}",
                        f"resume with trainer.{name}={loader[name]}: the data position is counted in its batches")
+    check_same_data(path, meta, cfg)
 
 
 def _damage(e: ConfigError, path: Path) -> str:
     """What a failed check found, without the setting's name and the fix."""
     return e.problem.removeprefix(f"({path}) ")
+
+
+def _data_settings(cfg: Config) -> dict:
+    """The data settings that decide which sequences the loader's saved position counts (not the layout: dp and sp
+    only split them)."""
+    d = cfg.data
+    out = {"source": d.source, "seq_len": d.seq_len, "val_fraction": d.val_fraction}
+    if d.source == "text_files":
+        out.update(paths=list(d.paths), sample_by=d.sample_by)
+    elif d.source == "hf_dataset":
+        out.update(hf_name=d.hf_name, hf_config=d.hf_config, hf_split=d.hf_split, text_column=d.text_column)
+    return out
+
+
+def _data_record(trainer) -> dict:
+    """meta.json's `data`: the settings, and what they made: the tokenizer's vocabulary and the training set's size."""
+    from seqpar.data.tokenizer import vocab_checksum
+
+    return {**_data_settings(trainer.cfg), "vocab_crc32": vocab_checksum(trainer.data.tokenizer),
+            "train_sequences": len(trainer.data.train)}
+
+
+def _override(name: str, value) -> str:
+    return f"data.{name}=[{','.join(value)}]" if isinstance(value, list) else f"data.{name}={value}"
+
+
+def check_same_data(path: Path, meta: dict, cfg: Config) -> None:
+    """The saved loader position (epoch, batch) means the same sequences only with the same data settings; a
+    checkpoint written before meta.json recorded them (no `data` entry) is taken as it is."""
+    saved = meta.get("data")
+    if saved is None:
+        return
+    for name, value in _data_settings(cfg).items():
+        if name in saved and saved[name] != value:
+            raise _bad(path, f"was trained with {_override(name, saved[name])}, this run has {_override(name, value)}",
+                       f"resume with {_override(name, saved[name])} (the saved data position counts the sequences "
+                       "those settings make), or start fresh in a new hydra.run.dir")
+
+
+def check_same_sequences(path: Path, meta: dict, data) -> None:
+    """What the data settings made must match too: the tokenizer and the number of training sequences (a corpus
+    whose files changed, another Python's built-in corpus, another tokenizer directory)."""
+    from seqpar.data.tokenizer import vocab_checksum
+
+    saved = meta.get("data")
+    if saved is None:
+        return
+    if "vocab_crc32" in saved and saved["vocab_crc32"] != vocab_checksum(data.tokenizer):
+        raise _bad(path, "was trained with another tokenizer (its vocabulary differs from this run's)",
+                   f"resume with the checkpoint's tokenizer (data.tokenizer={path / 'tokenizer'}), or start fresh in "
+                   "a new hydra.run.dir")
+    if "train_sequences" in saved and saved["train_sequences"] != len(data.train):
+        raise _bad(path, f"was trained on {saved['train_sequences']} training sequences, this run's data makes "
+                   f"{len(data.train)}: the text changed", "resume on the data the run was trained on, or start fresh "
+                   "in a new hydra.run.dir")
 
 
 def find_resume(cfg: Config, passed_over: list[tuple[Path, str]] | None = None) -> Path | None:
@@ -273,6 +331,7 @@ def resume(trainer) -> Path | None:
     passed_over: list[tuple[Path, str]] = []
     while (path := find_resume(cfg, passed_over)) is not None:
         meta = read_meta(path)
+        check_same_sequences(path, meta, trainer.data)
         try:
             verify_files(path, meta)
         except ConfigError as e:
@@ -501,6 +560,7 @@ def save(trainer, reason: str = "periodic") -> Path | None:
             "layout": _layout(cfg),
             "engine": _engine(cfg),
             "loader": trainer.loader.state_dict(),
+            "data": _data_record(trainer),
             "scheduler": {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"},
             "bad_steps": trainer.bad_steps,
             "skipped_steps": trainer.skipped_steps,
@@ -552,6 +612,7 @@ def load(trainer, path: Path) -> dict:
     Returns meta."""
     meta = read_meta(path)
     check_compatible(path, meta, trainer.cfg)
+    check_same_sequences(path, meta, trainer.data)
     verify_files(path, meta)
     _restore(trainer, path, meta)
     return meta

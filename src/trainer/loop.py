@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from seqpar.config import Config, ConfigError
 from seqpar.data.loader import GlobalBatchLoader, eval_batches
 from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
+from seqpar.data.tokenizer import vocab_checksum
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, not_exportable, save_pretrained
 from seqpar.parallel.mesh import ParallelMesh
@@ -116,8 +116,7 @@ def _split(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Te
 def check_same_data(data, mesh: ParallelMesh) -> None:
     """Every rank must tokenize with the same vocabulary and see the same sequences. A cache that is not shared
     between nodes would otherwise train a tokenizer per node (training breaks ties differently run to run)."""
-    vocab = json.dumps(sorted(data.tokenizer.get_vocab().items())).encode()
-    if not mesh.all_equal(zlib.crc32(vocab) * 1_000_003 + len(data.train)):
+    if not mesh.all_equal(vocab_checksum(data.tokenizer) * 1_000_003 + len(data.train)):
         raise ConfigError(
             "data.cache_dir",
             "differs between ranks: they built different tokenizers or datasets (a cache not shared between nodes?)",

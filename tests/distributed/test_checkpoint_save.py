@@ -22,6 +22,9 @@ TIMEOUT_S = 60  # the process group's timeout: a rank left waiting would fail on
 
 
 class _Tokenizer:
+    def get_vocab(self) -> dict[str, int]:
+        return {"a": 0, "b": 1}
+
     def save_pretrained(self, out: str) -> None:
         Path(out).mkdir()
         (Path(out) / "tokenizer.json").write_text("{}")
@@ -35,7 +38,7 @@ def _trainer(root: Path, step: int) -> SimpleNamespace:
     model = nn.Linear(4, 4)
     return SimpleNamespace(
         cfg=cfg, step=step, engine=SimpleNamespace(name="seqpar"), device=torch.device("cpu"), model=model,
-        optimizer=torch.optim.AdamW(model.parameters()), data=SimpleNamespace(tokenizer=_Tokenizer()),
+        optimizer=torch.optim.AdamW(model.parameters()), data=SimpleNamespace(tokenizer=_Tokenizer(), train=range(8)),
         loader=SimpleNamespace(state_dict=lambda: {"epoch": 0, "batch": step}),
         scheduler=SimpleNamespace(state_dict=lambda: {"last_epoch": step}), bad_steps=0, skipped_steps=0,
     )

@@ -294,3 +294,65 @@ def test_trim_metrics_drops_the_steps_after_the_checkpoint_and_a_half_written_li
     path.write_text("\n".join(lines) + '\n{"step": 4, "lo')
     trim_metrics(path, 2)
     assert path.read_text() == "\n".join([lines[0], lines[1], lines[3]]) + "\n"
+
+
+# --- the data a checkpoint's loader position belongs to ---------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,field,there,here", [
+    (["data.seq_len=64"], "data.seq_len", "128", "64"),
+    (["data.val_fraction=0.1"], "data.val_fraction", "0.02", "0.1"),
+    (["data=text_files", "data.paths=[{text}]"], "data.source", "builtin", "text_files"),
+], ids=["seq_len", "val_fraction", "source"])
+def test_resume_refuses_other_data_settings(saved, tmp_path, overrides, field, there, here):
+    """The saved position (epoch, batch) counts the sequences these settings make: another value is one error line
+    naming the field and the fix, at the entry point."""
+    from seqpar.config import ConfigError
+    from seqpar.trainer import prepare
+
+    (tmp_path / "book.txt").write_text("Some text for a corpus. " * 200)
+    cfg = compose(CONFIG_DIR, [*FAST, *(o.format(text=tmp_path / "book.txt") for o in overrides)])
+    cfg.run_dir = str(saved)
+    ckpt = saved / "checkpoints" / "step_00000002"
+    with pytest.raises(ConfigError) as info:
+        prepare(cfg)
+    assert str(info.value) == (f"checkpoint.resume ({ckpt}) was trained with {field}={there}, this run has "
+                               f"{field}={here}; resume with {field}={there} (the saved data position counts the "
+                               "sequences those settings make), or start fresh in a new hydra.run.dir")
+
+
+def test_resume_refuses_another_tokenizer_or_changed_text(saved):
+    """What the settings made is checked by the ranks once the data is built: the tokenizer's vocabulary and the
+    number of training sequences."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from seqpar.config import ConfigError
+
+    ckpt = saved / "checkpoints" / "step_00000002"
+    meta = checkpoint.read_meta(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    n = meta["data"]["train_sequences"]
+    checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n)))  # the same: fine
+    with pytest.raises(ConfigError, match=rf"was trained on {n} training sequences, this run's data makes {n + 5}: "
+                                          "the text changed; resume on the data"):
+        checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n + 5)))
+    tok.add_tokens(["<another-token>"])
+    with pytest.raises(ConfigError, match=r"was trained with another tokenizer .*; resume with the checkpoint's "
+                                          rf"tokenizer \(data.tokenizer={ckpt / 'tokenizer'}\)"):
+        checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n)))
+
+
+def test_the_trainer_checks_the_data_record_and_takes_an_older_checkpoint_without_one(saved, tmp_path):
+    from seqpar.config import ConfigError
+
+    run = copy_run(saved, tmp_path / "run")
+    meta_file = run / "checkpoints" / "step_00000002" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["data"]["train_sequences"] += 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="training sequences"):
+        make_trainer(run, "trainer.max_steps=3")
+    del meta["data"]  # as written before meta.json recorded the data
+    meta_file.write_text(json.dumps(meta))
+    assert make_trainer(run, "trainer.max_steps=3").step == 2
