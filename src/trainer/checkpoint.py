@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from seqpar.config import Config, ConfigError, ModelConfig
+from seqpar.torch_compat import CHECKPOINT_WRAPPED
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -56,7 +57,7 @@ ARCH_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "ffn_hidden_siz
                "activation", "type_vocab_size", "attention", "linformer_k")
 LAYOUT_FIELDS = ("dp", "pp", "tp", "sp", "sp_impl", "pp_schedule", "microbatches")
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "step"  # trainer.engine=deepspeed: <checkpoint>/deepspeed/step/
-WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper, not part of a parameter's name
+WRAPPER = f".{CHECKPOINT_WRAPPED}"  # activation checkpointing's wrapper, not part of a parameter's name
 
 
 def step_name(step: int) -> str:

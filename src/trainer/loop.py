@@ -88,7 +88,7 @@ def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in backward instead of keeping its activations."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from seqpar.torch_compat import checkpoint_wrapper
 
     for i, block in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(block)
