@@ -192,7 +192,7 @@ class Trainer:
             trim_metrics(Path(cfg.run_dir) / "metrics.jsonl", self.step)
         self.logger = build_loggers(cfg, mesh.is_logging_rank)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        self.peak_flops = device_peak_flops(self.device, t.peak_flops)
+        self.peak_flops = device_peak_flops(self.device, t.peak_flops, t.precision)
 
     def local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of its data-parallel share: its sequence chunk when sp > 1."""
