@@ -317,7 +317,7 @@ def find_resume(cfg: Config, passed_over: list[tuple[Path, str]] | None = None) 
     if found:
         newest, why = next((bad, why) for bad, why in passed_over if bad == found[-1])
         raise ConfigError("checkpoint.resume", f"is auto but no checkpoint in {root} passes its checks (the newest, "
-                          f"{newest.name}, {why})", f"move the damaged step_* directories out of {root} to start "
+                          f"{newest.name}: {why})", f"move the damaged step_* directories out of {root} to start "
                           "fresh there, or resume from a good copy (checkpoint.resume=<step_* dir>)")
     return None
 
@@ -346,7 +346,7 @@ def resume(trainer) -> Path | None:
     if rank == 0:
         for bad, why in passed_over:
             instead = f"resuming from {path.name} instead" if path else "no other checkpoint there"
-            print(f"warning: checkpoint.resume=auto passes over {bad}: it {why}; {instead}", file=sys.stderr,
+            print(f"warning: checkpoint.resume=auto passes over {bad} ({why}); {instead}", file=sys.stderr,
                   flush=True)
     if path is not None:
         supersede(checkpoint_root(cfg), path, int(meta["step"]))

@@ -232,7 +232,7 @@ def test_auto_resume_passes_over_a_damaged_newest_checkpoint(saved, tmp_path, ca
     trainer = make_trainer(run, "trainer.max_steps=2", "checkpoint.every=1")
     assert trainer.resumed_from == root / "step_00000001" and trainer.step == 1
     err = capsys.readouterr().err
-    assert f"warning: checkpoint.resume=auto passes over {newest}: it {why}" in err
+    assert f"warning: checkpoint.resume=auto passes over {newest} ({why}" in err
     assert "resuming from step_00000001 instead" in err
     assert f"moved step_00000002 into {root / 'superseded'}" in err
     assert _digest(root / "superseded" / "step_00000002") == kept
@@ -253,7 +253,7 @@ def test_auto_resume_refuses_when_every_checkpoint_is_damaged(saved, tmp_path):
     cfg = compose(CONFIG_DIR, [*FAST, "trainer.max_steps=2"])
     cfg.run_dir = str(run)
     with pytest.raises(ConfigError, match=r"^checkpoint.resume is auto but no checkpoint in .* passes its checks "
-                                          r"\(the newest, step_00000002, file __0_0.distcp has .*; move the damaged"):
+                                          r"\(the newest, step_00000002: file __0_0.distcp has .*; move the damaged"):
         prepare(cfg)
 
 
