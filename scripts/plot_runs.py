@@ -23,11 +23,24 @@ def read_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 
 
-def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
+def human_count(x: float, pos: int | None = None) -> str:
+    """A tick label in readable units: 950, 50K, 1.2M, 3B (three significant digits at most)."""
+    if x == 0:
+        return "0"
+    for i, unit in enumerate(("", "K", "M", "B", "T")):
+        text = f"{x / 1000**i:.3g}"
+        if abs(float(text)) < 1000 or unit == "T":
+            return text + unit
+    raise AssertionError("unreachable")
+
+
+def figure(run_dirs: list[Path], labels: list[str] | None = None):
+    """The three panels of the runs, as a matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     fig, (ax_loss, ax_tps, ax_mem) = plt.subplots(1, 3, figsize=(16, 4.5))
     for i, run in enumerate(run_dirs):
@@ -49,10 +62,19 @@ def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) 
     ax_loss.set(xlabel="tokens", ylabel="loss", title="loss")
     ax_tps.set(xlabel="step", ylabel="tokens / s", title="throughput")
     ax_mem.set(xlabel="step", ylabel="MiB", title="peak memory per rank (dotted: each rank)")
+    ax_loss.xaxis.set_major_formatter(FuncFormatter(human_count))  # 50K, 1.2M: not 50000100000150000
+    ax_tps.yaxis.set_major_formatter(FuncFormatter(human_count))
     for ax in (ax_loss, ax_tps, ax_mem):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = figure(run_dirs, labels)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -138,7 +138,7 @@ class TrainerConfig:
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation (a final evaluation still runs)
     eval_batches: int = 4
-    peak_flops: float | None = None  # per device, for MFU; None: known GPUs only
+    peak_flops: float | None = None  # per device, for MFU; None: known GPUs' peak for `precision` only
     threads: int | None = None  # torch intra-op threads; None: torch's default
     save_final: bool = True  # write <run_dir>/final_model (transformers format) at the end
     max_bad_steps: int = 3  # abort after this many non-finite losses in a row (each such step is skipped)

@@ -4,8 +4,9 @@
     python -m seqpar.export outputs/run/checkpoints exported/        # the newest checkpoint there
 
 The checkpoint's tensors are read in one process (DCP gathers every tensor-parallel shard and pipeline stage into
-the whole model) and written as GPT2LMHeadModel or BertForMaskedLM safetensors, with the run's tokenizer. Errors
-are one `error:` line (exit 2); an existing output directory is never overwritten.
+the whole model) and written as GPT2LMHeadModel or BertForMaskedLM safetensors, with the run's tokenizer. Every
+file's size and CRC-32 are checked first; meta.json says which engine wrote the checkpoint, and DeepSpeed's files
+are read weights-only. Errors are one `error:` line (exit 2); an existing output directory is never overwritten.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the model of `checkpoint` (a step_* directory, or a directory of them: the newest) to `out_dir`."""
     from seqpar.models import build_model
     from seqpar.models.hf import not_exportable, save_pretrained
-    from seqpar.trainer.checkpoint import load_model_weights, model_config_of, newest_if_root, read_meta
+    from seqpar.trainer.checkpoint import (
+        load_model_weights,
+        model_config_of,
+        newest_if_root,
+        read_meta,
+        verify_files,
+    )
 
     path, out = newest_if_root(Path(checkpoint)), Path(out_dir)
     meta = read_meta(path, field_name="checkpoint")
@@ -33,8 +40,9 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     if not_exportable(model_config_of(meta)):
         raise ConfigError("checkpoint", f"({path}) cannot be exported: {not_exportable(model_config_of(meta))}",
                           "keep using the checkpoint with train.py (checkpoint.resume=<it>)")
+    verify_files(path, meta, "checkpoint", "export another checkpoint of the run (a step_* directory)")  # CRC-32s
     model = build_model(model_config_of(meta), "cpu")
-    load_model_weights(path, model)
+    load_model_weights(path, model, meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

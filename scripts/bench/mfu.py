@@ -6,8 +6,8 @@ wandb off); the report is the median over the steps after `--warmup` of the trai
 `mfu`: tokens per second x model FLOPs per token (6 per weight plus attention's 12 x layers x hidden x length,
 `seqpar.trainer.metrics.flops_per_token`) / (the device's peak x the number of ranks).
 
-The peak: on CUDA the device's dense bf16 peak (known GPUs, `seqpar.trainer.metrics.PEAK_FLOPS`) unless
-`--peak-tflops` is given; on CPU the fp32 matmul rate of this machine with the training's thread count, the best
+The peak: on CUDA the device's dense peak for the run's precision (bf16, or fp32; known GPUs,
+`seqpar.trainer.metrics.PEAK_FLOPS`) unless `--peak-tflops` is given; on CPU the fp32 matmul rate of this machine with the training's thread count, the best
 of probes before and after every run (a shared machine's rate moves; the MFU is rescaled to that best), so a CPU
 MFU is a fraction of what the machine's matmul reaches, not of a datasheet number.
 

@@ -38,6 +38,8 @@ LAYOUTS = {
     "tp=2": ["parallel.tp=2"],
     "tp=2 x sp=2": ["parallel.tp=2", "parallel.sp=2"],
     "pp=2 (1f1b, 4 micro-batches)": ["parallel.pp=2", "parallel.microbatches=4"],
+    # dp x sp > 1 with pp: each stage's gradient reducer holds only its own layers
+    "dp=2 x pp=2 (1f1b, 2 micro-batches)": ["parallel.dp=2", "parallel.pp=2", "parallel.microbatches=2"],
     "activation checkpointing": ["trainer.activation_checkpointing=true"],
 }
 

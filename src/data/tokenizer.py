@@ -7,7 +7,9 @@ tokenizer and a user's own directory behave the same and `save_pretrained` write
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +102,8 @@ def check_vocab(tok, model_vocab_size: int) -> None:
             f"({model_vocab_size}) is smaller than the tokenizer's vocabulary ({len(tok)})",
             f"set model.vocab_size>={len(tok)} or use a smaller tokenizer",
         )
+
+
+def vocab_checksum(tok) -> int:
+    """CRC-32 of the tokenizer's vocabulary (token -> id): equal for the same tokenizer wherever it was loaded."""
+    return zlib.crc32(json.dumps(sorted(tok.get_vocab().items())).encode())

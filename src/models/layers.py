@@ -15,8 +15,6 @@ from torch import nn
 from seqpar.config import ModelConfig
 from seqpar.models.attention import CoreAttention, sdpa_attention
 
-CHECKPOINT_WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper, not part of a parameter's name
-
 
 def project_sequence(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Linformer's projection along the sequence: (k, max_len) x (B, H, T, D) -> (B, H, k, D), with the weight's
@@ -99,13 +97,11 @@ def initial_value(model: nn.Module, name: str, shape: tuple[int, ...], seed: int
     """The initial value (fp32, on the CPU) of the whole parameter `name` of `model`, drawn from a generator keyed by
     (seed, name): any rank can make the value of any parameter (or its shard) without building the others, and the
     weights are the same in every layout. GPT-2/BERT initialisation: normal(0, model.init_std(name)) weights, zero
-    biases, unit LayerNorms; Linformer's projections normal(0, 1/sqrt(max_len)). `name` may carry activation
-    checkpointing's wrapper prefix and may be a tied alias (`model.tied_weights`), which takes its embedding's
-    value."""
+    biases, unit LayerNorms; Linformer's projections normal(0, 1/sqrt(max_len)). `name` may be a tied alias
+    (`model.tied_weights`), which takes its embedding's value."""
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name)
-    canonical = name.replace(CHECKPOINT_WRAPPER, "")
-    canonical = getattr(model, "tied_weights", {}).get(canonical, canonical)
+    canonical = getattr(model, "tied_weights", {}).get(name, name)
     if isinstance(owner, nn.LayerNorm):
         return torch.ones(shape) if attr == "weight" else torch.zeros(shape)
     if attr == "bias":

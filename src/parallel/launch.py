@@ -280,7 +280,9 @@ def run_joined(info: RankInfo, fn, *args, device_type: str = "cpu", timeout_s: f
         print(f"[rank {info.rank}] {traceback.format_exc()}", file=sys.stderr, flush=True)
         raise  # no teardown: peers may be in a collective; the launcher stops them
     dist.barrier()
-    store = dist.distributed_c10d._get_default_store()  # rank 0 hosts it: it outlives the process group
+    from seqpar.torch_compat import default_store
+
+    store = default_store()  # rank 0 hosts it: it outlives the process group
     dist.destroy_process_group()
     # Nobody exits before every rank has torn down its process group: rank 0 leaving early (with the store it
     # hosts) could abort a peer's teardown ("terminate called without an active exception" in a finished job).

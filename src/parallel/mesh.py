@@ -51,8 +51,10 @@ class ParallelMesh:
             )
         from torch.distributed.device_mesh import init_device_mesh
 
+        from seqpar.torch_compat import flatten_axes
+
         mesh = init_device_mesh(device.type, (p.dp, p.pp, p.sp, p.tp), mesh_dim_names=AXES)
-        mesh["dp", "sp"]._flatten("dp_sp")
+        flatten_axes(mesh, ("dp", "sp"), "dp_sp")
         return cls(p.dp, p.pp, p.sp, p.tp, rank=dist.get_rank(), device=device, device_mesh=mesh)
 
     @property

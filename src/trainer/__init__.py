@@ -50,6 +50,9 @@ def prepare(cfg: Config) -> Config:
 
     Cheap and side-effect free: it runs at the entry point before any process or data is touched.
     """
+    from seqpar.torch_compat import check_torch
+
+    check_torch()  # the private torch APIs seqpar calls are there
     cfg.model = model_config(cfg)
     validate(cfg)
     if cfg.parallel.auto:

@@ -6,8 +6,9 @@ A checkpoint is a directory `<checkpoint.dir>/step_00000042/` holding
   `model.<name>` (each parameter and buffer as the rank holds it: a tensor-parallel DTensor shard, this pipeline
   stage's layers), `optim.<name>.{exp_avg,exp_avg_sq,step}` (AdamW's state, keyed by parameter name so that it
   reshards like the parameter) and `rng.rank<r>.{cpu,cuda}` (each rank's generator state);
-- `meta.json`, written last by rank 0: the step, the model architecture, the layout, the data loader's position,
-  the learning-rate schedule's state, the skipped-step counters, and the size and CRC-32 of every file;
+- `meta.json`, written last by rank 0: the step, the model architecture, the layout, the data settings (and the
+  tokenizer's vocabulary checksum and training-set size they made), the data loader's position, the learning-rate
+  schedule's state, the skipped-step counters, and the size and CRC-32 of every file;
 - `tokenizer/`, so that `python -m seqpar.export` makes a complete transformers directory.
 
 Under `trainer.engine=deepspeed` the model and optimizer are saved by DeepSpeed itself into `deepspeed/` (ZeRO's
@@ -20,8 +21,9 @@ hold it. The RNG states are restored only into the same layout (they describe ea
 
 Writes are atomic: ranks write into `.tmp-step_*`; once every rank is done, rank 0 writes `meta.json`, syncs and
 renames the directory to `step_*`. A directory without `meta.json` is never taken for a checkpoint. Loading never
-unpickles arbitrary objects: tensors are read with `torch.load(weights_only=True)` by DCP, and DCP's `.metadata`
-index is read by an unpickler that only accepts DCP's own metadata classes and torch's dtypes and sizes.
+unpickles arbitrary objects: tensors are read with `torch.load(weights_only=True)` by DCP, DCP's `.metadata` index
+is read by an unpickler that only accepts DCP's own metadata classes and torch's dtypes and sizes, and DeepSpeed's
+files (only where meta.json names that engine) weights-only with DeepSpeed's few classes allowed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -44,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from seqpar.config import Config, ConfigError, ModelConfig
+from seqpar.torch_compat import CHECKPOINT_WRAPPED
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -53,7 +57,7 @@ ARCH_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "ffn_hidden_siz
                "activation", "type_vocab_size", "attention", "linformer_k")
 LAYOUT_FIELDS = ("dp", "pp", "tp", "sp", "sp_impl", "pp_schedule", "microbatches")
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "step"  # trainer.engine=deepspeed: <checkpoint>/deepspeed/step/
-WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's wrapper, not part of a parameter's name
+WRAPPER = f".{CHECKPOINT_WRAPPED}"  # activation checkpointing's wrapper, not part of a parameter's name
 
 
 def step_name(step: int) -> str:
@@ -190,8 +194,9 @@ def _engine_text(engine: dict) -> str:
 
 
 def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
-    """The checkpoint must hold this model's architecture and this run's data order; a DeepSpeed checkpoint
-    needs the same engine, ZeRO stage and layout (its optimizer files are per data-parallel rank)."""
+    """The checkpoint must hold this model's architecture and this run's data order (seed, global batch and data
+    settings); a DeepSpeed checkpoint needs the same engine, ZeRO stage and layout (its optimizer files are per
+    data-parallel rank)."""
     saved_engine, engine = meta.get("engine", {"name": "seqpar"}), _engine(cfg)
     if saved_engine != engine:
         raise _bad(path, f"was written with {_engine_text(saved_engine)}, this run has {_engine_text(engine)}",
@@ -214,28 +219,166 @@ def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
         if loader[name] != getattr(cfg.trainer, name):
             raise _bad(path, f"was trained with trainer.{name}={loader[name]}, this run has {getattr(cfg.trainer, name)}",
                        f"resume with trainer.{name}={loader[name]}: the data position is counted in its batches")
+    check_same_data(path, meta, cfg)
 
 
-def find_resume(cfg: Config) -> Path | None:
-    """The checkpoint this run continues from (checked), or None to start fresh. Raises ConfigError when a fresh
-    start would overwrite another run's checkpoints or the given checkpoint is unusable."""
+def _damage(e: ConfigError, path: Path) -> str:
+    """What a failed check found, without the setting's name and the fix."""
+    return e.problem.removeprefix(f"({path}) ")
+
+
+def _data_settings(cfg: Config) -> dict:
+    """The data settings that decide which sequences the loader's saved position counts (not the layout: dp and sp
+    only split them)."""
+    d = cfg.data
+    out = {"source": d.source, "seq_len": d.seq_len, "val_fraction": d.val_fraction}
+    if d.source == "text_files":
+        out.update(paths=list(d.paths), sample_by=d.sample_by)
+    elif d.source == "hf_dataset":
+        out.update(hf_name=d.hf_name, hf_config=d.hf_config, hf_split=d.hf_split, text_column=d.text_column)
+    return out
+
+
+def _data_record(trainer) -> dict:
+    """meta.json's `data`: the settings, and what they made: the tokenizer's vocabulary and the training set's size."""
+    from seqpar.data.tokenizer import vocab_checksum
+
+    return {**_data_settings(trainer.cfg), "vocab_crc32": vocab_checksum(trainer.data.tokenizer),
+            "train_sequences": len(trainer.data.train)}
+
+
+def _override(name: str, value) -> str:
+    return f"data.{name}=[{','.join(value)}]" if isinstance(value, list) else f"data.{name}={value}"
+
+
+def check_same_data(path: Path, meta: dict, cfg: Config) -> None:
+    """The saved loader position (epoch, batch) means the same sequences only with the same data settings; a
+    checkpoint written before meta.json recorded them (no `data` entry) is taken as it is."""
+    saved = meta.get("data")
+    if saved is None:
+        return
+    for name, value in _data_settings(cfg).items():
+        if name in saved and saved[name] != value:
+            raise _bad(path, f"was trained with {_override(name, saved[name])}, this run has {_override(name, value)}",
+                       f"resume with {_override(name, saved[name])} (the saved data position counts the sequences "
+                       "those settings make), or start fresh in a new hydra.run.dir")
+
+
+def check_same_sequences(path: Path, meta: dict, data) -> None:
+    """What the data settings made must match too: the tokenizer and the number of training sequences (a corpus
+    whose files changed, another Python's built-in corpus, another tokenizer directory)."""
+    from seqpar.data.tokenizer import vocab_checksum
+
+    saved = meta.get("data")
+    if saved is None:
+        return
+    if "vocab_crc32" in saved and saved["vocab_crc32"] != vocab_checksum(data.tokenizer):
+        raise _bad(path, "was trained with another tokenizer (its vocabulary differs from this run's)",
+                   f"resume with the checkpoint's tokenizer (data.tokenizer={path / 'tokenizer'}), or start fresh in "
+                   "a new hydra.run.dir")
+    if "train_sequences" in saved and saved["train_sequences"] != len(data.train):
+        raise _bad(path, f"was trained on {saved['train_sequences']} training sequences, this run's data makes "
+                   f"{len(data.train)}: the text changed", "resume on the data the run was trained on, or start fresh "
+                   "in a new hydra.run.dir")
+
+
+def find_resume(cfg: Config, passed_over: list[tuple[Path, str]] | None = None) -> Path | None:
+    """The checkpoint this run continues from (meta.json, file sizes and compatibility checked), or None to start
+    fresh. Raises ConfigError when a fresh start would overwrite checkpoints or the checkpoint is unusable.
+
+    Under `auto` a damaged checkpoint (one that fails `read_meta`, or is already in `passed_over`) is passed over
+    for the newest one that passes; each newly passed over is added to `passed_over` with what is wrong with it.
+    Only when every checkpoint there is damaged does `auto` refuse. A checkpoint of another model or batch is
+    refused, never passed over: an older one of the same run would not fit either."""
     mode = cfg.checkpoint.resume
-    if mode in ("auto", "never"):
-        root = checkpoint_root(cfg)
-        found = complete_checkpoints(root)
-        if mode == "never":
-            if found:
-                raise ConfigError("checkpoint.resume", f"is never but {root} already holds checkpoints "
-                                  f"({found[-1].name}) that a fresh run would overwrite",
-                                  "use checkpoint.resume=auto to continue them, or a new hydra.run.dir / checkpoint.dir")
-            return None
-        if not found:
-            return None
-        path = found[-1]
-    else:
+    if mode not in ("auto", "never"):
         path = newest_if_root(Path(mode))
-    check_compatible(path, read_meta(path), cfg)
+        check_compatible(path, read_meta(path), cfg)
+        return path
+    root = checkpoint_root(cfg)
+    found = complete_checkpoints(root)
+    if mode == "never":
+        if found:
+            raise ConfigError("checkpoint.resume", f"is never but {root} already holds checkpoints "
+                              f"({found[-1].name}) that a fresh run would overwrite",
+                              "use checkpoint.resume=auto to continue them, or a new hydra.run.dir / checkpoint.dir")
+        return None
+    passed_over = [] if passed_over is None else passed_over
+    for path in reversed(found):
+        if any(path == bad for bad, _ in passed_over):
+            continue
+        try:
+            meta = read_meta(path)
+        except ConfigError as e:
+            passed_over.append((path, _damage(e, path)))
+            continue
+        check_compatible(path, meta, cfg)
+        return path
+    if found:
+        newest, why = next((bad, why) for bad, why in passed_over if bad == found[-1])
+        raise ConfigError("checkpoint.resume", f"is auto but no checkpoint in {root} passes its checks (the newest, "
+                          f"{newest.name}: {why})", f"move the damaged step_* directories out of {root} to start "
+                          "fresh there, or resume from a good copy (checkpoint.resume=<step_* dir>)")
+    return None
+
+
+def resume(trainer) -> Path | None:
+    """Find, verify and load the checkpoint this run continues from (every rank calls it); None: a fresh start.
+
+    Under `checkpoint.resume=auto` a checkpoint that fails its checks, the ranks' CRC-32 check included, is passed
+    over for the next older one, and rank 0 says which and why on stderr. Checkpoints of this run's directory
+    newer than the one resumed are then moved aside (`supersede`): the run's new history replaces them."""
+    cfg = trainer.cfg
+    passed_over: list[tuple[Path, str]] = []
+    while (path := find_resume(cfg, passed_over)) is not None:
+        meta = read_meta(path)
+        check_same_sequences(path, meta, trainer.data)
+        try:
+            verify_files(path, meta)
+        except ConfigError as e:
+            if cfg.checkpoint.resume != "auto":
+                raise
+            passed_over.append((path, _damage(e, path)))  # every rank saw the same result (verify_files gathers)
+            continue
+        _restore(trainer, path, meta)
+        break
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        for bad, why in passed_over:
+            instead = f"resuming from {path.name} instead" if path else "no other checkpoint there"
+            print(f"warning: checkpoint.resume=auto passes over {bad} ({why}); {instead}", file=sys.stderr,
+                  flush=True)
+    if path is not None:
+        supersede(checkpoint_root(cfg), path, int(meta["step"]))
     return path
+
+
+def supersede(root: Path, resumed: Path, step: int) -> None:
+    """Move the checkpoints in `root` from `step` on (other than `resumed`) into `root/superseded/`, so that neither
+    a save (which keeps an existing step) nor a later auto-resume mixes them with this run's new history. Nothing is
+    deleted. Rank 0 moves; every rank learns the outcome together."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def move() -> None:
+        later = sorted(p for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and int(m.group(1)) >= step
+                       and p.resolve() != resumed.resolve()) if root.is_dir() else []
+        if not later:
+            return
+        aside = root / "superseded"
+        aside.mkdir(exist_ok=True)
+        for p in later:
+            target, n = aside / p.name, 1
+            while target.exists():  # superseded before, by an earlier roll-back
+                target, n = aside / f"{p.name}.{n}", n + 1
+            os.rename(p, target)
+        print(f"warning: moved {', '.join(p.name for p in later)} into {aside}: this run continues from {resumed} "
+              f"(step {step}) and its new checkpoints replace them (nothing was deleted)", file=sys.stderr, flush=True)
+
+    errors = _gather(_attempt(move) if rank == 0 else None)
+    if errors[0]:
+        raise ConfigError("checkpoint.dir", f"({root}) holds checkpoints newer than {resumed.name}, which this run "
+                          f"continues from, and they could not be moved aside ({errors[0]})",
+                          f"move them out of {root} yourself, then run the same command again")
 
 
 # --- what is saved -------------------------------------------------------------------------------------------
@@ -270,6 +413,17 @@ def _optim_state(optimizer: torch.optim.Optimizer, model: nn.Module, empty: bool
     return out
 
 
+def load_optim_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give the optimizer the loaded AdamW state (`optim.<name>.*`) through `Optimizer.load_state_dict`, which puts
+    each tensor where torch keeps it: the moments on the parameter's device and dtype, and `step` on the
+    parameter's device for the fused and capturable kernels (on CUDA they fail on a CPU step)."""
+    names = _param_names(model)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # state_dict()'s index order
+    per_param = {i: {k: state[f"optim.{names[p][0]}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
+                 for i, p in enumerate(params)}
+    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
 def _rng_state(rank: int, device: torch.device) -> dict[str, torch.Tensor]:
     out = {f"rng.rank{rank}.cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -302,42 +456,104 @@ def _gather(obj) -> list:
     return out
 
 
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (disk full, say). Every rank raises it at the same point of `save`, so
+    none waits for a peer that gave up; nothing was published and the partial files are removed."""
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a failure; DCP's CheckpointException shows the first failing rank's own error."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = min(failures.items())[1][0]
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _attempt(fn, *args) -> str | None:
+    """Run `fn`; its failure as one line instead of an exception (DCP's is a BaseException)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        fn(*args)
+    except (Exception, CheckpointException) as e:
+        return _describe(e)
+    return None
+
+
+def _agree(error: str | None, root: Path, step: int, tmp: Path) -> None:
+    """Every rank says how its part went (a collective, so also a barrier); if any failed, all raise SaveFailed
+    with the first failure, after rank 0 removed the partial checkpoint."""
+    errors = _gather(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if not failed:
+        return
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _world_barrier()  # the partial files are gone when any rank goes on (rmtree above cannot raise)
+    where = f"rank {failed[0][0]}: " if len(errors) > 1 else ""
+    raise SaveFailed(f"checkpoint.dir ({root}) could not take the checkpoint of step {step} ({where}{failed[0][1]})")
+
+
+def _write_meta(tmp: Path, meta: dict) -> None:
+    with open(tmp / META, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save(trainer, reason: str = "periodic") -> Path | None:
-    """Write a checkpoint of the trainer's current step (every rank calls it). Returns its path."""
+    """Write a checkpoint of the trainer's current step (every rank calls it). Returns its path.
+
+    Each phase ends with every rank agreeing on its outcome (`_agree`): rank 0's preparation, every rank's write,
+    rank 0's meta.json and publication. A failure anywhere raises SaveFailed on every rank together."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
     cfg, step = trainer.cfg, trainer.step
     rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
     root = checkpoint_root(cfg)
     final, tmp = root / step_name(step), root / f".tmp-{step_name(step)}"
     if final.exists():
         return None  # this step is saved already (a resumed run that ends where it started)
-    if rank == 0:
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):  # left by an interrupted save
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    _world_barrier()
+
+    _agree(_attempt(prepare) if rank == 0 else None, root, step, tmp)
     deepspeed = trainer.engine.name == "deepspeed"
-    state = _rng_state(rank, trainer.device)
-    if not deepspeed:
-        state.update(_model_state(trainer.model))
-        state.update(_optim_state(trainer.optimizer, trainer.model, empty=False))
-    with _single_process_quiet():
-        dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not dist.is_initialized())
-    mine = {p.name: [p.stat().st_size, _crc(p)] for p in tmp.glob(f"__{rank}_*")}
-    if deepspeed:
-        trainer.engine.save(str(tmp))  # DeepSpeed's own files, under deepspeed/
-        _world_barrier()
+    mine: dict[str, list[int]] = {}
+
+    def write() -> None:
+        state = _rng_state(rank, trainer.device)
+        if not deepspeed:
+            state.update(_model_state(trainer.model))
+            state.update(_optim_state(trainer.optimizer, trainer.model, empty=False))
+        with _single_process_quiet():
+            dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True),
+                     no_dist=not dist.is_initialized())
+        mine.update({p.name: [p.stat().st_size, _crc(p)] for p in tmp.glob(f"__{rank}_*")})
+        if deepspeed:
+            trainer.engine.save(str(tmp))  # DeepSpeed's own files, under deepspeed/
+
+    _agree(_attempt(write), root, step, tmp)  # every rank's files are written
+
+    def checksum_deepspeed() -> None:  # each rank a share of DeepSpeed's files
         names = sorted(str(f.relative_to(tmp)) for f in (tmp / DEEPSPEED_DIR).rglob("*") if f.is_file())
-        world = dist.get_world_size() if dist.is_initialized() else 1
         mine.update({n: [(tmp / n).stat().st_size, _crc(tmp / n)] for i, n in enumerate(names) if i % world == rank})
+
+    if deepspeed:
+        _agree(_attempt(checksum_deepspeed), root, step, tmp)
     files = {k: v for part in _gather(mine) for k, v in part.items()}
-    if rank == 0:
+
+    def publish() -> None:
         files[".metadata"] = [(tmp / ".metadata").stat().st_size, _crc(tmp / ".metadata")]
         trainer.data.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        meta = {
+        _write_meta(tmp, {
             "format": FORMAT,
             "step": step,
             "reason": reason,
@@ -345,19 +561,21 @@ def save(trainer, reason: str = "periodic") -> Path | None:
             "layout": _layout(cfg),
             "engine": _engine(cfg),
             "loader": trainer.loader.state_dict(),
+            "data": _data_record(trainer),
             "scheduler": {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"},
             "bad_steps": trainer.bad_steps,
             "skipped_steps": trainer.skipped_steps,
             "files": files,
-        }
-        with open(tmp / META, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        })
         os.rename(tmp, final)  # publish: atomic on one file system
         _fsync_dir(root)
-        _prune(root, cfg.checkpoint.keep)
-    _world_barrier()
+
+    _agree(_attempt(publish) if rank == 0 else None, root, step, tmp)
+    if rank == 0:
+        problem = _attempt(_prune, root, cfg.checkpoint.keep)  # the new checkpoint stands either way
+        if problem:
+            print(f"warning: checkpoint.keep: could not remove old checkpoints in {root} ({problem})",
+                  file=sys.stderr, flush=True)
     return final
 
 
@@ -379,25 +597,34 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def _verify_files(path: Path, meta: dict) -> None:
+def verify_files(path: Path, meta: dict, field_name: str = "checkpoint.resume", *fix: str) -> None:
     """Every rank checks the CRC-32 of a share of the files; any mismatch fails every rank with its name."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     names = sorted(meta["files"])
     bad = [n for i, n in enumerate(names) if i % world == rank and _crc(path / n) != meta["files"][n][1]]
     bad = sorted(n for part in _gather(bad) for n in part)
     if bad:
-        raise _bad(path, f"file {bad[0]} does not match its recorded checksum: the checkpoint is corrupted")
+        raise _bad(path, f"file {bad[0]} does not match its recorded checksum: the checkpoint is corrupted", *fix,
+                   field_name=field_name)
 
 
 def load(trainer, path: Path) -> dict:
-    """Restore the trainer from `path` (every rank calls it), in whatever layout this run has. Returns meta."""
+    """Restore the trainer from `path` (every rank calls it), in whatever layout this run has, after checking it.
+    Returns meta."""
+    meta = read_meta(path)
+    check_compatible(path, meta, trainer.cfg)
+    check_same_sequences(path, meta, trainer.data)
+    verify_files(path, meta)
+    _restore(trainer, path, meta)
+    return meta
+
+
+def _restore(trainer, path: Path, meta: dict) -> None:
+    """Load the checked checkpoint `path` into the trainer."""
     import torch.distributed.checkpoint as dcp
 
     cfg = trainer.cfg
     rank = dist.get_rank() if dist.is_initialized() else 0
-    meta = read_meta(path)
-    check_compatible(path, meta, cfg)
-    _verify_files(path, meta)
     same_layout = meta["layout"] == _layout(cfg)
     deepspeed = trainer.engine.name == "deepspeed"
     state = {} if deepspeed else {**_model_state(trainer.model), **_optim_state(trainer.optimizer, trainer.model, empty=True)}
@@ -411,10 +638,10 @@ def load(trainer, path: Path) -> dict:
         raise _bad(path, f"could not be loaded into this model ({type(e).__name__}: "
                    f"{first[0][:200] if first else ''})") from None
     if deepspeed:
-        trainer.engine.load(str(path))  # weights and ZeRO's optimizer partitions
+        with _deepspeed_files(path, "checkpoint.resume"):
+            trainer.engine.load(str(path))  # weights and ZeRO's optimizer partitions, read weights-only
     else:
-        for p, names in _param_names(trainer.model).items():
-            trainer.optimizer.state[p] = {k: state[f"optim.{names[0]}.{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
+        load_optim_state(trainer.optimizer, trainer.model, state)
     sched = dict(meta["scheduler"], lr_lambdas=[None] * len(trainer.optimizer.param_groups))
     trainer.scheduler.load_state_dict(sched)
     for group, lr in zip(trainer.optimizer.param_groups, trainer.scheduler.get_last_lr(), strict=True):
@@ -426,18 +653,33 @@ def load(trainer, path: Path) -> dict:
             torch.cuda.set_rng_state(state[f"rng.rank{rank}.cuda"], trainer.device)
     trainer.step = meta["step"]
     trainer.bad_steps, trainer.skipped_steps = meta["bad_steps"], meta["skipped_steps"]
-    return meta
 
 
-def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Only the model's weights from a checkpoint, in one process (for export)."""
+@contextlib.contextmanager
+def _deepspeed_files(path: Path, field_name: str):
+    """DeepSpeed reads its own files, weights-only (`engine.weights_only_loads`); a file holding anything else
+    (a crafted pickle) becomes one `error:` line naming what it holds."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise _bad(path, f"has a DeepSpeed file holding an object seqpar does not unpickle{what}: crafted, or "
+                   "written by another program", "use only checkpoints written by seqpar's trainer.engine=deepspeed",
+                   field_name=field_name) from None
+
+
+def load_model_weights(path: Path, model: nn.Module, meta: dict, field_name: str = "checkpoint") -> None:
+    """Only the model's weights from a checkpoint, in one process (for export). `meta` (from `read_meta`, its files
+    checked with `verify_files`) says which engine wrote it: a `deepspeed/` folder alone never makes DeepSpeed read
+    anything."""
     import torch.distributed.checkpoint as dcp
 
-    if (path / DEEPSPEED_DIR).is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if meta.get("engine", {}).get("name") == "deepspeed":
+        from seqpar.trainer.engine import zero_fp32_state_dict
 
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        with _deepspeed_files(path, field_name):
+            state = zero_fp32_state_dict(str(path))
         model.load_state_dict({k.replace(WRAPPER, ""): v for k, v in state.items()}, strict=False)
         return
     state = _model_state(model)

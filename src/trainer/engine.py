@@ -129,6 +129,48 @@ def import_deepspeed():
     return deepspeed
 
 
+def _deepspeed_classes() -> list:
+    """The classes DeepSpeed's checkpoint files hold besides tensors and plain containers (its ZeRO stage, loss
+    scaler and bf16 fragment addresses; read from ZeRO 1-3 files, fp32 and bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within this context every `torch.load` is weights-only, with `_deepspeed_classes` allowed. DeepSpeed reads
+    its files with `torch.load(weights_only=False)`, which would run whatever code a crafted file holds; here such a
+    file raises `pickle.UnpicklingError` naming what it holds instead."""
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    with torch.serialization.safe_globals(_deepspeed_classes()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real_load
+
+
+def zero_fp32_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights from DeepSpeed's files in our checkpoint directory (its `zero_to_fp32`
+    gathers the partitions), read weights-only; DeepSpeed's progress output is swallowed."""
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from seqpar.trainer.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(f"{checkpoint}/{DEEPSPEED_DIR}", tag=DEEPSPEED_TAG)
+
+
 def zero_stage(cfg: Config) -> int:
     return cfg.trainer.zero_stage or 1
 
@@ -202,7 +244,8 @@ class DeepSpeedEngine:
     def load(self, checkpoint: str) -> None:
         from seqpar.trainer.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG
 
-        path, _ = self.engine.load_checkpoint(f"{checkpoint}/{DEEPSPEED_DIR}", tag=DEEPSPEED_TAG,
-                                              load_lr_scheduler_states=False)
+        with weights_only_loads():  # a crafted file raises instead of running code
+            path, _ = self.engine.load_checkpoint(f"{checkpoint}/{DEEPSPEED_DIR}", tag=DEEPSPEED_TAG,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {checkpoint}/{DEEPSPEED_DIR}")

@@ -16,9 +16,9 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -28,9 +28,10 @@ from seqpar.config import Config, ConfigError
 from seqpar.data.loader import GlobalBatchLoader, eval_batches
 from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
+from seqpar.data.tokenizer import vocab_checksum
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, not_exportable, save_pretrained
-from seqpar.models.layers import CHECKPOINT_WRAPPER, initial_value
+from seqpar.models.layers import initial_value
 from seqpar.parallel.data_parallel import GradientReducer
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.parallelize import gradient_reducer, materialize, parallelize
@@ -89,7 +90,7 @@ def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block in backward instead of keeping its activations."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from seqpar.torch_compat import checkpoint_wrapper
 
     for i, block in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(block)
@@ -98,11 +99,11 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def initial_values(cfg: Config, model: nn.Module):
     """`value_of(name, shape)` for `materialize`: the seed's initial weights, or those of `model.init_from` (read
     once on the CPU). The same for every layout."""
-    if not cfg.model.init_from:
-        return lambda name, shape: initial_value(model, name, shape, cfg.trainer.seed)
+    if not cfg.model.init_from:  # names without activation checkpointing's wrapper (which forwards lookups)
+        return lambda name, shape: initial_value(model, name.replace(checkpoint.WRAPPER, ""), shape, cfg.trainer.seed)
     loaded, _ = from_pretrained(cfg.model.init_from)
     state = checkpoint.state_by_name(loaded)
-    return lambda name, shape: state[name.replace(CHECKPOINT_WRAPPER, "")]
+    return lambda name, shape: state[name.replace(checkpoint.WRAPPER, "")]
 
 
 def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None) -> tuple[nn.Module, Pipeline | None,
@@ -138,8 +139,7 @@ def _split(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Te
 def check_same_data(data, mesh: ParallelMesh) -> None:
     """Every rank must tokenize with the same vocabulary and see the same sequences. A cache that is not shared
     between nodes would otherwise train a tokenizer per node (training breaks ties differently run to run)."""
-    vocab = json.dumps(sorted(data.tokenizer.get_vocab().items())).encode()
-    if not mesh.all_equal(zlib.crc32(vocab) * 1_000_003 + len(data.train)):
+    if not mesh.all_equal(vocab_checksum(data.tokenizer) * 1_000_003 + len(data.train)):
         raise ConfigError(
             "data.cache_dir",
             "differs between ranks: they built different tokenizers or datasets (a cache not shared between nodes?)",
@@ -147,12 +147,21 @@ def check_same_data(data, mesh: ParallelMesh) -> None:
         )
 
 
+def _record_of(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line the stopped run left half-written
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop the records after `step` from a run's metrics (a resumed run logs those steps again)."""
+    """Drop the records after `step` from a run's metrics (a resumed run logs those steps again), and any line a
+    killed run left half-written."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line.rstrip("\n") + "\n" for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (record := _record_of(line)) is not None and record.get("step", 0) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     tmp.replace(path)
@@ -195,14 +204,12 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0  # non-finite losses in a row
         self.skipped_steps = 0  # in the whole run
-        self.resumed_from = checkpoint.find_resume(cfg)
-        if self.resumed_from is not None:
-            checkpoint.load(self, self.resumed_from)
-            if mesh.is_logging_rank:
-                trim_metrics(Path(cfg.run_dir) / "metrics.jsonl", self.step)
+        self.resumed_from = checkpoint.resume(self)  # passes over damaged checkpoints under resume=auto
+        if self.resumed_from is not None and mesh.is_logging_rank:
+            trim_metrics(Path(cfg.run_dir) / "metrics.jsonl", self.step)
         self.logger = build_loggers(cfg, mesh.is_logging_rank)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        self.peak_flops = device_peak_flops(self.device, t.peak_flops)
+        self.peak_flops = device_peak_flops(self.device, t.peak_flops, t.precision)
 
     def local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of its data-parallel share: its sequence chunk when sp > 1."""
@@ -327,7 +334,18 @@ class Trainer:
         return int(self.mesh.max_over_all(float(stop.signum)))
 
     def save_checkpoint(self, reason: str, progress: Progress) -> None:
-        path = checkpoint.save(self, reason)
+        """Save; every rank learns of a failure together. A periodic save that fails is a warning (the run goes on
+        and tries again at the next one); the last save before exiting failing ends the run."""
+        try:
+            path = checkpoint.save(self, reason)
+        except checkpoint.SaveFailed as e:
+            if reason != "periodic":
+                raise TrainingAborted(f"{e}; free space or point checkpoint.dir at writable storage, then run the "
+                                      "same command again: it resumes from the newest checkpoint") from None
+            if self.mesh.is_logging_rank:
+                print(f"warning: {e}; training goes on and tries again at the next checkpoint", file=sys.stderr,
+                      flush=True)
+            return
         if path is not None:
             progress.print(f"saved checkpoint {path}")
 

@@ -9,8 +9,15 @@ from torch import nn
 
 from seqpar.config import ModelConfig
 
-# Dense bf16 peak FLOP/s of known accelerators (per device), for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12}
+# Dense peak FLOP/s per device of known GPUs, for MFU, from NVIDIA's data sheets (H100 and H200: the SXM parts; A10G:
+# the A10's; RTX 4090: the Ada whitepaper), without sparsity. "bf16": tensor cores with fp32 accumulation. "fp32":
+# the CUDA cores, which fp32 matmuls use while torch's float32 matmul precision is "highest" (its default);
+# "tf32": tensor cores, which they use once it is set to "high" or "medium" (torch.set_float32_matmul_precision).
+PEAK_FLOPS = {
+    "bf16": {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "RTX 4090": 165e12},
+    "tf32": {"H100": 494.5e12, "H200": 494.5e12, "A100": 156e12, "L40S": 183e12, "A10G": 62.5e12, "RTX 4090": 82.6e12},
+    "fp32": {"H100": 67e12, "H200": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12, "RTX 4090": 82.6e12},
+}
 
 
 def reset_peak_mem(device: torch.device) -> None:
@@ -40,15 +47,17 @@ def peak_mem_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def device_peak_flops(device: torch.device, configured: float | None) -> float | None:
+def device_peak_flops(device: torch.device, configured: float | None, precision: str) -> float | None:
+    """The peak MFU divides by: `trainer.peak_flops` if set, else the known GPU's dense peak for the run's
+    `trainer.precision` (fp32 on tensor cores as TF32 where torch's float32 matmul precision allows it)."""
     if configured:
         return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops
-    return None
+    if device.type != "cuda":
+        return None
+    if precision == "fp32" and torch.get_float32_matmul_precision() != "highest":
+        precision = "tf32"
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS[precision].items() if key in name), None)
 
 
 def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: int) -> float:

@@ -144,6 +144,7 @@ CASES = [
     ("pickled object in place of a tensor", "bytes_entry", [], "checkpoint.resume ("),
     ("checkpoint of another model", "checkpoint", ["model.hidden_size=64"], "checkpoint.resume ("),
     ("checkpoint of another batch", "checkpoint", ["trainer.global_batch_size=8"], "checkpoint.resume ("),
+    ("checkpoint of another sequence length", "checkpoint", ["data.seq_len=64"], "checkpoint.resume ("),
     ("checkpoint of another engine", "checkpoint", ["trainer.engine=deepspeed", "parallel.dp=2"], "checkpoint.resume ("),
     ("ZeRO with tensor parallelism", None, ["trainer.engine=deepspeed", "parallel.dp=2", "parallel.tp=2"],
      "parallel.tp is 2 with trainer.engine=deepspeed"),
@@ -164,6 +165,7 @@ DETAIL = {
     "pickled object in place of a tensor": "refusing to load torch.distributed.checkpoint.metadata.BytesStorage",
     "checkpoint of another model": "holds another model: model.hidden_size is 128 there, 64 here",
     "checkpoint of another batch": "was trained with trainer.global_batch_size=16, this run has 8",
+    "checkpoint of another sequence length": "was trained with data.seq_len=128, this run has data.seq_len=64",
     "checkpoint of another engine": "was written with trainer.engine=seqpar, this run has trainer.engine=deepspeed "
                                     "trainer.zero_stage=1",
     "empty data file": "is empty",

@@ -32,6 +32,30 @@ def test_plot_runs_draws_every_run(tmp_path):
     assert bad.returncode != 0 and "has no metrics.jsonl" in bad.stderr
 
 
+def _import_script(name: str):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_plot_axes_count_tokens_in_readable_units(tmp_path):
+    plot_runs = _import_script("plot_runs")
+    assert [plot_runs.human_count(x) for x in (0, 7, 950, 50_000, 100_000, 150_000, 1_200_000, 999_999, 2.5e9)] == [
+        "0", "7", "950", "50K", "100K", "150K", "1.2M", "1M", "2.5B"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(
+        {"step": s, "loss": 8 - 0.1 * s, "tokens": 50_000 * s, "tokens_per_s": 120_000.0, "peak_mem_mib": 400.0})
+        for s in range(1, 5)) + "\n")
+    fig = plot_runs.figure([run])
+    ax_loss, ax_tps, _ = fig.axes
+    assert ax_loss.xaxis.get_major_formatter()(150_000) == "150K"
+    assert ax_tps.yaxis.get_major_formatter()(1_200_000) == "1.2M"
+    __import__("matplotlib.pyplot").pyplot.close(fig)
+
+
 def test_wandb_dashboard_is_built_offline():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:

@@ -9,7 +9,8 @@ picks, by device, dtype, head size and mask:
   CUDA (fp32, or a padding mask, which it takes as an additive bias); its log-sum-exp is padded to a multiple of 32
   queries and its bias rows must be 16-aligned, both handled here;
 - "math": a kernel of plain tensor ops with block-sized memory, anywhere else.
-The CUDA kernels' calls are also exercised on the meta device (shapes, dtypes, argument order), so a machine
+These aten ops are private to torch: `seqpar.torch_compat` lists the arguments passed to each here and checks them
+at start-up. The CUDA kernels' calls are also exercised on the meta device (shapes, dtypes, argument order), so a machine
 without a GPU checks them too; their numbers are checked against the math kernel where a GPU is present.
 Masks are additive float biases: a (B, 1, 1, Tk) padding bias, plus a lower-triangular one when a block is both
 causal and padded.

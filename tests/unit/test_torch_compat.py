@@ -1,0 +1,52 @@
+"""The private torch APIs seqpar calls: all present in the installed torch, and a torch without one of them stopped
+at the entry point with one `error: torch ...` line naming its version and the fix."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from seqpar import torch_compat
+from seqpar.config import ConfigError
+
+from ..conftest import CONFIG_DIR, ROOT
+
+
+def test_the_installed_torch_has_every_private_api_seqpar_calls():
+    assert torch_compat.missing_apis() == []
+    torch_compat.check_torch()
+
+
+def test_a_torch_without_one_is_one_error_line_naming_its_version_and_the_fix(monkeypatch, capsys):
+    from seqpar.cli import preflight
+
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    monkeypatch.delattr(DeviceMesh, "_flatten")
+    with pytest.raises(SystemExit) as info:
+        preflight(CONFIG_DIR, ["trainer.max_steps=1"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: torch 2.99.0 lacks torch.distributed.device_mesh.DeviceMesh._flatten, which seqpar calls (tested "
+        f"with torch 2.13); install a torch in seqpar's range: pip install '{torch_compat.REQUIREMENT}' (see the "
+        "README's 'Which torch build')"]
+
+
+def test_a_changed_kernel_signature_is_caught(monkeypatch):
+    """kernels.py passes the aten attention ops' arguments by position: another order must not be called."""
+    name = "_scaled_dot_product_flash_attention_for_cpu"
+    leading, results = torch_compat.ATTENTION_OPS[name]
+    monkeypatch.setitem(torch_compat.ATTENTION_OPS, name, (("query", "value", "key", *leading[3:]), results))
+    monkeypatch.setitem(torch_compat.ATTENTION_OPS, "_no_such_attention_kernel", (("query",), 1))
+    assert torch_compat.missing_apis() == [f"aten.{name} with the arguments (query, value, key, dropout_p, "
+                                           "is_causal, attn_mask)", "aten._no_such_attention_kernel"]
+    with pytest.raises(ConfigError, match=rf"^torch {re.escape(torch.__version__)} lacks aten.{name} with the "
+                                          r"arguments .* \(and 1 more\), which seqpar calls"):
+        torch_compat.check_torch()
+
+
+def test_pyproject_asks_for_the_tested_range():
+    assert f'"{torch_compat.REQUIREMENT}"' in (ROOT / "pyproject.toml").read_text()
+    assert torch.__version__.startswith(torch_compat.TESTED + ".")
