@@ -55,6 +55,14 @@ def _mix32_(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def _site_key(site: int) -> int:
+    """splitmix64's finaliser of site + 1, in Python (a plain number: no tensor made on the device for it)."""
+    x, mask = site + 1, (1 << 64) - 1
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return _signed(x ^ (x >> 31), 64)
+
+
 @dataclass
 class DropoutKey:
     """What a dropout mask is drawn from: one seed per sequence and each token's global position."""
@@ -72,7 +80,7 @@ def keep_mask(key: DropoutKey, site: int, width: int, p: float) -> torch.Tensor:
     seeds = key.seeds.to(torch.int64)[:, None]  # (B, 1)
     pos = key.positions.to(device=seeds.device, dtype=torch.int64)
     pos = pos if pos.dim() == 2 else pos[None]  # (B or 1, T)
-    token = _mix64(_mix64(seeds + _mix64(torch.tensor(site + 1, device=seeds.device))) + pos * _GOLDEN64)
+    token = _mix64(_mix64(seeds + _site_key(site)) + pos * _GOLDEN64)
     feature = _mix32_(torch.arange(1, width + 1, dtype=torch.int32, device=seeds.device) * _GOLDEN32)
     h = _mix32_(token.to(torch.int32)[..., None] ^ feature)  # (B, T, width) int32
     threshold = min(max(round(-(2**31) + p * 2**32), -(2**31)), 2**31 - 1)

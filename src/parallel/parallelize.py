@@ -7,8 +7,8 @@
 then the trainer cuts the pipeline stages (`pipeline.py`, which prunes the model to this rank's layers), and
 3. data parallelism: a reducer that sums the gradients of what is left over the `dp_sp` ranks (`data_parallel.py`).
 
-The model is built on the meta device and changed in place: no rank ever allocates the whole model. Once sharded
-and pruned, `materialize` allocates this rank's parameters on its device and fills them from the whole tensors'
+The model is built on the meta device and changed in place: no rank allocates the whole model on its device (with
+`model.init_from` the checkpoint is read whole into host memory once). Once sharded and pruned, `materialize` allocates this rank's parameters on its device and fills them from the whole tensors'
 values (the seeded initialisation `seqpar.models.layers.initial_value`, or a checkpoint's tensors), one parameter
 at a time, each rank keeping its shard. The model stays the one object to train, evaluate, optimise and save.
 """

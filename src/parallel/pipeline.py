@@ -100,7 +100,7 @@ class Pipeline:
             setattr(model, name, None)
         self.tied = None  # this rank's copy of the tied embedding/head weight, if it holds one
         if self.first:
-            self.tied = _get(model, {"gpt": "wte.weight", "bert": "word_embeddings.weight"}[arch])
+            self.tied = _get(model, next(iter(model.tied_weights.values())))
         elif self.last:
             self.tied = tied_head
         self.tied_shape = tied_head.to_local().shape if hasattr(tied_head, "to_local") else tied_head.shape
@@ -170,7 +170,7 @@ def _get(model: nn.Module, dotted: str):
 
 
 def _tied_head(model: nn.Module, arch: str) -> nn.Parameter:
-    return _get(model, {"gpt": "lm_head.weight", "bert": "mlm_head.decoder.weight"}[arch])
+    return _get(model, next(iter(model.tied_weights)))
 
 
 def _schedule(name: str, stages, microbatches: int, loss_fn):

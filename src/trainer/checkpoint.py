@@ -608,17 +608,6 @@ def verify_files(path: Path, meta: dict, field_name: str = "checkpoint.resume", 
                    field_name=field_name)
 
 
-def load(trainer, path: Path) -> dict:
-    """Restore the trainer from `path` (every rank calls it), in whatever layout this run has, after checking it.
-    Returns meta."""
-    meta = read_meta(path)
-    check_compatible(path, meta, trainer.cfg)
-    check_same_sequences(path, meta, trainer.data)
-    verify_files(path, meta)
-    _restore(trainer, path, meta)
-    return meta
-
-
 def _restore(trainer, path: Path, meta: dict) -> None:
     """Load the checked checkpoint `path` into the trainer."""
     import torch.distributed.checkpoint as dcp

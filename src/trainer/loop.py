@@ -111,8 +111,9 @@ def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None) -> tup
     """This rank's part of the model, its pipeline (pp > 1) and its gradient reducer (dp x sp > 1).
 
     Built on the meta device, given its sequence-parallel attention, sharded (tp), wrapped for activation
-    checkpointing and pruned to this rank's pipeline stages, and only then allocated and initialised: no rank ever
-    holds the whole model, and each holds the same weights as one process would (parallel/parallelize.py)."""
+    checkpointing and pruned to this rank's pipeline stages, and only then allocated and initialised: no rank's
+    device ever holds the whole model, and each holds the same weights as one process would
+    (parallel/parallelize.py; `model.init_from` is read whole into host memory once)."""
     model = build_model(model_config(cfg), "meta")
     parallelize(model, mesh, cfg)  # sp attention, tp sharding
     if cfg.trainer.activation_checkpointing:
@@ -322,7 +323,7 @@ class Trainer:
             state = {k: v for part in parts for k, v in part.items()}
         model = build_model(self.cfg.model, "cpu")
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight", "mlm_head.decoder.weight"}  # the same tensor as the embedding's
+        tied = set(model.tied_weights)  # the same tensor as the embedding's
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
         return model
