@@ -15,7 +15,8 @@ matmul rate, measured in the same run on square matrices with the same thread co
 
 Dropout is the model config's (gpt2_small and bert_base: 0.1 hidden, 0 on attention probabilities); pass
 --dropout to change both models' hidden dropout. Ours draws its masks per token from the sequences' dropout seeds,
-as in training; `--torch-dropout` also times it with torch's RNG masks, to measure what the keyed masks cost.
+as in training; `--torch-dropout` also times the same model's steps with torch's RNG masks (alternating with its
+keyed steps), to measure what the keyed masks cost.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def ours(cfg, tcfg, keyed_dropout: bool = True):
-    """Our model's step as the trainer runs it; `keyed_dropout=False`: hidden dropout from torch's RNG instead of
-    the per-token keyed masks (what a model called without `dropout_seed` does)."""
+def ours(cfg, tcfg):
+    """Our model's step as the trainer runs it; `step(b, keyed_dropout=False)`: hidden dropout from torch's RNG
+    instead of the per-token keyed masks (what a model called without `dropout_seed` does)."""
     from seqpar.models import build_model
     from seqpar.trainer.loop import model_loss_sum
     from seqpar.trainer.optim import build_optimizer
@@ -65,7 +66,7 @@ def ours(cfg, tcfg, keyed_dropout: bool = True):
     opt = build_optimizer(model, tcfg)
     targets_only = cfg.model.arch == "bert"  # as the trainer runs BERT without tp/pp: the head at targets only
 
-    def step(b):
+    def step(b, keyed_dropout: bool = True):
         micro = {**b, "position_ids": torch.arange(b["input_ids"].shape[1])}
         if keyed_dropout:
             micro["dropout_seed"] = torch.arange(b["input_ids"].shape[0])
@@ -116,11 +117,13 @@ def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads:
     torch.set_num_threads(threads)
     b = _batch(cfg.model, batch, seq)
     contenders = {"seqpar": ours(cfg, cfg.trainer), "transformers": transformers_model(cfg, cfg.trainer)}
-    if torch_dropout:
-        contenders["seqpar_torch_dropout"] = ours(cfg, cfg.trainer, keyed_dropout=False)
-    times = {name: [] for name in contenders}
+    runs = list(contenders.items())
+    if torch_dropout:  # the same model and optimizer, its steps alternating between the two kinds of masks
+        _, step = contenders["seqpar"]
+        runs.append(("seqpar_torch_dropout", (None, lambda b, step=step: step(b, keyed_dropout=False))))
+    times = {name: [] for name, _ in runs}
     for i in range(warmup + steps):
-        for name, (_, step) in contenders.items():
+        for name, (_, step) in runs if i % 2 == 0 else runs[::-1]:  # alternate the order too
             start = time.perf_counter()
             step(b)
             if i >= warmup:
