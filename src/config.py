@@ -21,6 +21,11 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("builtin", "text_files", "hf_dataset")
 SP_IMPLS = ("ring", "rsa", "ulysses")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def virtual_stages(schedule: str) -> int:
+    """Pipeline stages each pp rank holds under `parallel.pp_schedule` (interleaved 1F1B: two)."""
+    return 2 if schedule == "interleaved_1f1b" else 1
 WANDB_MODES = ("online", "offline", "disabled")
 ENGINES = ("seqpar", "deepspeed")
 ATTENTIONS = ("softmax", "linformer")
@@ -262,7 +267,7 @@ def validate_model(m: ModelConfig) -> None:
 def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
     """The degrees must fit the model and the sequence (each failure names the values)."""
     if p.pp > 1:
-        stages = p.pp * (2 if p.pp_schedule == "interleaved_1f1b" else 1)
+        stages = p.pp * virtual_stages(p.pp_schedule)
         if m.num_layers < stages:
             raise ConfigError(
                 "parallel.pp",

@@ -30,13 +30,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from seqpar.config import Config, ConfigError, validate
+from seqpar.config import Config, ConfigError, validate, virtual_stages
 from seqpar.configs import CONFIG_DIR
 
 MIB = 2**20
-COLWISE = ("q_proj", "k_proj", "v_proj", "mlp.up")  # weight and bias split over tp
-ROWWISE = ("o_proj", "mlp.down")  # weight split, bias replicated
-VOCAB = ("wte.weight", "word_embeddings.weight", "mlm_head.decoder.bias")
 
 
 @dataclass
@@ -84,22 +81,24 @@ def _param_counts(cfg: Config) -> tuple[dict[str, int], int]:
 def rank_params(counts: dict[str, int], cfg: Config, pp: int, tp: int) -> float:
     """Elements held by the most loaded rank: its pipeline stage's share (first or last, with the embedding or the
     head), tensor-parallel matrices divided by tp."""
-    from seqpar.parallel.pipeline import layer_split, virtual_stages
+    from seqpar.models import MODELS
+    from seqpar.parallel.pipeline import layer_split
 
     stages = pp * virtual_stages(cfg.parallel.pp_schedule) if pp > 1 else 1
     per_stage = [0.0] * pp
     split = layer_split(cfg.model.num_layers, stages)
+    layout = MODELS[cfg.model.arch].layout  # which parameters tp splits, which the head holds
     for name, n in counts.items():
-        if any(f".{c}." in name for c in COLWISE) or name in VOCAB or any(f".{r}.weight" in name for r in ROWWISE):
+        if layout.tp_divides(name):
             n = n / tp
         if name.startswith("layers."):
             layer = int(name.split(".")[1])
             stage = next(i for i, r in enumerate(split) if layer in r)
             per_stage[stage % pp] += n
         else:  # embeddings on the first stage, the head (and a copy of a tied embedding) on the last
-            head = name.startswith(("ln_f", "lm_head", "mlm_head"))
+            head = layout.in_head(name)
             per_stage[pp - 1 if head else 0] += n
-            if not head and pp > 1 and name in ("wte.weight", "word_embeddings.weight"):
+            if not head and pp > 1 and name in layout.tied.values():
                 per_stage[pp - 1] += n  # the tied head's copy
     return max(per_stage)
 
@@ -138,7 +137,7 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
         params_b, grads_b, optim_b = p_bytes, p_bytes, 2 * p_bytes
         if data_ranks > 1:
             grads_b += min(p_bytes, 32 * MIB)  # one flat all-reduce bucket
-    stages = pp * (2 if pp > 1 and cfg.parallel.pp_schedule == "interleaved_1f1b" else 1)
+    stages = pp * (virtual_stages(cfg.parallel.pp_schedule) if pp > 1 else 1)
     layers = math.ceil(m.num_layers / stages) * (stages // pp)
     per_layer = activation_bytes_per_token_layer(cfg, tp, sp, T, cfg.parallel.sp_impl) * tokens
     backward = 0.0

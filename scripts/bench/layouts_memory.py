@@ -42,7 +42,7 @@ def _model_step(layout: str, batch: int, seq_len: int):
     if sp > 1:
         set_core_attention(model, sequence_attention(impl, mesh.group("sp")))
     if tp > 1:
-        apply_tensor_parallel(model, mesh.device_mesh["tp"], "bert")
+        apply_tensor_parallel(model, mesh.device_mesh["tp"])
     ids = torch.randint(5, 4096, (batch, seq_len))
     pos = torch.arange(seq_len).expand(batch, seq_len)
     labels = torch.where(torch.rand(batch, seq_len) < 0.15, ids, -100)

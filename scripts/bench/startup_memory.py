@@ -61,15 +61,12 @@ def _whole_then_shard(cfg, mesh):
     """The whole model initialised on the device, then sharded and pruned (every rank holds it all for a while)."""
     from seqpar.models import build_model
     from seqpar.parallel.parallelize import parallelize
-    from seqpar.parallel.pipeline import Pipeline
+    from seqpar.trainer.checkpoint import WRAPPER
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg.model, "cpu")
-    parallelize(model, mesh, cfg)
-    if mesh.pp > 1:
-        p = cfg.parallel
-        Pipeline(model, mesh.local_rank("pp"), mesh.pp, mesh.group("pp"), p.pp_schedule, p.microbatches, mesh.device,
-                 lambda y, t: y.sum())
+    whole = {k: v.detach() for k, v in model.state_dict().items()}  # kept alive while the shards are made
+    parallelize(model, mesh, cfg, lambda name, shape: whole[name.replace(WRAPPER, "")], lambda y, t: y.sum())
     return model
 
 

@@ -10,12 +10,15 @@ from seqpar.models.attention import CoreAttention, sdpa_attention, set_core_atte
 from seqpar.models.bert import BERT
 from seqpar.models.gpt import GPT
 
-__all__ = ["BERT", "GPT", "CoreAttention", "build_model", "sdpa_attention", "set_core_attention",
+__all__ = ["BERT", "GPT", "MODELS", "CoreAttention", "build_model", "sdpa_attention", "set_core_attention",
            "set_sequence_projection"]
+
+
+MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT}  # model.arch -> the class (with its `layout`)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
     """Build the model for `cfg` on `device` ("meta" builds it without memory, for later sharding)."""
-    cls = {"gpt": GPT, "bert": BERT}[cfg.arch]
+    cls = MODELS[cfg.arch]
     with torch.device(device):
         return cls(cfg)

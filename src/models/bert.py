@@ -11,6 +11,7 @@ from torch import nn
 from seqpar.config import ModelConfig
 from seqpar.models.dropout import DropoutKey, KeyedDropout, block_sites
 from seqpar.models.layers import MLP, SelfAttention, activation_fn, init_parameters
+from seqpar.models.layout import BLOCK_TP_PLAN, BLOCK_TP_PLAN_SHARDED, ParallelLayout
 
 
 class BertBlock(nn.Module):
@@ -46,6 +47,17 @@ class MLMHead(nn.Module):
 
 
 class BERT(nn.Module):
+    layout = ParallelLayout(
+        tp_plan={"word_embeddings": "vocab_embedding", **BLOCK_TP_PLAN, "mlm_head.decoder": "vocab_head"},
+        tp_plan_sharded={"word_embeddings": "vocab_embedding_to_tokens", **BLOCK_TP_PLAN_SHARDED, "emb_ln": "token_norm",
+                         "mlm_head": "gather_tokens", "mlm_head.decoder": "vocab_head"},
+        token_sharded_outputs=("position_embeddings", "token_type_embeddings"),
+        tied={"mlm_head.decoder.weight": "word_embeddings.weight"},
+        embedding=("word_embeddings", "position_embeddings", "token_type_embeddings", "emb_ln"),
+        head=("mlm_head",),
+        position_params=("position_embeddings.weight",),
+    )
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.arch == "bert", cfg.arch
@@ -60,7 +72,7 @@ class BERT(nn.Module):
         self.mlm_head.decoder.weight = self.word_embeddings.weight  # tied
         self.reset_parameters()
 
-    tied_weights = {"mlm_head.decoder.weight": "word_embeddings.weight"}  # MLM decoder -> the embedding it shares
+    tied_weights = layout.tied  # MLM decoder -> the embedding it shares
 
     def reset_parameters(self) -> None:
         init_parameters(self)

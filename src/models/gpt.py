@@ -13,6 +13,7 @@ from torch import nn
 from seqpar.config import ModelConfig
 from seqpar.models.dropout import DropoutKey, KeyedDropout, block_sites
 from seqpar.models.layers import MLP, SelfAttention, init_parameters
+from seqpar.models.layout import BLOCK_TP_PLAN, BLOCK_TP_PLAN_SHARDED, ParallelLayout
 
 
 class GPTBlock(nn.Module):
@@ -34,6 +35,17 @@ class GPTBlock(nn.Module):
 
 
 class GPT(nn.Module):
+    layout = ParallelLayout(
+        tp_plan={"wte": "vocab_embedding", **BLOCK_TP_PLAN, "lm_head": "vocab_head"},
+        tp_plan_sharded={"wte": "vocab_embedding_to_tokens", **BLOCK_TP_PLAN_SHARDED, "ln_f": "token_norm",
+                         "lm_head": "vocab_head_from_tokens"},
+        token_sharded_outputs=("wpe",),
+        tied={"lm_head.weight": "wte.weight"},
+        embedding=("wte", "wpe"),
+        head=("ln_f", "lm_head"),
+        position_params=("wpe.weight",),
+    )
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.arch == "gpt", cfg.arch
@@ -47,7 +59,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied
         self.reset_parameters()
 
-    tied_weights = {"lm_head.weight": "wte.weight"}  # output layer -> the embedding it shares its weight with
+    tied_weights = layout.tied  # output layer -> the embedding it shares its weight with
 
     def reset_parameters(self) -> None:
         init_parameters(self)

@@ -304,8 +304,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
 
     The files are the ones transformers' own `save_pretrained` writes for GPT2LMHeadModel / BertForMaskedLM
     (config.json, generation_config.json for GPT, model.safetensors without the tied copies), written from the
-    converted state dict: building the transformers model only to save it would import its modelling code, about
-    2 s of every training process that saves its final weights."""
+    converted state dict: building the transformers model only to save it would import its modelling code in every
+    training process that saves its final weights."""
     from safetensors.torch import save_file
 
     cfg: ModelConfig = model.config

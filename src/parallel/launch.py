@@ -293,18 +293,24 @@ def run_joined(info: RankInfo, fn, *args, device_type: str = "cpu", timeout_s: f
             time.sleep(0.05)
 
 
+def check_launched_world(world: int) -> None:
+    """Under torchrun or srun, the launcher's process count must be the mesh's `world` (dp*pp*tp*sp)."""
+    info = launched_rank()
+    if info is not None and info.world != world:
+        from seqpar.config import ConfigError
+
+        raise ConfigError(
+            "parallel",
+            f"dp*pp*tp*sp = {world} but the launcher started {info.world} processes",
+            f"launch {world} processes (torchrun --nproc-per-node / srun --ntasks) or change the degrees",
+        )
+
+
 def launch(fn, world: int, *args, device_type: str = "cpu", timeout_s: float = 1800.0) -> None:
     """Run `fn(*args)` as every rank of a `world`-process job: joined, spawned here, or in this process."""
     info = launched_rank()
     if info is not None:
-        if info.world != world:
-            from seqpar.config import ConfigError
-
-            raise ConfigError(
-                "parallel",
-                f"dp*pp*tp*sp = {world} but the launcher started {info.world} processes",
-                f"launch {world} processes (torchrun --nproc-per-node / srun --ntasks) or change the degrees",
-            )
+        check_launched_world(world)
         run_joined(info, fn, *args, device_type=device_type, timeout_s=timeout_s)
     elif world > 1:
         launch_local(fn, world, *args, device_type=device_type, timeout_s=timeout_s)

@@ -1,16 +1,19 @@
-"""parallelize(model, mesh, cfg): apply the layout to a single-device model, in one fixed order; materialize().
+"""parallelize(): turn a single-device model built on the meta device into this rank's part, in one stated order.
 
 1. sequence parallelism: swap the sp attention (`parallel.sp_impl`) into every attention layer over the sp group
    (Linformer models: the projection of keys and values, summed over the sp group, instead);
-2. tensor parallelism: shard attention heads, the MLP and the vocabulary over the tp group (`tensor.py`), and with
-   `parallel.tp_shard_activations` the LayerNorm/dropout regions by tokens;
-then the trainer cuts the pipeline stages (`pipeline.py`, which prunes the model to this rank's layers), and
-3. data parallelism: a reducer that sums the gradients of what is left over the `dp_sp` ranks (`data_parallel.py`).
+2. tensor parallelism: shard attention heads, the MLP and the vocabulary over the tp group with the plan the model
+   declares (`tensor.py`), and with `parallel.tp_shard_activations` the LayerNorm/dropout regions by tokens;
+3. activation checkpointing (`trainer.activation_checkpointing`): each block recomputed in backward;
+4. pipeline parallelism: cut into stages (`pipeline.py`), the model pruned to this rank's layers;
+5. materialisation: allocate what the rank holds on its device and fill it from the whole tensors' values (the
+   seeded initialisation `seqpar.models.layers.initial_value`, or a checkpoint's tensors), one parameter at a
+   time, each rank keeping its shard;
+6. data parallelism: a reducer that sums the gradients of what the rank holds over the `dp_sp` ranks
+   (`data_parallel.py`).
 
-The model is built on the meta device and changed in place: no rank allocates the whole model on its device (with
-`model.init_from` the checkpoint is read whole into host memory once). Once sharded and pruned, `materialize` allocates this rank's parameters on its device and fills them from the whole tensors'
-values (the seeded initialisation `seqpar.models.layers.initial_value`, or a checkpoint's tensors), one parameter
-at a time, each rank keeping its shard. The model stays the one object to train, evaluate, optimise and save.
+Until step 5 the model lives on the meta device: no rank allocates the whole model on its device. The model is
+changed in place and stays the one object to train, evaluate, optimise and save.
 """
 
 from __future__ import annotations
@@ -24,20 +27,41 @@ from seqpar.config import Config
 from seqpar.models import set_core_attention, set_sequence_projection
 from seqpar.parallel.data_parallel import GradientReducer
 from seqpar.parallel.mesh import ParallelMesh
+from seqpar.parallel.pipeline import Pipeline
 from seqpar.parallel.sequence import sequence_attention
 from seqpar.parallel.sequence.linformer import SequenceParallelProjection
 from seqpar.parallel.tensor import apply_tensor_parallel
+from seqpar.torch_compat import checkpoint_wrapper
+
+ValueOf = Callable[[str, tuple[int, ...]], torch.Tensor]  # (parameter name, whole shape) -> the whole value, on CPU
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config) -> None:
-    """Sequence and tensor parallelism (on the meta device or a real one)."""
+def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config, value_of: ValueOf,
+                pipeline_loss=None) -> tuple[Pipeline | None, GradientReducer | None]:
+    """Apply the layout to `model` (built on the meta device) and materialise it; returns this rank's pipeline
+    (pp > 1, with `pipeline_loss` on its last stage) and gradient reducer (dp x sp > 1), else None for each."""
     if mesh.sp > 1 and cfg.model.attention == "linformer":  # projected keys summed over sp, local attention
         set_sequence_projection(model, SequenceParallelProjection(mesh.group("sp")))
     elif mesh.sp > 1:
         set_core_attention(model, sequence_attention(cfg.parallel.sp_impl, mesh.group("sp")))
     if mesh.tp > 1:
-        apply_tensor_parallel(model, mesh.device_mesh["tp"], cfg.model.arch, cfg.model.attn_dropout,
+        apply_tensor_parallel(model, mesh.device_mesh["tp"], cfg.model.attn_dropout,
                               shard_activations=cfg.parallel.tp_shard_activations)
+    if cfg.trainer.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    pipeline = None
+    if mesh.pp > 1:
+        p = cfg.parallel
+        pipeline = Pipeline(model, mesh.local_rank("pp"), mesh.pp, mesh.group("pp"), p.pp_schedule, p.microbatches,
+                            mesh.device, pipeline_loss)
+    materialize(model, mesh.device, value_of)
+    return pipeline, gradient_reducer(model, mesh)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each transformer block in backward instead of keeping its activations."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
 
 
 def gradient_reducer(model: nn.Module, mesh: ParallelMesh) -> GradientReducer | None:
@@ -48,7 +72,7 @@ def gradient_reducer(model: nn.Module, mesh: ParallelMesh) -> GradientReducer | 
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, value_of: Callable[[str, tuple[int, ...]], torch.Tensor]) -> None:
+def materialize(model: nn.Module, device: torch.device, value_of: ValueOf) -> None:
     """Allocate a meta-built (sharded, pruned) model's parameters on `device` and fill each from `value_of(name,
     whole_shape)`, the whole tensor (on the CPU); a tensor-parallel parameter keeps its shard of it. Parameters keep
     their identity (tied weights stay tied, references to them stay valid)."""

@@ -25,14 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from seqpar.config import virtual_stages
 from seqpar.models.dropout import DropoutKey
-
-EMBEDDINGS = {"gpt": ("wte", "wpe"), "bert": ("word_embeddings", "position_embeddings", "token_type_embeddings", "emb_ln")}
-HEADS = {"gpt": ("ln_f", "lm_head"), "bert": ("mlm_head",)}
-
-
-def virtual_stages(schedule: str) -> int:
-    return 2 if schedule == "interleaved_1f1b" else 1
 
 
 def layer_split(num_layers: int, stages: int) -> list[range]:
@@ -55,10 +49,9 @@ class Stage(nn.Module):
         shell = copy.copy(model)  # shares parameters; own module table below
         shell._modules = {k: m for k, m in model._modules.items() if k != "layers"}
         shell.layers = nn.ModuleList(model.layers[i] for i in layers)
-        arch = model.config.arch
-        for name in EMBEDDINGS[arch] if not first else ():
+        for name in model.layout.embedding if not first else ():
             setattr(shell, name, None)
-        for name in HEADS[arch] if not last else ():
+        for name in model.layout.head if not last else ():
             setattr(shell, name, None)
         self.model = shell
 
@@ -79,7 +72,6 @@ class Pipeline:
                  device: torch.device, loss_fn):
         from torch.distributed.pipelining import PipelineStage
 
-        arch = model.config.arch
         v = virtual_stages(schedule)
         n_stages = pp * v
         split = layer_split(len(model.layers), n_stages)
@@ -93,14 +85,15 @@ class Pipeline:
         for i in range(len(model.layers)):
             if i not in mine:
                 model.layers[i] = nn.Identity()
-        tied_head = _tied_head(model, arch)
-        for name in EMBEDDINGS[arch] if not self.first else ():
+        (head_name, embedding_name), = model.layout.tied.items()
+        tied_head = model.get_parameter(head_name)
+        for name in model.layout.embedding if not self.first else ():
             setattr(model, name, None)
-        for name in HEADS[arch] if not self.last else ():
+        for name in model.layout.head if not self.last else ():
             setattr(model, name, None)
         self.tied = None  # this rank's copy of the tied embedding/head weight, if it holds one
         if self.first:
-            self.tied = _get(model, next(iter(model.tied_weights.values())))
+            self.tied = model.get_parameter(embedding_name)
         elif self.last:
             self.tied = tied_head
         self.tied_shape = tied_head.to_local().shape if hasattr(tied_head, "to_local") else tied_head.shape
@@ -160,17 +153,6 @@ class Pipeline:
     def _hidden_shape(self, micro):
         b, t = micro["input_ids"].shape
         return (b, t, self.modules[0].model.config.hidden_size)
-
-
-def _get(model: nn.Module, dotted: str):
-    obj = model
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _tied_head(model: nn.Module, arch: str) -> nn.Parameter:
-    return _get(model, next(iter(model.tied_weights)))
 
 
 def _schedule(name: str, stages, microbatches: int, loss_fn):

@@ -1,6 +1,7 @@
 """Tensor parallelism: Megatron-style sharding of the single-device model with DTensor.
 
-A plan is data: module name (wildcards allowed) -> style. Attention is sharded by heads (q/k/v column-parallel, so
+A plan is data each model declares (`model.layout.tp_plan`, `seqpar.models.layout`): module name (wildcards
+allowed) -> style. Attention is sharded by heads (q/k/v column-parallel, so
 each rank computes attention for its own heads, and the sequence-parallel attention runs on those local heads;
 o_proj row-parallel, one all-reduce), the MLP likewise (up column-parallel, down row-parallel). The token embedding
 is vocab-parallel (each rank holds V/tp rows; lookups outside a rank's rows give 0 and one all-reduce sums them) and
@@ -29,48 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from seqpar.models import BERT, GPT
 from seqpar.models.attention import masked_softmax_attention
 from seqpar.models.dropout import DropoutKey, KeyedDropout, keyed_dropout
-
-# Every transformer block: attention by heads (q/k/v column-parallel, o row-parallel), MLP by hidden units.
-BLOCK_PLAN = {
-    "layers.*.attn.q_proj": "colwise",
-    "layers.*.attn.k_proj": "colwise",
-    "layers.*.attn.v_proj": "colwise",
-    "layers.*.attn.o_proj": "rowwise",
-    "layers.*.mlp.up": "colwise",
-    "layers.*.mlp.down": "rowwise",
-}
-PLANS: dict[str, dict[str, str]] = {
-    "gpt": {"wte": "vocab_embedding", **BLOCK_PLAN, "lm_head": "vocab_head"},
-    "bert": {"word_embeddings": "vocab_embedding", **BLOCK_PLAN, "mlm_head.decoder": "vocab_head"},
-}
-
-# Output layer weight -> the embedding weight it is tied to (both are sharded by vocabulary rows).
-TIED: dict[str, tuple[str, str]] = {
-    "gpt": next(iter(GPT.tied_weights.items())),
-    "bert": next(iter(BERT.tied_weights.items())),
-}
-
-
-# parallel.tp_shard_activations: the LayerNorm/dropout regions hold T/tp tokens per rank (dim 1 of (B, T, C)).
-_SHARDED_BLOCK = {
-    **BLOCK_PLAN,
-    "layers.*.attn": "gather_tokens_with_mask",  # one all-gather of the input (x, key_padding_mask) before q/k/v
-    "layers.*.attn.o_proj": "rowwise_to_tokens",  # reduce-scatter into token shards
-    "layers.*.mlp": "gather_tokens",
-    "layers.*.mlp.down": "rowwise_to_tokens",
-    "layers.*.ln_1": "token_norm",
-    "layers.*.ln_2": "token_norm",
-}
-SHARDED_PLANS: dict[str, dict[str, str]] = {
-    "gpt": {"wte": "vocab_embedding_to_tokens", **_SHARDED_BLOCK, "ln_f": "token_norm", "lm_head": "vocab_head_from_tokens"},
-    "bert": {"word_embeddings": "vocab_embedding_to_tokens", **_SHARDED_BLOCK, "emb_ln": "token_norm",
-             "mlm_head": "gather_tokens", "mlm_head.decoder": "vocab_head"},
-}
-# Embeddings of replicated inputs whose output is cut into the token shards (no communication forward).
-TOKEN_SHARDED_OUTPUTS = {"gpt": ("wpe",), "bert": ("position_embeddings", "token_type_embeddings")}
 
 
 def _style(name: str):
@@ -100,37 +61,31 @@ def _style(name: str):
     }[name]()
 
 
-def _get(model: nn.Module, dotted: str):
-    obj = model
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def tie(model: nn.Module, arch: str) -> None:
+def tie(model: nn.Module) -> None:
     """Point the output layer's weight at the embedding's again (sharding makes each a separate parameter)."""
-    head, emb = TIED[arch]
-    owner, _, attr = head.rpartition(".")
-    setattr(_get(model, owner), attr, _get(model, emb))
+    for head, emb in model.layout.tied.items():
+        owner, _, attr = head.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(emb))
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, arch: str, attn_dropout: float = 0.0,
-                          shard_activations: bool = False) -> None:
-    """Shard `model` in place over the 1-D device mesh `tp_mesh` with the plan for `arch`; with
-    `shard_activations`, also the LayerNorm/dropout regions by tokens (Megatron's activation sharding)."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh, attn_dropout: float = 0.0, shard_activations: bool = False) -> None:
+    """Shard `model` in place over the 1-D device mesh `tp_mesh` with the plan its layout declares
+    (`model.layout.tp_plan`); with `shard_activations`, also the LayerNorm/dropout regions by tokens (Megatron's
+    activation sharding, `tp_plan_sharded`)."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     from seqpar.models import set_core_attention
 
     rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
-    plan = {name: _style(style) for name, style in (SHARDED_PLANS if shard_activations else PLANS)[arch].items()}
+    layout = model.layout
+    plan = {name: _style(style) for name, style in (layout.tp_plan_sharded if shard_activations else layout.tp_plan).items()}
     parallelize_module(model, tp_mesh, plan)
-    tie(model, arch)
+    tie(model)
     if attn_dropout > 0:
         set_core_attention(model, HeadShardedDropoutAttention(rank, size))
     if shard_activations:
-        for name in TOKEN_SHARDED_OUTPUTS[arch]:
-            _get(model, name).register_forward_hook(_token_shard_hook(tp_mesh))
+        for name in layout.token_sharded_outputs:
+            model.get_submodule(name).register_forward_hook(_token_shard_hook(tp_mesh))
         for parent in list(model.modules()):
             for child_name, child in parent.named_children():
                 if isinstance(child, KeyedDropout):

@@ -69,25 +69,14 @@ def prepare(cfg: Config) -> Config:
 
         check_vocab(load_tokenizer_dir(cfg.data.tokenizer, cfg.model.arch), cfg.model.vocab_size)
     check_devices(cfg)
-    check_launcher(cfg)
+    from seqpar.parallel.launch import check_launched_world
+
+    check_launched_world(cfg.parallel.world_size)
     if cfg.run_dir is not None or cfg.checkpoint.dir:
         from seqpar.trainer.checkpoint import find_resume
 
         find_resume(cfg)  # the checkpoint to continue from must be complete and fit this model
     return cfg
-
-
-def check_launcher(cfg: Config) -> None:
-    """Under torchrun or srun, the launcher's process count must be the mesh's."""
-    from seqpar.parallel.launch import launched_rank
-
-    info, world = launched_rank(), cfg.parallel.world_size
-    if info is not None and info.world != world:
-        raise ConfigError(
-            "parallel",
-            f"dp*pp*tp*sp = {world} but the launcher started {info.world} processes",
-            f"launch {world} processes (torchrun --nproc-per-node / srun --ntasks) or change the degrees",
-        )
 
 
 def run(cfg: Config, data=None) -> dict:

@@ -34,7 +34,7 @@ from seqpar.models.hf import from_pretrained, not_exportable, save_pretrained
 from seqpar.models.layers import initial_value
 from seqpar.parallel.data_parallel import GradientReducer
 from seqpar.parallel.mesh import ParallelMesh
-from seqpar.parallel.parallelize import gradient_reducer, materialize, parallelize
+from seqpar.parallel.parallelize import parallelize
 from seqpar.parallel.pipeline import Pipeline
 from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.tensor import loss_context
@@ -88,14 +88,6 @@ def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device
     return loss_sum(forward(**inputs, prediction_mask=targets), labels[targets])
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block in backward instead of keeping its activations."""
-    from seqpar.torch_compat import checkpoint_wrapper
-
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block)
-
-
 def initial_values(cfg: Config, model: nn.Module):
     """`value_of(name, shape)` for `materialize`: the seed's initial weights, or those of `model.init_from` (read
     once on the CPU). The same for every layout."""
@@ -115,16 +107,8 @@ def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None) -> tup
     device ever holds the whole model, and each holds the same weights as one process would
     (parallel/parallelize.py; `model.init_from` is read whole into host memory once)."""
     model = build_model(model_config(cfg), "meta")
-    parallelize(model, mesh, cfg)  # sp attention, tp sharding
-    if cfg.trainer.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    pipeline = None
-    if mesh.pp > 1:  # cut into stages; the model is pruned to this rank's part
-        p = cfg.parallel
-        pipeline = Pipeline(model, mesh.local_rank("pp"), mesh.pp, mesh.group("pp"), p.pp_schedule, p.microbatches,
-                            mesh.device, pipeline_loss)
-    materialize(model, mesh.device, initial_values(cfg, model))
-    return model, pipeline, gradient_reducer(model, mesh)  # dp_sp gradient sums of the parameters held here
+    pipeline, reducer = parallelize(model, mesh, cfg, initial_values(cfg, model), pipeline_loss)
+    return model, pipeline, reducer
 
 
 def _value(t: torch.Tensor) -> torch.Tensor:

@@ -66,5 +66,6 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: int) -> float:
     Weights count the tied embedding once (it is the output layer's matmul) and leave out position embeddings,
     which are a lookup. This is the usual PaLM/Megatron estimate; causal attention is not halved.
     """
-    n = sum(p.numel() for name, p in model.named_parameters() if "position" not in name and "wpe" not in name)
+    lookups = set(model.layout.position_params)
+    n = sum(p.numel() for name, p in model.named_parameters() if name not in lookups)
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len

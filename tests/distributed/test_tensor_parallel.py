@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from seqpar.config import ModelConfig, ParallelConfig
-from seqpar.models import build_model
+from seqpar.models import MODELS, build_model
 from seqpar.parallel.data_parallel import clip_grad_norm
 from seqpar.parallel.mesh import ParallelMesh
-from seqpar.parallel.tensor import PLANS, TIED, apply_tensor_parallel, loss_context
+from seqpar.parallel.tensor import apply_tensor_parallel, loss_context
 
 from .spawn import spawn
 
@@ -25,13 +25,13 @@ def _check(rank, world, arch):
     torch.manual_seed(0)
     model = build_model(cfg)
     mesh = ParallelMesh.from_config(ParallelConfig(tp=world), torch.device("cpu"))
-    apply_tensor_parallel(model, mesh.device_mesh["tp"], arch)
+    apply_tensor_parallel(model, mesh.device_mesh["tp"])
 
     # Initialisation does not depend on the layout: each shard is the matching slice of the full weight.
     full = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, full[name]), name
-    head, emb = TIED[arch]
+    ((head, emb),) = model.layout.tied.items()
     assert model.get_parameter(head) is model.get_parameter(emb), "the output layer is no longer tied"
 
     # Column-parallel q_proj gives this rank's slice of the outputs (its heads); row-parallel o_proj the full sum.
@@ -68,9 +68,18 @@ def test_tensor_parallel_layers_loss_and_init(arch):
     spawn(_check, 2, arch)
 
 
-def test_plans_name_real_modules():
-    for arch, plan in PLANS.items():
+def test_layouts_name_real_modules_and_parameters():
+    for arch, cls in MODELS.items():
         model = build_model(ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, vocab_size=96, max_seq_len=16))
         names = {n for n, _ in model.named_modules()}
-        for pattern in plan:
+        layout = cls.layout
+        for pattern in [*layout.tp_plan, *layout.tp_plan_sharded]:
             assert any(n == pattern.replace("*", "0") for n in names), (arch, pattern)
+        for name in [*layout.embedding, *layout.head, *layout.token_sharded_outputs]:
+            assert name in names, (arch, name)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name in [*layout.tied, *layout.tied.values(), *layout.position_params]:
+            assert name in params, (arch, name)
+        # Everything outside `layers` is the embedding's (first pipeline stage) or the head's (last).
+        top = {n.split(".")[0] for n in params if not n.startswith("layers.")}
+        assert top == set(layout.embedding) | set(layout.head), (arch, top)

@@ -1,0 +1,62 @@
+"""What parallelism needs to know about a model, declared as data beside it (no torch.distributed here).
+
+Each model class carries a `layout: ParallelLayout`. `seqpar.parallel` (tensor plans, pipeline parts, tied weights),
+the memory planner and weight gathering read it, so adding a model touches its own module only.
+
+Tensor-parallel styles (the names `seqpar.parallel.tensor` turns into DTensor styles):
+- `colwise` / `rowwise`: Megatron's column- and row-parallel linear layers (weight and bias split / weight split,
+  bias replicated);
+- `vocab_embedding`, `vocab_head`: the embedding and the tied output layer sharded by vocabulary rows;
+- with activation sharding: `vocab_embedding_to_tokens`, `rowwise_to_tokens` (outputs cut into token shards),
+  `token_norm` (a LayerNorm on token shards), `gather_tokens` / `gather_tokens_with_mask` (all-gather the tokens
+  before a column-parallel region), `vocab_head_from_tokens`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+# Every transformer block: attention by heads (q/k/v column-parallel, o row-parallel), MLP by hidden units.
+BLOCK_TP_PLAN = {
+    "layers.*.attn.q_proj": "colwise",
+    "layers.*.attn.k_proj": "colwise",
+    "layers.*.attn.v_proj": "colwise",
+    "layers.*.attn.o_proj": "rowwise",
+    "layers.*.mlp.up": "colwise",
+    "layers.*.mlp.down": "rowwise",
+}
+# The same with Megatron's activation sharding: the LayerNorm/dropout regions hold T/tp tokens (dim 1 of (B, T, C)).
+BLOCK_TP_PLAN_SHARDED = {
+    **BLOCK_TP_PLAN,
+    "layers.*.attn": "gather_tokens_with_mask",  # one all-gather of the input (x, key_padding_mask) before q/k/v
+    "layers.*.attn.o_proj": "rowwise_to_tokens",  # reduce-scatter into token shards
+    "layers.*.mlp": "gather_tokens",
+    "layers.*.mlp.down": "rowwise_to_tokens",
+    "layers.*.ln_1": "token_norm",
+    "layers.*.ln_2": "token_norm",
+}
+_SPLIT_WEIGHT_AND_BIAS = ("colwise", "vocab_head", "vocab_head_from_tokens")
+_SPLIT_WEIGHT = ("rowwise", "rowwise_to_tokens", "vocab_embedding", "vocab_embedding_to_tokens")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp_plan: dict[str, str]  # module name (wildcards allowed) -> tensor-parallel style
+    tp_plan_sharded: dict[str, str]  # the plan with activation sharding (parallel.tp_shard_activations)
+    token_sharded_outputs: tuple[str, ...]  # embeddings of replicated inputs whose output is cut into token shards
+    tied: dict[str, str]  # output layer weight -> the embedding weight it shares
+    embedding: tuple[str, ...]  # modules the first pipeline stage holds (before `layers`)
+    head: tuple[str, ...]  # modules the last pipeline stage holds (after `layers`)
+    position_params: tuple[str, ...] = field(default=())  # lookups, not matmuls (left out of the FLOP count)
+
+    def tp_divides(self, param: str) -> bool:
+        """Whether tensor parallelism splits the parameter `param` (so each rank holds 1/tp of it)."""
+        owner, _, attr = param.rpartition(".")
+        for pattern, style in self.tp_plan.items():
+            if fnmatch.fnmatchcase(owner, pattern):
+                return style in _SPLIT_WEIGHT_AND_BIAS or (style in _SPLIT_WEIGHT and attr == "weight")
+        return False
+
+    def in_head(self, param: str) -> bool:
+        return param.split(".")[0] in self.head
