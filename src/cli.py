@@ -107,8 +107,9 @@ def with_config_dir(overrides: list[str], config_dir: str) -> list[str]:
     return [*rest, f"hydra.searchpath=[{entries}]"]
 
 
-def preflight(config_dir: str | Path, argv: list[str]) -> None:
-    """Compose and validate before Hydra runs, so a bad input exits with one line and nothing is started.
+def preflight(config_dir: str | Path, argv: list[str]) -> Config | None:
+    """Compose and validate before Hydra runs, so a bad input exits with one line and nothing is started; returns
+    the prepared config (`seqpar.trainer.prepare`) for the job to use, or None where it was skipped.
 
     A user's own config directory counts as Hydra will read it: `--config-dir DIR` / `-cd DIR` and
     `hydra.searchpath=[...]`. Skipped when other Hydra flags are present (--multirun sweeps, --cfg, --help, and
@@ -117,14 +118,14 @@ def preflight(config_dir: str | Path, argv: list[str]) -> None:
     """
     split = split_config_dir(argv)
     if split is None:
-        return
+        return None
     user_dir, overrides = split
     from seqpar.trainer import prepare
 
     try:
         if user_dir is not None:
             overrides = with_config_dir(overrides, user_dir)
-        prepare(compose(config_dir, overrides, with_run_dir=True))
+        return prepare(compose(config_dir, overrides, with_run_dir=True))
     except ConfigError as e:
         fail(str(e))
     except Exception as e:  # Hydra/OmegaConf composition errors

@@ -314,12 +314,9 @@ def available_devices(cfg: Config) -> tuple[int, float, str]:
     return n, mem, device
 
 
-_announced: set[str] = set()
-
-
 def choose_layout(cfg: Config) -> Config:
     """parallel=auto: the config with the fastest layout (and micro-batch) that fits the available devices, by the
-    planner's estimate; says what it chose and why on stdout (once per process, rank 0 only)."""
+    planner's estimate; says what it chose and why on stdout (rank 0 only)."""
     from seqpar.parallel.launch import launched_rank
 
     n, mem, device = available_devices(cfg)
@@ -348,8 +345,7 @@ def choose_layout(cfg: Config) -> Config:
            f"the shortest estimated step (then the largest micro-batch) of {len(fitting)} choices that fit "
            f"({len(rows) - len(fitting)} do not; see python -m seqpar.plan)")
     info = launched_rank()
-    if why not in _announced and (info is None or info.rank == 0):
-        _announced.add(why)
+    if info is None or info.rank == 0:  # prepare() runs once per job (the preflight's result is passed on)
         print(why, flush=True)
     return dataclasses.replace(cfg, parallel=p, trainer=t)
 

@@ -13,31 +13,39 @@ come from the package (`seqpar.configs`), whatever the working directory.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from seqpar.cli import fail, preflight
-from seqpar.config import ConfigError, register_configs, to_config
+from seqpar.config import Config, ConfigError, register_configs, to_config
 from seqpar.configs import CONFIG_DIR
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
-def run(dcfg: DictConfig) -> None:
-    """One Hydra job (each run of a multirun too): convert the config once and train."""
+def run_job(dcfg: DictConfig, prepared: Config | None = None) -> None:
+    """One Hydra job (each run of a multirun too): convert the config once and train. `prepared`: the config the
+    preflight already prepared from the same command line (used when it resolved the same run directory, so that
+    validation, `parallel=auto` and the resume checks run once)."""
     from hydra.core.hydra_config import HydraConfig
 
     from seqpar.parallel.launch import RankFailed
     from seqpar.trainer import prepare, train
     from seqpar.trainer.loop import TrainingAborted
 
-    cfg = to_config(dcfg)
     hydra_cfg = HydraConfig.get()
-    cfg.run_dir = hydra_cfg.runtime.output_dir
-    cfg.experiment = hydra_cfg.runtime.choices.get("experiment")
+    run_dir = hydra_cfg.runtime.output_dir
     try:
+        if prepared is not None and Path(prepared.run_dir or "").resolve() == Path(run_dir).resolve():
+            cfg = prepared
+        else:
+            cfg = to_config(dcfg)
+            cfg.run_dir = run_dir
+            cfg = prepare(cfg)
+        cfg.run_dir = run_dir
+        cfg.experiment = hydra_cfg.runtime.choices.get("experiment")
         # One process, or this rank of a torchrun/srun job, or `world_size` local processes started here.
-        train(prepare(cfg))
+        train(cfg)
     except ConfigError as e:
         fail(str(e))
     except TrainingAborted as e:
@@ -50,8 +58,13 @@ def main() -> None:
     """The command line (Hydra's overrides and flags in sys.argv): a bad input exits with one `error:` line
     before Hydra makes a run directory, then Hydra runs the job."""
     register_configs()
-    preflight(CONFIG_DIR, sys.argv[1:])
-    run()
+    prepared = preflight(CONFIG_DIR, sys.argv[1:])
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
+    def job(dcfg: DictConfig) -> None:
+        run_job(dcfg, prepared)
+
+    job()
 
 
 if __name__ == "__main__":
