@@ -30,7 +30,7 @@ def run_job(dcfg: DictConfig, prepared: Config | None = None) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from seqpar.parallel.launch import RankFailed
-    from seqpar.trainer import prepare, train
+    from seqpar.trainer import launch_job, prepare
     from seqpar.trainer.loop import TrainingAborted
 
     hydra_cfg = HydraConfig.get()
@@ -45,7 +45,7 @@ def run_job(dcfg: DictConfig, prepared: Config | None = None) -> None:
         cfg.run_dir = run_dir
         cfg.experiment = hydra_cfg.runtime.choices.get("experiment")
         # One process, or this rank of a torchrun/srun job, or `world_size` local processes started here.
-        train(cfg)
+        launch_job(cfg)
     except ConfigError as e:
         fail(str(e))
     except TrainingAborted as e:

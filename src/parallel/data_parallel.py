@@ -24,7 +24,7 @@ from torch import nn
 BUCKET_BYTES = 32 * 1024 * 1024
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor, or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -45,7 +45,7 @@ class GradientReducer:
         self.params, self.group = params, group
 
     def reduce(self) -> None:
-        grads = [local(p.grad) for p in self.params if p.grad is not None]
+        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
         bucket, size = [], 0
         for g in grads:
             bucket.append(g)
@@ -81,8 +81,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group=None, c
     stages hold different parameters: their squared norms are summed over `pp_group`.
     """
     grads = [p.grad for p in params if p.grad is not None and (counted is None or counted(p))]
-    sharded = [local(g) for g in grads if _is_sharded(g)]
-    plain = [local(g) for g in grads if not _is_sharded(g)]  # plain tensors and replicated DTensors
+    sharded = [local_tensor(g) for g in grads if _is_sharded(g)]
+    plain = [local_tensor(g) for g in grads if not _is_sharded(g)]  # plain tensors and replicated DTensors
     device = (sharded or plain)[0].device if (sharded or plain) else torch.device("cpu")
     sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
     if tp_group is not None and sharded:
@@ -96,5 +96,5 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group=None, c
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in params:
             if p.grad is not None:
-                local(p.grad).mul_(coef)
+                local_tensor(p.grad).mul_(coef)
     return total

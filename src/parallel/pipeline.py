@@ -125,10 +125,10 @@ class Pipeline:
         """Sum the tied weight's gradient over its first- and last-stage copies (middle stages add zeros)."""
         if self.pp == 1:
             return
-        from seqpar.parallel.data_parallel import local
+        from seqpar.parallel.data_parallel import local_tensor
 
         if self.tied is not None and self.tied.grad is not None:
-            g = local(self.tied.grad)
+            g = local_tensor(self.tied.grad)
         else:
             g = torch.zeros(self.tied_shape, dtype=self.tied_dtype, device=self.device)
         dist.all_reduce(g, group=self.group)

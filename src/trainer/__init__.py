@@ -1,4 +1,5 @@
-"""Training: the loop, optimizer and schedule, metrics and loggers; `run(cfg)` trains one configured job."""
+"""Training: the loop, optimizer and schedule, metrics and loggers; `launch_job(cfg)` starts a
+configured job on every rank it needs and `run_rank(cfg)` trains as one of them."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def prepare(cfg: Config) -> Config:
     return cfg
 
 
-def run(cfg: Config, data=None) -> dict:
+def run_rank(cfg: Config, data=None) -> dict:
     """Train the configured job as this rank (torch.distributed already initialised when there are several);
     returns the last logged record. `data` is the built SequenceData when the launcher's parent made it."""
     from seqpar.trainer.loop import Trainer
@@ -88,7 +89,7 @@ def run(cfg: Config, data=None) -> dict:
     return Trainer(cfg, mesh, data).fit()
 
 
-def train(cfg: Config) -> None:
+def launch_job(cfg: Config) -> None:
     """Run a prepared config on every rank it needs: in this process, as a torchrun/srun rank, or on local
     processes started here. Local CPU ranks are forked from this process after it has built the data once, so
     they start without loading anything again; the jobs of a multirun reuse the data of the previous job."""
@@ -107,4 +108,4 @@ def train(cfg: Config) -> None:
             from seqpar.trainer.engine import import_deepspeed
 
             import_deepspeed()
-    launch(run, world, cfg, data, device_type=device.type, timeout_s=cfg.parallel.timeout_s)
+    launch(run_rank, world, cfg, data, device_type=device.type, timeout_s=cfg.parallel.timeout_s)

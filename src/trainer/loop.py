@@ -196,7 +196,7 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.peak_flops = device_peak_flops(self.device, t.peak_flops, t.precision)
 
-    def local(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def sequence_chunk(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of its data-parallel share: its sequence chunk when sp > 1."""
         if self.mesh.sp == 1:
             return batch
@@ -221,7 +221,7 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over one global batch; returns (loss, grad_norm)."""
         self.model.train()
-        batch = self.local(next(self.loader))
+        batch = self.sequence_chunk(next(self.loader))
         targets = self.mesh.sum_over_data((batch["labels"] != IGNORE_INDEX).sum().to(self.device, torch.float32))
         total = torch.zeros((), device=self.device)
         with self.loss_context():
@@ -260,7 +260,7 @@ class Trainer:
         count = torch.zeros((), device=self.device)
         t = self.cfg.trainer
         for batch in eval_batches(self.data.val, t.global_batch_size, t.eval_batches, self.mesh.dp_rank, self.mesh.dp):
-            batch = self.local(batch)
+            batch = self.sequence_chunk(batch)
             for micro in _split(batch, self.micro_batch_size):
                 with self.loss_context(), self.autocast:
                     if self.pipeline is None:
