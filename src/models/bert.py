@@ -72,8 +72,6 @@ class BERT(nn.Module):
         self.mlm_head.decoder.weight = self.word_embeddings.weight  # tied
         self.reset_parameters()
 
-    tied_weights = layout.tied  # MLM decoder -> the embedding it shares
-
     def reset_parameters(self) -> None:
         init_parameters(self)
 

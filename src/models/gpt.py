@@ -59,8 +59,6 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied
         self.reset_parameters()
 
-    tied_weights = layout.tied  # output layer -> the embedding it shares its weight with
-
     def reset_parameters(self) -> None:
         init_parameters(self)
 

@@ -98,10 +98,10 @@ def initial_value(model: nn.Module, name: str, shape: tuple[int, ...], seed: int
     (seed, name): any rank can make the value of any parameter (or its shard) without building the others, and the
     weights are the same in every layout. GPT-2/BERT initialisation: normal(0, model.init_std(name)) weights, zero
     biases, unit LayerNorms; Linformer's projections normal(0, 1/sqrt(max_len)). `name` may be a tied alias
-    (`model.tied_weights`), which takes its embedding's value."""
+    (`model.layout.tied`), which takes its embedding's value."""
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name)
-    canonical = getattr(model, "tied_weights", {}).get(name, name)
+    canonical = model.layout.tied.get(name, name)
     if isinstance(owner, nn.LayerNorm):
         return torch.ones(shape) if attr == "weight" else torch.zeros(shape)
     if attr == "bias":

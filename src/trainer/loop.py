@@ -307,7 +307,7 @@ class Trainer:
             state = {k: v for part in parts for k, v in part.items()}
         model = build_model(self.cfg.model, "cpu")
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(model.tied_weights)  # the same tensor as the embedding's
+        tied = set(model.layout.tied)  # the same tensor as the embedding's
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
         return model
