@@ -51,8 +51,8 @@ class Estimate:
     runtime_mib: float
     comm_mib_per_step: float
     # What the backward holds for one layer at a time, after the logits are freed (so the peak holds the larger of
-    # the two): under activation checkpointing the rebuilt block's activations; rsa's three (seq_len/sp) x seq_len
-    # matrices per head.
+    # the two): under activation checkpointing the rebuilt block's activations; rsa's (seq_len/sp) x seq_len
+    # gradient of its probabilities per head.
     backward_mib: float = 0.0
     step_s: float = 0.0  # estimated: compute at --tflops (times the pipeline bubble) + communication at --gbps
     fits: bool = False
@@ -176,8 +176,9 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     if pp > 1:
         comm += n_micro * 2 * act_tensor
     if cfg.parallel.sp_impl == "rsa" and sp > 1 and m.attention == "softmax":
-        width = 2 if t.precision == "bf16" else 4
-        backward += 3 * m.num_heads / tp * T * tokens * width  # dP, P * dP and dS alive at once
+        # beside the saved probabilities: dP in fp32, turned into dS in place (and, in bf16, dS's bf16 copy)
+        width = 4 + 2 if t.precision == "bf16" else 4
+        backward += m.num_heads / tp * T * tokens * width
     return Estimate(dp, pp, tp, sp, micro, params_b / MIB, grads_b / MIB, optim_b / MIB, acts / MIB,
                     logits / MIB, runtime_mib, comm / MIB, backward / MIB)
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Ring attention's efficiency: sequence-parallel core attention (forward + backward) over sp local processes of one
 thread each, against one process with --threads (2) threads running SDPA over the whole length, with our rsa and
-ulysses and DeepSpeed-Ulysses' `DistributedAttention` (SDPA on each rank's heads) beside it, in one run.
+ulysses and two peers beside it, in one run: DeepSpeed-Ulysses' `DistributedAttention` (SDPA on each rank's heads)
+and the paper's own Ring Self-Attention (ColossalAI's legacy `RingQK` / `RingAV`), each measured where installed
+and skipped with a message (and its install line) where not; see peers.py.
 
 Shape: batch 1, 12 heads of 64 (BERT-base width), fp32, bidirectional (--causal for GPT's zigzag ring). Each row
 is the fastest of --reps steps after a warm-up step at a short length (time: the slowest rank); peak memory per
@@ -13,6 +15,7 @@ Overlap (ring only): the share of the ring's communication hidden behind its com
 with no exchange and `communication` runs the same exchanges with no compute, both timed on the same ranks.
 
     python scripts/bench/ring_efficiency.py --lengths 4096 8192 16384 --sp 2 4 --json docs/img/ring_efficiency.json
+    python scripts/bench/ring_efficiency.py --lengths 4096 8192 --sp 2 4 --impls rsa colossalai-rsa --reps 2
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ import argparse
 import json
 import time
 
+import peers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from memlib import fixed_mmap_threshold, measure_step, run_ranks
 
 HEADS, HEAD_DIM = 12, 64
-IMPLS = ("ring", "rsa", "ulysses", "ds-ulysses")
+IMPLS = ("ring", "rsa", "ulysses", *peers.PEERS)
+RSAS = ("rsa", "colossalai-rsa")  # L/sp x L scores: up to --max-rsa-len only
 
 
 def _inputs(seq_len: int, sp: int, rank: int, seed: int = 0):
@@ -39,33 +44,9 @@ def _inputs(seq_len: int, sp: int, rank: int, seed: int = 0):
     return [t[:, rank * chunk:(rank + 1) * chunk].clone().requires_grad_() for t in (q, k, v)]
 
 
-def _ds_ulysses(group):
-    """DeepSpeed-Ulysses: all-to-all from sequence chunks to head groups, SDPA, all-to-all back. Its layout is
-    (batch, sequence, heads, head_dim)."""
-    import deepspeed
-    from deepspeed.sequence.layer import DistributedAttention
-
-    from seqpar.trainer.engine import import_deepspeed
-
-    import_deepspeed()  # quiet start-up
-    deepspeed.init_distributed(dist_backend="gloo")  # its comm layer joins the process group already running
-
-    def local(q, k, v, causal):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
-        return out.transpose(1, 2)
-
-    attn = DistributedAttention(local, group, scatter_idx=2, gather_idx=1)
-
-    def fn(q, k, v, *, causal, **_):
-        out = attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, causal)
-        return out.transpose(1, 2)
-
-    return fn
-
-
 def _attention(impl: str, group):
-    if impl == "ds-ulysses":
-        return _ds_ulysses(group)
+    if impl in peers.PEERS:
+        return peers.attention(impl, group)
     from seqpar.parallel.sequence import sequence_attention
 
     return sequence_attention(impl, group)
@@ -177,18 +158,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of the single-process SDPA baseline")
     ap.add_argument("--causal", action="store_true", help="causal attention (zigzag ring)")
     ap.add_argument("--max-rsa-len", type=int, default=8192,
-                    help="longest length for rsa, whose L/sp x L scores outgrow memory (fp32: 12 x L^2 / sp x 4 B)")
+                    help="longest length for rsa and colossalai-rsa, whose L/sp x L scores outgrow memory (fp32: 12 x L^2 / sp x 4 B)")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    impls = []
+    for impl in args.impls:
+        why = peers.missing(impl, args.causal) if impl in peers.PEERS else None
+        if why:
+            print(f"skipping {why}", flush=True)
+        else:
+            impls.append(impl)
     rows = []
     for seq_len in args.lengths:
         base = run_ranks(_rank, 1, "sdpa", seq_len, args.causal, args.threads, args.reps, timeout=args.timeout)
         rows.append({"impl": f"sdpa ({args.threads} threads)", "sp": 1, "seq_len": seq_len, **base})
         print(json.dumps(rows[-1]), flush=True)
         for sp in args.sp:
-            for impl in args.impls:
-                if impl == "rsa" and seq_len > args.max_rsa_len:
+            for impl in impls:
+                if impl in RSAS and seq_len > args.max_rsa_len:
                     continue
                 r = run_ranks(_rank, sp, impl, seq_len, args.causal, 1, args.reps, timeout=args.timeout)
                 rows.append({"impl": impl, "sp": sp, "seq_len": seq_len, **r,

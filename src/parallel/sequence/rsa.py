@@ -12,6 +12,13 @@ owner; softmax backward dS = P * (dP - rowsum(dP * P)); ring-pass the keys for d
 dK_j = dS_j^T Q_r / sqrt(D) travels home. Communication: forward 2(n-1) exchanges; backward 2(n-1) for K and V and
 2n for their gradient accumulators (see `seqpar.parallel.comm.ring_pass`), plus one all-gather of padding masks.
 
+Memory, in c x L score blocks (fp32): one in forward (the scores, masked and turned into probabilities in place,
+then kept for backward) and one more in backward (dP, written block by block by the matmuls and turned into dS in
+place), so a rank peaks at two blocks plus chunk-sized buffers. rowsum(dP * P) needs no block of its own: it is
+rowsum(dO * O) (sum_j P_ij dO_i . V_j = dO_i . O_i), from the output kept in fp32. Inputs of lower precision keep
+the same rules (scores in the input dtype, softmax and its backward in fp32, probabilities and dS stored in the
+input dtype) at the cost of an fp32 copy where the dtype changes.
+
 Causal attention expects the zigzag layout of the other implementations (it masks by global position).
 """
 
@@ -35,6 +42,13 @@ def _bias(masks: list[torch.Tensor | None], q_pos: torch.Tensor, positions: list
     return allowed
 
 
+def _softmax_(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim computed in fp32: into `s`'s own buffer when `s` is fp32, else a new tensor."""
+    if s.dtype == torch.float32:
+        return torch.softmax(s, dim=-1, out=s)
+    return torch.softmax(s, dim=-1, dtype=torch.float32)
+
+
 class _RSAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, causal: bool, group):
@@ -47,19 +61,20 @@ class _RSAFn(torch.autograd.Function):
         masks = all_gather_list(key_mask, group) if key_mask is not None else [None] * n
         positions = [chunk_indices(c * n, n, j, causal).to(q.device) for j in range(n)]
 
+        q = q * scale  # scaled once here (c x D), not each score block; dK needs it scaled too
         s = torch.empty(b, h, c, n * c, dtype=q.dtype, device=q.device)  # this rank's rows of the score matrix
 
         def scores(src, k_src):
-            s[..., src * c : (src + 1) * c] = (q @ k_src.transpose(-1, -2)) * scale
+            torch.matmul(q, k_src.transpose(-1, -2), out=s[..., src * c : (src + 1) * c])
 
         ring_pass(k, group, scores)
         allowed = _bias(masks, positions[r], positions, causal)
         if allowed is not None:
             s.masked_fill_(~allowed, float("-inf"))
-        p = torch.softmax(s, dim=-1, dtype=torch.float32)
-        s = None  # free the scores (the closure above shares this variable)
+        p = _softmax_(s)
+        s = None  # fp32: p is s; else the scores go now (the closure above shares this variable)
         if allowed is not None:
-            p = p.nan_to_num_(0.0)  # a query with no attendable key at all
+            p.nan_to_num_(0.0)  # a query with no attendable key at all
         p = p.to(q.dtype)
 
         out = torch.zeros(b, h, c, d, dtype=torch.float32, device=q.device)
@@ -68,33 +83,38 @@ class _RSAFn(torch.autograd.Function):
             out.add_(p[..., src * c : (src + 1) * c] @ v_src)
 
         ring_pass(v, group, weighted_values)
-        ctx.save_for_backward(q, k, v, p)
+        ctx.save_for_backward(q, k, v, p, out)
         ctx.group, ctx.scale, ctx.c = group, scale, c
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, p = ctx.saved_tensors
+        q, k, v, p, out = ctx.saved_tensors  # q is scaled by 1/sqrt(D)
         group, scale, c = ctx.group, ctx.scale, ctx.c
         dout = dout.contiguous()
+        rowsum = (dout.float() * out).sum(-1, keepdim=True)  # = rowsum(dP * P), (B, H, c, 1)
         dp = torch.empty(p.shape, dtype=torch.float32, device=p.device)
 
         def grad_values(src, v_src):
             cols = slice(src * c, (src + 1) * c)
-            dp[..., cols] = dout @ v_src.transpose(-1, -2)
-            return p[..., cols].transpose(-1, -2) @ dout  # dV_src from our queries
+            dp_j = dp[..., cols]
+            if dout.dtype == dp.dtype:
+                torch.matmul(dout, v_src.transpose(-1, -2), out=dp_j)
+            else:
+                dp_j.copy_(dout @ v_src.transpose(-1, -2))
+            dv_j = p[..., cols].transpose(-1, -2) @ dout  # dV_src from our queries
+            dp_j.sub_(rowsum).mul_(p[..., cols])  # softmax backward, in place: dS_j
+            return dv_j
 
         dv = ring_pass(v, group, grad_values, grad=True)
-        pf = p.float()
-        ds = pf * (dp - (dp * pf).sum(-1, keepdim=True))  # softmax backward
-        dp = pf = None
-        ds = ds.to(q.dtype)
+        ds = dp.to(q.dtype)  # fp32: dp itself
+        dp = None
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
 
         def grad_keys(src, k_src):
             cols = slice(src * c, (src + 1) * c)
             dq.add_(ds[..., cols] @ k_src, alpha=scale)
-            return (ds[..., cols].transpose(-1, -2) @ q) * scale  # dK_src from our queries
+            return ds[..., cols].transpose(-1, -2) @ q  # dK_src from our queries (q already scaled)
 
         dk = ring_pass(k, group, grad_keys, grad=True)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
