@@ -27,20 +27,20 @@ import torch.nn.functional as F
 
 COLOSSALAI_INSTALL = ("pip install --no-deps colossalai==0.5.0 peft==0.21.2 accelerate==1.15.0 galore-torch==1.0 "
                       "bitsandbytes==0.50.2 kernels==0.17.2")
-PEERS = {  # name: (module it needs, how to install it)
-    "ds-ulysses": ("deepspeed", 'pip install -e ".[deepspeed]"'),
-    "colossalai-rsa": ("colossalai", COLOSSALAI_INSTALL),
+PEERS = {  # name: (modules it imports, how to install them)
+    "ds-ulysses": (("deepspeed",), 'pip install -e ".[deepspeed]"'),
+    "colossalai-rsa": (("colossalai", "peft", "accelerate", "galore_torch", "bitsandbytes", "kernels"),
+                       COLOSSALAI_INSTALL),
 }
-
-
 BIDIRECTIONAL_ONLY = {"colossalai-rsa"}  # its layout is contiguous chunks: no zigzag causal
 
 
 def missing(name: str, causal: bool = False) -> str | None:
     """Why peer `name` cannot run here (with the install line), or None if it can."""
-    module, install = PEERS[name]
-    if importlib.util.find_spec(module) is None:
-        return f"{name} needs {module}, which is not installed ({install})"
+    modules, install = PEERS[name]
+    absent = [m for m in modules if importlib.util.find_spec(m) is None]
+    if absent:
+        return f"{name} needs {', '.join(absent)}, not installed ({install})"
     if causal and name in BIDIRECTIONAL_ONLY:
         return f"{name} is measured bidirectional only (contiguous chunks, no zigzag causal layout)"
     return None
