@@ -220,7 +220,7 @@ def test_changed_checkpoint_bytes_are_caught_by_their_checksum(tmp_path, saved, 
     anything is loaded or written (train.py prints the ConfigError as its one `error:` line, exit 2)."""
     from seqpar.cli import compose
     from seqpar.config import ConfigError
-    from seqpar.trainer import prepare, run
+    from seqpar.trainer import prepare, run_rank
 
     ckpt = _copy_checkpoint(saved, tmp_path)
     f = ckpt / "__0_0.distcp"
@@ -232,7 +232,7 @@ def test_changed_checkpoint_bytes_are_caught_by_their_checksum(tmp_path, saved, 
     cfg.run_dir = str(tmp_path / "run")
     prepare(cfg)  # sizes match: only the content changed
     with pytest.raises(ConfigError) as info:
-        run(cfg)
+        run_rank(cfg)
     assert str(info.value).startswith(f"checkpoint.resume ({ckpt}) file __0_0.distcp does not match its recorded checksum")
     assert _digest(ckpt) == before
     assert not (tmp_path / "run").exists()
