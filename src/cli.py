@@ -1,8 +1,9 @@
-"""The command line's error handling: every bad input becomes one line `error: <field> <problem>; <fix>`.
+"""The command line's configuration: the schema and its resolver registered with Hydra, composing and converting a
+config, and turning every bad input into one line `error: <field> <problem>; <fix>`.
 
 Hydra reports a bad override (unknown key, wrong type, unknown config option) as a multi-line message with a hint
-about HYDRA_FULL_ERROR. `preflight()` composes the configuration with the same overrides first, before Hydra's
-own run, and turns any such failure, and any `ConfigError` from validation, into the one line, exit code 2.
+about HYDRA_FULL_ERROR. `seqpar.preflight` composes the configuration with the same overrides first, before Hydra's
+own run, and turns any such failure (`describe_hydra_error`), and any `UserError`, into the one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -10,10 +11,42 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
-from seqpar.config import Config, ConfigError, register_configs, to_config
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from seqpar.config import Config
+from seqpar.errors import UserError
 
 EXIT_CONFIG = 2
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore; `configs/config.yaml` lists it first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="seqpar_schema", node=Config)
+    if not OmegaConf.has_resolver("seqpar_tasks_per_node"):  # cluster/slurm.yaml: ranks per node of a job
+        OmegaConf.register_new_resolver("seqpar_tasks_per_node", _tasks_per_node)
+
+
+def _tasks_per_node(nodes: int, dp: int, pp: int, tp: int, sp: int) -> int:
+    world = dp * pp * tp * sp
+    if world % nodes:
+        raise UserError("hydra.launcher.nodes", f"({nodes}) does not divide dp*pp*tp*sp = {world}",
+                          "choose a node count that divides the number of ranks")
+    return world // nodes
+
+
+def to_config(cfg: Any) -> Config:
+    """Convert a composed DictConfig to the dataclasses (once, at the entry point)."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config), type(obj)
+    return obj
 
 
 def fail(message: str, code: int = EXIT_CONFIG) -> None:
@@ -23,8 +56,6 @@ def fail(message: str, code: int = EXIT_CONFIG) -> None:
 
 def describe_hydra_error(exc: BaseException) -> str:
     """One line (`<field> <problem>; <fix>`) for an exception raised while composing the config."""
-    from omegaconf.errors import OmegaConfBaseException
-
     chain, e = [], exc
     while e is not None and e not in chain:
         chain.append(e)
@@ -53,10 +84,6 @@ def describe_hydra_error(exc: BaseException) -> str:
 def compose(config_dir: str | Path, overrides: list[str], config_name: str = "config", with_run_dir: bool = False) -> Config:
     """Compose and convert the configuration as `train.py` would (used for preflight checks and tests).
     `with_run_dir`: also resolve Hydra's run directory (`hydra.run.dir`) into `run_dir`."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
-
     register_configs()
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
         dcfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=with_run_dir)
@@ -91,11 +118,9 @@ def split_config_dir(argv: list[str]) -> tuple[str | None, list[str]] | None:
 def with_config_dir(overrides: list[str], config_dir: str) -> list[str]:
     """`overrides` with `config_dir` added to Hydra's search path where `--config-dir` puts it: after the primary
     config directory, before the entries of a `hydra.searchpath=[...]` override."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     path = Path(config_dir).resolve()
     if not config_dir or not path.is_dir():
-        raise ConfigError("--config-dir", f"({config_dir}) is not a directory", "pass a directory of config files")
+        raise UserError("--config-dir", f"({config_dir}) is not a directory", "pass a directory of config files")
     searchpath, rest = [], []
     for o in overrides:
         if o.split("=", 1)[0] == "hydra.searchpath":
@@ -105,28 +130,3 @@ def with_config_dir(overrides: list[str], config_dir: str) -> list[str]:
     quoted = ("'" + p.replace("'", "\\'") + "'" for p in [f"file://{path}", *searchpath])  # any path, spaces too
     entries = ",".join(quoted)
     return [*rest, f"hydra.searchpath=[{entries}]"]
-
-
-def preflight(config_dir: str | Path, argv: list[str]) -> Config | None:
-    """Compose and validate before Hydra runs, so a bad input exits with one line and nothing is started; returns
-    the prepared config (`seqpar.trainer.prepare`) for the job to use, or None where it was skipped.
-
-    A user's own config directory counts as Hydra will read it: `--config-dir DIR` / `-cd DIR` and
-    `hydra.searchpath=[...]`. Skipped when other Hydra flags are present (--multirun sweeps, --cfg, --help, and
-    --config-name, whose primary config Hydra looks up before a search path override could add its directory):
-    Hydra handles those itself and the job still validates before it trains.
-    """
-    split = split_config_dir(argv)
-    if split is None:
-        return None
-    user_dir, overrides = split
-    from seqpar.trainer import prepare
-
-    try:
-        if user_dir is not None:
-            overrides = with_config_dir(overrides, user_dir)
-        return prepare(compose(config_dir, overrides, with_run_dir=True))
-    except ConfigError as e:
-        fail(str(e))
-    except Exception as e:  # Hydra/OmegaConf composition errors
-        fail(describe_hydra_error(e))

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from seqpar.config import ConfigError
+from seqpar.errors import UserError
 
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -36,9 +36,9 @@ def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     path, out = newest_if_root(Path(checkpoint)), Path(out_dir)
     meta = read_meta(path, field_name="checkpoint")
     if out.exists() and any(out.iterdir()):
-        raise ConfigError("out_dir", f"({out}) exists and is not empty", "choose a new output directory")
+        raise UserError("out_dir", f"({out}) exists and is not empty", "choose a new output directory")
     if not_exportable(model_config_of(meta)):
-        raise ConfigError("checkpoint", f"({path}) cannot be exported: {not_exportable(model_config_of(meta))}",
+        raise UserError("checkpoint", f"({path}) cannot be exported: {not_exportable(model_config_of(meta))}",
                           "keep using the checkpoint with train.py (checkpoint.resume=<it>)")
     verify_files(path, meta, "checkpoint", "export another checkpoint of the run (a step_* directory)")  # CRC-32s
     model = build_model(model_config_of(meta), "cpu")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"exported {args.checkpoint} to {out}")

@@ -30,8 +30,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from seqpar.config import Config, ConfigError, validate, virtual_stages
+from seqpar.config import Config, virtual_stages
 from seqpar.configs import CONFIG_DIR
+from seqpar.errors import UserError
+from seqpar.validation import validate, validate_engine, validate_layout
 
 MIB = 2**20
 
@@ -185,7 +187,6 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
 
 def layouts(cfg: Config, world: int):
     """Every (dp, pp, tp, sp) of `world` ranks that the config's checks accept, with its micro-batch sizes."""
-    from seqpar.config import validate_engine, validate_layout
 
     for tp in _divisors(world):
         for pp in _divisors(world // tp):
@@ -196,7 +197,7 @@ def layouts(cfg: Config, world: int):
                 try:
                     validate_layout(cfg.model, cfg.data, p)
                     validate_engine(dataclasses.replace(t), p)
-                except ConfigError:
+                except UserError:
                     continue
                 if t.global_batch_size % dp:
                     continue
@@ -295,8 +296,7 @@ def available_devices(cfg: Config) -> tuple[int, float, str]:
 
     import torch
 
-    from seqpar.parallel.launch import launched_rank
-    from seqpar.trainer import resolve_device
+    from seqpar.parallel.launch import launched_rank, resolve_device
 
     device = resolve_device(cfg.device).type
     p = cfg.parallel
@@ -328,7 +328,7 @@ def choose_layout(cfg: Config) -> Config:
     if not fitting:
         least = min(rows, key=lambda e: e.peak_mib, default=None)
         need = f"the smallest needs {least.peak_mib / 1024:.2f} GiB ({least.layout})" if least else "none is valid"
-        raise ConfigError(
+        raise UserError(
             "parallel.auto",
             f"finds no layout of {n} devices that fits {mem:.1f} GiB per device ({need})",
             "use more devices (parallel.devices), trainer.activation_checkpointing=true, a smaller "
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = compose(CONFIG_DIR, with_config_dir(overrides, args.config_dir) if args.config_dir else overrides)
         validate(cfg)
-    except ConfigError as e:
+    except UserError as e:
         fail(str(e))
     except Exception as e:
         fail(describe_hydra_error(e))

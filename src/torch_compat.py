@@ -16,7 +16,7 @@ import importlib.util
 
 import torch
 
-from seqpar.config import ConfigError
+from seqpar.errors import UserError
 
 TESTED = "2.13"
 REQUIREMENT = "torch>=2.13,<2.15"  # keep equal to pyproject.toml's
@@ -92,11 +92,11 @@ def missing_apis() -> list[str]:
 
 
 def check_torch() -> None:
-    """Raise ConfigError (`error: torch ...`) when the installed torch lacks a private API seqpar calls."""
+    """Raise UserError (`error: torch ...`) when the installed torch lacks a private API seqpar calls."""
     gaps = missing_apis()
     if gaps:
         more = f" (and {len(gaps) - 1} more)" if len(gaps) > 1 else ""
-        raise ConfigError("torch", f"{torch.__version__} lacks {gaps[0]}{more}, which seqpar calls (tested with torch "
+        raise UserError("torch", f"{torch.__version__} lacks {gaps[0]}{more}, which seqpar calls (tested with torch "
                           f"{TESTED})", f"install a torch in seqpar's range: pip install '{REQUIREMENT}' (see the "
                           "README's 'Which torch build')")
 

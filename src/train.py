@@ -16,37 +16,37 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from seqpar.cli import fail, preflight
-from seqpar.config import Config, ConfigError, register_configs, to_config
+from seqpar.cli import fail, register_configs, to_config
 from seqpar.configs import CONFIG_DIR
+from seqpar.data.sequences import BuiltSequences
+from seqpar.errors import UserError
+from seqpar.parallel.launch import RankFailed
+from seqpar.preflight import Job, preflight, prepare
+from seqpar.trainer.job import launch_job
+from seqpar.trainer.loop import TrainingAborted
 
 
-def run_job(dcfg: DictConfig, prepared: Config | None = None) -> None:
-    """One Hydra job (each run of a multirun too): convert the config once and train. `prepared`: the config the
+def run_job(dcfg: DictConfig, prepared: Job | None = None, built: BuiltSequences | None = None) -> None:
+    """One Hydra job (each run of a multirun too): convert the config once and train. `prepared`: the job the
     preflight already prepared from the same command line (used when it resolved the same run directory, so that
-    validation, `parallel=auto` and the resume checks run once)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from seqpar.parallel.launch import RankFailed
-    from seqpar.trainer import launch_job, prepare
-    from seqpar.trainer.loop import TrainingAborted
-
+    validation, `parallel=auto` and the resume checks run once); `built`: the data of the previous job."""
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     try:
-        if prepared is not None and Path(prepared.run_dir or "").resolve() == Path(run_dir).resolve():
-            cfg = prepared
+        if prepared is not None and Path(prepared.cfg.run_dir or "").resolve() == Path(run_dir).resolve():
+            job = prepared
         else:
             cfg = to_config(dcfg)
             cfg.run_dir = run_dir
-            cfg = prepare(cfg)
-        cfg.run_dir = run_dir
-        cfg.experiment = hydra_cfg.runtime.choices.get("experiment")
+            job = prepare(cfg)
+        job.cfg.run_dir = run_dir
+        job.cfg.experiment = hydra_cfg.runtime.choices.get("experiment")
         # One process, or this rank of a torchrun/srun job, or `world_size` local processes started here.
-        launch_job(cfg)
-    except ConfigError as e:
+        launch_job(job, built)
+    except UserError as e:
         fail(str(e))
     except TrainingAborted as e:
         fail(str(e), e.exit_code)
@@ -59,12 +59,13 @@ def main() -> None:
     before Hydra makes a run directory, then Hydra runs the job."""
     register_configs()
     prepared = preflight(CONFIG_DIR, sys.argv[1:])
+    built = BuiltSequences()
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
-    def job(dcfg: DictConfig) -> None:
-        run_job(dcfg, prepared)
+    def hydra_job(dcfg: DictConfig) -> None:
+        run_job(dcfg, prepared, built)
 
-    job()
+    hydra_job()
 
 
 if __name__ == "__main__":

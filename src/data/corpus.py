@@ -18,7 +18,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from seqpar.config import ConfigError, DataConfig
+from seqpar.config import DataConfig
+from seqpar.errors import UserError
 
 MIN_DOC_CHARS = 80  # shorter docstrings ("Return self.") carry little language
 
@@ -89,13 +90,13 @@ def resolve_text_files(paths: list[str]) -> list[str]:
     for pattern in paths:
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matches:
-            raise ConfigError("data.paths", f"entry {pattern!r} matches no file", "check the path (globs are allowed)")
+            raise UserError("data.paths", f"entry {pattern!r} matches no file", "check the path (globs are allowed)")
         files += matches
     for f in files:
         if os.path.isdir(f):
-            raise ConfigError("data.paths", f"entry {f!r} is a directory", f"use a glob such as {f}/*.txt")
+            raise UserError("data.paths", f"entry {f!r} is a directory", f"use a glob such as {f}/*.txt")
         if os.path.getsize(f) == 0:
-            raise ConfigError("data.paths", f"file {f!r} is empty", "remove it from data.paths")
+            raise UserError("data.paths", f"file {f!r} is empty", "remove it from data.paths")
         with open(f, "rb") as fh:
             head = fh.read(1 << 16)
         try:
@@ -103,9 +104,9 @@ def resolve_text_files(paths: list[str]) -> list[str]:
         except UnicodeDecodeError as e:
             # A multi-byte character cut at the end of the sample is fine; anything earlier is not text.
             if e.start < len(head) - 4 or b"\x00" in head:
-                raise ConfigError("data.paths", f"file {f!r} is not UTF-8 text", "convert it to UTF-8 or remove it") from None
+                raise UserError("data.paths", f"file {f!r} is not UTF-8 text", "convert it to UTF-8 or remove it") from None
         if b"\x00" in head:
-            raise ConfigError("data.paths", f"file {f!r} looks binary (NUL bytes)", "pass text files only")
+            raise UserError("data.paths", f"file {f!r} looks binary (NUL bytes)", "pass text files only")
     return files
 
 
@@ -123,14 +124,14 @@ def load_text_dataset(cfg: DataConfig):
     else:
         ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split)
     if cfg.text_column not in ds.column_names:
-        raise ConfigError(
+        raise UserError(
             "data.text_column", f"{cfg.text_column!r} is not a column of the dataset ({ds.column_names})", "set data.text_column"
         )
     if cfg.text_column != "text":
         ds = ds.rename_column(cfg.text_column, "text")
     ds = ds.select_columns(["text"]).filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
     if len(ds) == 0:
-        raise ConfigError("data", "has no non-empty text", "point data.paths / data.hf_name at text")
+        raise UserError("data", "has no non-empty text", "point data.paths / data.hf_name at text")
     return ds
 
 

@@ -12,12 +12,19 @@ its own positions and targets and nothing is lost at a chunk boundary.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from seqpar.config import Config, ConfigError
+from seqpar.config import Config
+from seqpar.data import token_cache
+from seqpar.data.corpus import cache_root, corpus_fingerprint, load_text_dataset
 from seqpar.data.mlm import example_rng, mlm_mask
+from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, trained_tokenizer
+from seqpar.errors import UserError
 
 Example = dict[str, np.ndarray]
 
@@ -126,23 +133,19 @@ def build_sequences(cfg: Config) -> SequenceData:
             out.append(MLMSequences(windows, lengths, tok, cfg.trainer.seed, d.mlm_probability))
     train, val = out
     if len(train) < cfg.trainer.global_batch_size:
-        raise ConfigError(
+        raise UserError(
             "trainer.global_batch_size",
             f"({cfg.trainer.global_batch_size}) is more than the {len(train)} training sequences of length {d.seq_len}",
             "use a smaller global batch or data.seq_len, or more data",
         )
     if len(val) == 0:
-        raise ConfigError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
+        raise UserError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
     return SequenceData(train=train, val=val, tokenizer=tok)
 
 
 def _tokenized_documents(cfg: Config):
     """(tokenizer, [training documents, validation documents]): from the token cache when it holds this text
     tokenized by this tokenizer, else through `datasets` (and then cached)."""
-    from seqpar.data import token_cache
-    from seqpar.data.corpus import cache_root, corpus_fingerprint, load_text_dataset
-    from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, trained_tokenizer
-
     d, arch = cfg.data, cfg.model.arch
 
     def tokenizer(corpus_id: str, texts):
@@ -177,19 +180,18 @@ def _tokenized_documents(cfg: Config):
     return tok, parts
 
 
-_last_built: tuple[str, SequenceData] | None = None
+class BuiltSequences:
+    """The sequences built last and the settings they were built for: the jobs of a Hydra multirun run one after
+    another in one process and usually read the same sequences, so each reuses the previous job's."""
 
+    def __init__(self):
+        self.key: str | None = None
+        self.data: SequenceData | None = None
 
-def build_sequences_once(cfg: Config) -> SequenceData:
-    """`build_sequences`, reusing the previous result for the same data settings: the jobs of a Hydra multirun run
-    one after another in one process and usually read the same sequences."""
-    import dataclasses
-    import json
-    import os
-
-    global _last_built
-    key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.arch, cfg.model.vocab_size, cfg.trainer.seed,
-                      cfg.trainer.global_batch_size, os.environ.get("SEQPAR_CACHE")], sort_keys=True)
-    if _last_built is None or _last_built[0] != key:
-        _last_built = (key, build_sequences(cfg))
-    return _last_built[1]
+    def get(self, cfg: Config) -> SequenceData:
+        """`build_sequences(cfg)`, or the sequences built last when they were built for the same settings."""
+        key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.arch, cfg.model.vocab_size, cfg.trainer.seed,
+                          cfg.trainer.global_batch_size, os.environ.get("SEQPAR_CACHE")], sort_keys=True)
+        if self.data is None or self.key != key:
+            self.key, self.data = key, build_sequences(cfg)
+        return self.data

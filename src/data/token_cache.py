@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from seqpar.config import Config
+from seqpar.data.corpus import builtin_corpus_file, cache_root, resolve_text_files
 
 FORMAT = 1  # bump when the way documents are read, filtered, split or tokenized changes
 
@@ -39,8 +40,6 @@ def _files_identity(files) -> list:
 
 def entry_path(cfg: Config) -> Path | None:
     """Where the tokenized documents of this config are cached, or None when they are not cached (hub datasets)."""
-    from seqpar.data.corpus import builtin_corpus_file, cache_root, resolve_text_files
-
     d = cfg.data
     if d.source == "builtin":
         text = _files_identity([builtin_corpus_file(d)])

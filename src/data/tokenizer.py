@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from seqpar.config import ConfigError
+from seqpar.errors import UserError
 
 GPT_EOS = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -80,24 +80,24 @@ def trained_tokenizer(arch: str, vocab_size: int, texts_fn, cache_dir: Path, cor
 def load_tokenizer_dir(path: str, arch: str):
     """A user's transformers tokenizer directory, checked for the special tokens `arch` needs."""
     if not Path(path).is_dir():
-        raise ConfigError("data.tokenizer", f"({path}) is not a directory", "pass a local transformers tokenizer directory")
+        raise UserError("data.tokenizer", f"({path}) is not a directory", "pass a local transformers tokenizer directory")
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError("data.tokenizer", f"({path}) could not be loaded ({first})", "pass a directory with tokenizer.json or vocab files") from None
+        raise UserError("data.tokenizer", f"({path}) could not be loaded ({first})", "pass a directory with tokenizer.json or vocab files") from None
     needed = ["eos_token_id"] if arch == "gpt" else ["cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id"]
     missing = [n for n in needed if getattr(tok, n, None) is None]
     if missing:
-        raise ConfigError("data.tokenizer", f"({path}) has no {', '.join(missing)} for model.arch={arch}", "use a tokenizer with those special tokens")
+        raise UserError("data.tokenizer", f"({path}) has no {', '.join(missing)} for model.arch={arch}", "use a tokenizer with those special tokens")
     return tok
 
 
 def check_vocab(tok, model_vocab_size: int) -> None:
     if len(tok) > model_vocab_size:
-        raise ConfigError(
+        raise UserError(
             "model.vocab_size",
             f"({model_vocab_size}) is smaller than the tokenizer's vocabulary ({len(tok)})",
             f"set model.vocab_size>={len(tok)} or use a smaller tokenizer",

@@ -15,16 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from seqpar.config import ConfigError, ModelConfig, validate_model
+from seqpar.config import ModelConfig
+from seqpar.errors import UserError
 from seqpar.models import build_model
+from seqpar.validation import validate_model
 
 _GPT_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 _BERT_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 # ----------------------------------------------------------------------------------------------------- configs
-def _unsupported(what: str, fix: str) -> ConfigError:
-    return ConfigError("model.init_from", f"is a checkpoint with {what}, which seqpar's models do not implement", fix)
+def _unsupported(what: str, fix: str) -> UserError:
+    return UserError("model.init_from", f"is a checkpoint with {what}, which seqpar's models do not implement", fix)
 
 
 def config_from_hf(hf_config: Any, name: str = "hf") -> ModelConfig:
@@ -78,7 +80,7 @@ def config_from_hf(hf_config: Any, name: str = "hf") -> ModelConfig:
             init_std=hf_config.initializer_range,
         )
     else:
-        raise ConfigError("model.init_from", f"has model_type={mt!r}", "use a gpt2 or bert checkpoint")
+        raise UserError("model.init_from", f"has model_type={mt!r}", "use a gpt2 or bert checkpoint")
     validate_model(cfg)
     return cfg
 
@@ -131,7 +133,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     """Our ModelConfig for a local transformers directory, reading only its config.json (cheap: for validation)."""
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise ConfigError(
+        raise UserError(
             "model.init_from", f"({path}) is not a transformers checkpoint directory (no config.json)", "pass a directory written by save_pretrained"
         )
     from transformers import AutoConfig
@@ -140,7 +142,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
         hf_config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (ValueError, OSError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError("model.init_from", f"({path}) has an unreadable config.json ({first})", "re-export the checkpoint") from None
+        raise UserError("model.init_from", f"({path}) has an unreadable config.json ({first})", "re-export the checkpoint") from None
     return config_from_hf(hf_config, name=p.name)
 
 

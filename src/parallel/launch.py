@@ -16,6 +16,7 @@ use `srun --kill-on-bad-exit=1`); a rank stuck in a collective fails after `time
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import faulthandler
 import os
@@ -23,12 +24,16 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from seqpar.errors import UserError
+from seqpar.torch_compat import default_store
 
 GRACE_S = 10.0  # how long ranks get to stop by themselves after another rank failed
 
@@ -49,6 +54,15 @@ class RankFailed(RuntimeError):
     def __init__(self, rank: int, message: str, exit_code: int = 1):
         super().__init__(f"rank {rank} failed: {message}")
         self.rank, self.message, self.exit_code = rank, message, exit_code
+
+
+def resolve_device(name: str) -> torch.device:
+    """`device` (auto|cpu|cuda) as a torch device; on CUDA, this process's current GPU (set by the launcher)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device", "is cuda but no CUDA device is visible", "use device=cpu or device=auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 def first_host(nodelist: str) -> str:
@@ -153,8 +167,10 @@ def start_method(device_type: str) -> str:
 
 
 def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: float = 1800.0,
-                 deadline_s: float | None = None) -> None:
-    """Run `fn(*args)` on `world` local processes, each one rank of a fresh process group.
+                 deadline_s: float | None = None, stop: StopSignal | None = None) -> None:
+    """Run `fn(*args)` on `world` local processes, each one rank of a fresh process group. A preemption signal
+    sent to this process goes on to the ranks; one that reaches a forked rank before its trainer listens is
+    recorded in its copy of `stop`.
 
     Raises RankFailed with the first failing rank's error (the others are stopped), or TimeoutError after
     `deadline_s` seconds if given.
@@ -170,7 +186,7 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
     ctx = mp.get_context(method)
     errors, done = ctx.SimpleQueue(), ctx.Barrier(world)
     port = int(os.environ.get("MASTER_PORT") or free_port())
-    forward = _SignalForwarder()
+    forward = _SignalForwarder(stop)
     pc = mp.start_processes(
         _local_worker, args=(world, port, device_type, timeout_s, errors, done, fn, args),
         nprocs=world, join=False, start_method=method,
@@ -195,29 +211,51 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
         pc = errors = done = None  # release the queue's and barrier's semaphores now, not at interpreter exit
 
 
-_pending_signal = 0
+class StopSignal:
+    """The preemption signal (SIGTERM, or SLURM's SIGUSR1 warning ahead of it) this rank has received, 0 while none.
 
+    The job makes one and hands it both to the launcher, which records a signal that arrives before training
+    listens (a forked rank inherits the parent's forwarding handler), and to the training loop, which listens with
+    `listening()` and stops at the end of the step."""
 
-def pending_stop_signal() -> int:
-    """A stop signal this rank received before the trainer listened for it (0 if none)."""
-    return _pending_signal
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum = 0
+
+    def record(self, signum, frame=None) -> None:
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def listening(self):
+        """Record SIGTERM/SIGUSR1 here while the block runs (only the main thread can set handlers); the previous
+        handlers come back after it."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous[sig] = signal.signal(sig, self.record)
+                signal.siginterrupt(sig, False)  # restart interrupted system calls (sockets of collectives)
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class _SignalForwarder:
     """Passes SIGTERM/SIGUSR1 (preemption) on to the local ranks, which save a checkpoint and exit; the parent
     keeps waiting for them. A forked rank inherits this handler until the trainer installs its own: there it only
-    records the signal (`pending_stop_signal`), which the trainer then honours."""
+    records the signal in `stop` (the rank's copy of it), which the trainer then honours."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.pid, self.processes, self._previous = os.getpid(), [], {}
-        for sig in self.SIGNALS:
+    def __init__(self, stop: StopSignal | None):
+        self.pid, self.processes, self.stop, self._previous = os.getpid(), [], stop, {}
+        for sig in StopSignal.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._forward)
 
     def _forward(self, signum, frame) -> None:
         if os.getpid() != self.pid:
-            _record_stop_signal(signum, frame)
+            if self.stop is not None:
+                self.stop.record(signum)
             return
         for p in self.processes:
             if p.is_alive():
@@ -259,20 +297,16 @@ def _stop(processes, grace_s: float) -> None:
         p.join()
 
 
-def _record_stop_signal(signum, frame) -> None:
-    global _pending_signal
-    _pending_signal = signum
-
-
-def run_joined(info: RankInfo, fn, *args, device_type: str = "cpu", timeout_s: float = 1800.0) -> None:
+def run_joined(info: RankInfo, fn, *args, device_type: str = "cpu", timeout_s: float = 1800.0,
+               stop: StopSignal | None = None) -> None:
     """This process is one rank of a job started by torchrun or srun: join, run, tear down.
 
-    SIGUSR1 (SLURM's warning ahead of preemption or the time limit) is recorded for the rank's whole life: before
-    the trainer listens, the trainer honours it at its first step (`pending_stop_signal`); after training, while
-    the rank exports and tears down, it has nothing left to do (the default action would kill this rank in the
-    middle of the final collective and fail a finished job)."""
+    SIGUSR1 (SLURM's warning ahead of preemption or the time limit) is recorded in `stop` for the rank's whole
+    life: before the trainer listens, the trainer honours it at its first step; after training, while the rank
+    exports and tears down, it has nothing left to do (the default action would kill this rank in the middle of
+    the final collective and fail a finished job)."""
     _quiet_unless_rank0(info.rank)
-    signal.signal(signal.SIGUSR1, _record_stop_signal)
+    signal.signal(signal.SIGUSR1, (stop or StopSignal()).record)
     init_distributed(info, device_type, timeout_s)
     try:
         fn(*args)
@@ -280,8 +314,6 @@ def run_joined(info: RankInfo, fn, *args, device_type: str = "cpu", timeout_s: f
         print(f"[rank {info.rank}] {traceback.format_exc()}", file=sys.stderr, flush=True)
         raise  # no teardown: peers may be in a collective; the launcher stops them
     dist.barrier()
-    from seqpar.torch_compat import default_store
-
     store = default_store()  # rank 0 hosts it: it outlives the process group
     dist.destroy_process_group()
     # Nobody exits before every rank has torn down its process group: rank 0 leaving early (with the store it
@@ -297,22 +329,22 @@ def check_launched_world(world: int) -> None:
     """Under torchrun or srun, the launcher's process count must be the mesh's `world` (dp*pp*tp*sp)."""
     info = launched_rank()
     if info is not None and info.world != world:
-        from seqpar.config import ConfigError
-
-        raise ConfigError(
+        raise UserError(
             "parallel",
             f"dp*pp*tp*sp = {world} but the launcher started {info.world} processes",
             f"launch {world} processes (torchrun --nproc-per-node / srun --ntasks) or change the degrees",
         )
 
 
-def launch(fn, world: int, *args, device_type: str = "cpu", timeout_s: float = 1800.0) -> None:
-    """Run `fn(*args)` as every rank of a `world`-process job: joined, spawned here, or in this process."""
+def launch(fn, world: int, *args, device_type: str = "cpu", timeout_s: float = 1800.0,
+           stop: StopSignal | None = None) -> None:
+    """Run `fn(*args)` as every rank of a `world`-process job: joined, spawned here, or in this process. `stop`
+    (which `args` may also hold) records a preemption signal that reaches a rank before it listens itself."""
     info = launched_rank()
     if info is not None:
         check_launched_world(world)
-        run_joined(info, fn, *args, device_type=device_type, timeout_s=timeout_s)
+        run_joined(info, fn, *args, device_type=device_type, timeout_s=timeout_s, stop=stop)
     elif world > 1:
-        launch_local(fn, world, *args, device_type=device_type, timeout_s=timeout_s)
+        launch_local(fn, world, *args, device_type=device_type, timeout_s=timeout_s, stop=stop)
     else:
         fn(*args)

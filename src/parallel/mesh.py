@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqpar.config import ConfigError, ParallelConfig
+from seqpar.config import ParallelConfig
+from seqpar.errors import UserError
 
 AXES = ("dp", "pp", "sp", "tp")
 
@@ -44,7 +45,7 @@ class ParallelMesh:
             )
         world = dist.get_world_size()
         if world != p.world_size:
-            raise ConfigError(
+            raise UserError(
                 "parallel",
                 f"dp*pp*tp*sp = {p.dp}*{p.pp}*{p.tp}*{p.sp} = {p.world_size} but {world} processes are running",
                 f"choose degrees whose product is {world}, or launch {p.world_size} processes",

@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seqpar.config import Config, ConfigError, ModelConfig
+from seqpar.config import Config, ModelConfig
+from seqpar.errors import UserError
 from seqpar.torch_compat import CHECKPOINT_WRAPPED
 
 FORMAT = 1
@@ -68,7 +69,7 @@ def checkpoint_root(cfg: Config) -> Path:
     if cfg.checkpoint.dir:
         return Path(cfg.checkpoint.dir)
     if cfg.run_dir is None:
-        raise ConfigError("checkpoint.dir", "is not set and there is no run directory", "pass checkpoint.dir=<dir>")
+        raise UserError("checkpoint.dir", "is not set and there is no run directory", "pass checkpoint.dir=<dir>")
     return Path(cfg.run_dir) / "checkpoints"
 
 
@@ -133,8 +134,8 @@ def _crc(path: Path) -> int:
 
 
 def _bad(path: Path, problem: str, fix: str = "resume from another checkpoint (checkpoint.resume=<step_* dir>) "
-         "or start fresh in a new run directory", field_name: str = "checkpoint.resume") -> ConfigError:
-    return ConfigError(field_name, f"({path}) {problem}", fix)
+         "or start fresh in a new run directory", field_name: str = "checkpoint.resume") -> UserError:
+    return UserError(field_name, f"({path}) {problem}", fix)
 
 
 def newest_if_root(path: Path) -> Path:
@@ -147,7 +148,7 @@ def newest_if_root(path: Path) -> Path:
 def read_meta(path: Path, field_name: str = "checkpoint.resume") -> dict:
     """The checkpoint's meta.json, after checking that every file it lists is there with its recorded size.
     Errors name `field_name` (the setting or argument that pointed at the checkpoint)."""
-    def bad(problem: str, *fix: str) -> ConfigError:
+    def bad(problem: str, *fix: str) -> UserError:
         return _bad(path, problem, *fix, field_name=field_name)
 
     if not path.is_dir():
@@ -222,7 +223,7 @@ def check_compatible(path: Path, meta: dict, cfg: Config) -> None:
     check_same_data(path, meta, cfg)
 
 
-def _damage(e: ConfigError, path: Path) -> str:
+def _damage(e: UserError, path: Path) -> str:
     """What a failed check found, without the setting's name and the fix."""
     return e.problem.removeprefix(f"({path}) ")
 
@@ -284,7 +285,7 @@ def check_same_sequences(path: Path, meta: dict, data) -> None:
 
 def find_resume(cfg: Config, passed_over: list[tuple[Path, str]] | None = None) -> Path | None:
     """The checkpoint this run continues from (meta.json, file sizes and compatibility checked), or None to start
-    fresh. Raises ConfigError when a fresh start would overwrite checkpoints or the checkpoint is unusable.
+    fresh. Raises UserError when a fresh start would overwrite checkpoints or the checkpoint is unusable.
 
     Under `auto` a damaged checkpoint (one that fails `read_meta`, or is already in `passed_over`) is passed over
     for the newest one that passes; each newly passed over is added to `passed_over` with what is wrong with it.
@@ -299,7 +300,7 @@ def find_resume(cfg: Config, passed_over: list[tuple[Path, str]] | None = None) 
     found = complete_checkpoints(root)
     if mode == "never":
         if found:
-            raise ConfigError("checkpoint.resume", f"is never but {root} already holds checkpoints "
+            raise UserError("checkpoint.resume", f"is never but {root} already holds checkpoints "
                               f"({found[-1].name}) that a fresh run would overwrite",
                               "use checkpoint.resume=auto to continue them, or a new hydra.run.dir / checkpoint.dir")
         return None
@@ -309,14 +310,14 @@ def find_resume(cfg: Config, passed_over: list[tuple[Path, str]] | None = None) 
             continue
         try:
             meta = read_meta(path)
-        except ConfigError as e:
+        except UserError as e:
             passed_over.append((path, _damage(e, path)))
             continue
         check_compatible(path, meta, cfg)
         return path
     if found:
         newest, why = next((bad, why) for bad, why in passed_over if bad == found[-1])
-        raise ConfigError("checkpoint.resume", f"is auto but no checkpoint in {root} passes its checks (the newest, "
+        raise UserError("checkpoint.resume", f"is auto but no checkpoint in {root} passes its checks (the newest, "
                           f"{newest.name}: {why})", f"move the damaged step_* directories out of {root} to start "
                           "fresh there, or resume from a good copy (checkpoint.resume=<step_* dir>)")
     return None
@@ -335,7 +336,7 @@ def resume(trainer) -> Path | None:
         check_same_sequences(path, meta, trainer.data)
         try:
             verify_files(path, meta)
-        except ConfigError as e:
+        except UserError as e:
             if cfg.checkpoint.resume != "auto":
                 raise
             passed_over.append((path, _damage(e, path)))  # every rank saw the same result (verify_files gathers)
@@ -376,7 +377,7 @@ def supersede(root: Path, resumed: Path, step: int) -> None:
 
     errors = _gather(_attempt(move) if rank == 0 else None)
     if errors[0]:
-        raise ConfigError("checkpoint.dir", f"({root}) holds checkpoints newer than {resumed.name}, which this run "
+        raise UserError("checkpoint.dir", f"({root}) holds checkpoints newer than {resumed.name}, which this run "
                           f"continues from, and they could not be moved aside ({errors[0]})",
                           f"move them out of {root} yourself, then run the same command again")
 

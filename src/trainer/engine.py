@@ -2,7 +2,8 @@
 
 The trainer runs forward passes, hands each micro-batch's loss (already divided by the global batch's target
 count) to `engine.backward`, then calls `engine.step(loss_is_finite)` once per optimizer step, which returns the
-gradient norm before clipping and whether the update was applied. Two engines fit behind that:
+gradient norm before clipping and whether the update was applied. (A pipeline schedule runs backward itself, on
+summed losses; the trainer then passes `grad_scale`, one over the target count.) Two engines fit behind that:
 
 - `SeqparEngine` (`trainer.engine=seqpar`, the default): plain autograd, one sum of the gradients over the `dp_sp`
   ranks per step (`GradientReducer`), clipping by the global norm across tp and pp, torch AdamW with its whole
@@ -56,8 +57,12 @@ class SeqparEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, loss_is_finite: bool) -> tuple[float, bool]:
+    def step(self, loss_is_finite: bool, grad_scale: float | None = None) -> tuple[float, bool]:
         params = list(self.model.parameters())
+        if grad_scale is not None:  # the pipeline's backward ran on summed losses
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(grad_scale)
         if self.mesh.tp > 1:
             match_grad_placements(params)
         if self.pipeline is not None:
@@ -219,7 +224,8 @@ class DeepSpeedEngine:
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # DeepSpeed counts micro-batches in step(); it updates only at the boundary
 
-    def step(self, loss_is_finite: bool) -> tuple[float, bool]:
+    def step(self, loss_is_finite: bool, grad_scale: float | None = None) -> tuple[float, bool]:
+        assert grad_scale is None, "DeepSpeed runs without pipeline parallelism"
         self.engine.step()  # reduce (or reduce-scatter) the gradients, clip, update: ZeRO's partitioned step
         norm = self.engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else math.nan

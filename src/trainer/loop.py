@@ -17,28 +17,29 @@ import json
 import math
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from seqpar.config import Config, ConfigError
+from seqpar.config import Config
 from seqpar.data.loader import GlobalBatchLoader, eval_batches
 from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
 from seqpar.data.tokenizer import vocab_checksum
+from seqpar.errors import UserError
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, not_exportable, save_pretrained
 from seqpar.models.layers import initial_value
 from seqpar.parallel.data_parallel import GradientReducer
+from seqpar.parallel.launch import StopSignal
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.parallelize import parallelize
 from seqpar.parallel.pipeline import Pipeline
 from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.tensor import loss_context
-from seqpar.trainer import checkpoint, model_config
+from seqpar.trainer import checkpoint
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.loss import loss_sum
@@ -47,34 +48,12 @@ from seqpar.trainer.optim import build_optimizer, build_scheduler
 from seqpar.trainer.progress import Progress
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids", "dropout_seed")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption (SLURM sends SIGUSR1 ahead with --signal, then SIGTERM)
 
 
 class TrainingAborted(RuntimeError):
     """Training cannot go on (the loss stayed non-finite); the message says why and what to do."""
 
     exit_code = 3
-
-
-class StopRequest:
-    """Remembers a SIGTERM/SIGUSR1 so that the loop can save a checkpoint and exit at the end of the step."""
-
-    def __init__(self):
-        from seqpar.parallel.launch import pending_stop_signal
-
-        self.signum = pending_stop_signal()
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-                signal.siginterrupt(sig, False)  # restart interrupted system calls (sockets of collectives)
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device, targets_only: bool) -> torch.Tensor:
@@ -106,7 +85,7 @@ def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None) -> tup
     checkpointing and pruned to this rank's pipeline stages, and only then allocated and initialised: no rank's
     device ever holds the whole model, and each holds the same weights as one process would
     (parallel/parallelize.py; `model.init_from` is read whole into host memory once)."""
-    model = build_model(model_config(cfg), "meta")
+    model = build_model(cfg.model, "meta")
     pipeline, reducer = parallelize(model, mesh, cfg, initial_values(cfg, model), pipeline_loss)
     return model, pipeline, reducer
 
@@ -125,7 +104,7 @@ def check_same_data(data, mesh: ParallelMesh) -> None:
     """Every rank must tokenize with the same vocabulary and see the same sequences. A cache that is not shared
     between nodes would otherwise train a tokenizer per node (training breaks ties differently run to run)."""
     if not mesh.all_equal(vocab_checksum(data.tokenizer) * 1_000_003 + len(data.train)):
-        raise ConfigError(
+        raise UserError(
             "data.cache_dir",
             "differs between ranks: they built different tokenizers or datasets (a cache not shared between nodes?)",
             "point data.cache_dir (or $SEQPAR_CACHE) at storage every node shares, or pass data.tokenizer=<dir>",
@@ -153,7 +132,7 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, mesh: ParallelMesh, data=None):
+    def __init__(self, cfg: Config, mesh: ParallelMesh, data=None, resume: Path | None = None):
         self.cfg, self.mesh, t = cfg, mesh, cfg.trainer
         self.device = mesh.device
         reset_peak_mem(self.device)
@@ -165,10 +144,9 @@ class Trainer:
         self.data = data
         check_same_data(self.data, mesh)
         self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism
-        self._targets = torch.ones((), device=self.device)
         # torch's RNG, the same on every rank: attention dropout (tp ranks draw the same stream and keep their heads)
         torch.manual_seed(t.seed)
-        self.model, self.pipeline, self.reducer = build_rank_model(cfg, mesh, self._pipeline_loss)
+        self.model, self.pipeline, self.reducer = build_rank_model(cfg, mesh, loss_sum)
         self.flops_per_token = flops_per_token(build_model(cfg.model, "meta"), cfg.model, cfg.data.seq_len)  # whole
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)  # on torch's AdamW: DeepSpeed steps that one too
@@ -210,10 +188,6 @@ class Trainer:
 
         return model_loss_sum(forward, micro, self.device, self.targets_only)
 
-    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The last stage's loss of one pipeline micro-batch, normalised by the global target count."""
-        return loss_sum(logits, labels) / self._targets
-
     def _loss_holder(self) -> bool:
         """Under pipeline parallelism only the last stage has the loss; tp ranks hold copies: count one."""
         return self.pipeline.last and self.mesh.local_rank("tp") == 0
@@ -226,18 +200,18 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         with self.loss_context():
             if self.pipeline is not None:  # the schedule runs forward and backward of all micro-batches
-                self._targets = targets
-                with self.autocast:
+                with self.autocast:  # on summed losses: the gradients are divided by `targets` at the update
                     losses = self.pipeline.step(batch, MODEL_INPUTS)
                 if self._loss_holder():
-                    total += sum(_value(x.detach()) for x in losses) * targets
+                    total += sum(_value(x.detach()) for x in losses)
             else:
                 for micro in _split(batch, self.micro_batch_size):
                     loss = self.forward_loss(micro)
                     self.engine.backward(loss / targets)
                     total += _value(loss.detach())
         loss = ((self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)) / targets).item()
-        grad_norm, applied = self.engine.step(math.isfinite(loss))  # reduce, clip, update (or skip)
+        grad_scale = 1.0 / targets.item() if self.pipeline is not None else None
+        grad_norm, applied = self.engine.step(math.isfinite(loss), grad_scale)  # reduce, clip, update (or skip)
         if applied and math.isfinite(loss):
             self.bad_steps = 0
         else:  # a skipped update: the weights and Adam's moments stay as they were
@@ -312,7 +286,7 @@ class Trainer:
             raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
         return model
 
-    def stop_requested(self, stop: StopRequest) -> int:
+    def stop_requested(self, stop: StopSignal) -> int:
         """The signal any rank received (every rank must stop at the same step), or 0."""
         if self.mesh.world_size == 1:
             return stop.signum
@@ -334,14 +308,13 @@ class Trainer:
         if path is not None:
             progress.print(f"saved checkpoint {path}")
 
-    def fit(self) -> dict:
-        stop = StopRequest()
-        try:
+    def fit(self, stop: StopSignal | None = None) -> dict:
+        """Train to `trainer.max_steps`, or until a preemption signal (`stop`: what the launcher recorded so far)
+        makes every rank save a checkpoint and return at the end of the same step."""
+        with (stop or StopSignal()).listening() as stop:
             return self._fit(stop)
-        finally:
-            stop.restore()
 
-    def _fit(self, stop: StopRequest) -> dict:
+    def _fit(self, stop: StopSignal) -> dict:
         t, c = self.cfg.trainer, self.cfg.checkpoint
         progress = Progress(t.max_steps, enabled=self.mesh.is_logging_rank, completed=self.step)
         if self.resumed_from is not None:

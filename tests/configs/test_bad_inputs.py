@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from seqpar.cli import preflight
+from seqpar.preflight import preflight
 
 from ..conftest import CONFIG_DIR, ROOT
 
@@ -217,10 +217,11 @@ def test_world_size_must_match_the_launcher(monkeypatch, capsys):
 
 def test_changed_checkpoint_bytes_are_caught_by_their_checksum(tmp_path, saved, cache_dir):
     """Bytes changed in place (same size) pass the entry point's checks; the ranks' CRC check stops the run before
-    anything is loaded or written (train.py prints the ConfigError as its one `error:` line, exit 2)."""
+    anything is loaded or written (train.py prints the UserError as its one `error:` line, exit 2)."""
     from seqpar.cli import compose
-    from seqpar.config import ConfigError
-    from seqpar.trainer import prepare, run_rank
+    from seqpar.errors import UserError
+    from seqpar.preflight import prepare
+    from seqpar.trainer.job import run_rank
 
     ckpt = _copy_checkpoint(saved, tmp_path)
     f = ckpt / "__0_0.distcp"
@@ -230,9 +231,9 @@ def test_changed_checkpoint_bytes_are_caught_by_their_checksum(tmp_path, saved, 
     before = _digest(ckpt)
     cfg = compose(CONFIG_DIR, [f"checkpoint.resume={ckpt}", "trainer.max_steps=4", *FAST])
     cfg.run_dir = str(tmp_path / "run")
-    prepare(cfg)  # sizes match: only the content changed
-    with pytest.raises(ConfigError) as info:
-        run_rank(cfg)
+    job = prepare(cfg)  # sizes match: only the content changed
+    with pytest.raises(UserError) as info:
+        run_rank(job)
     assert str(info.value).startswith(f"checkpoint.resume ({ckpt}) file __0_0.distcp does not match its recorded checksum")
     assert _digest(ckpt) == before
     assert not (tmp_path / "run").exists()

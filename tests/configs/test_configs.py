@@ -10,8 +10,10 @@ import sys
 import pytest
 
 from seqpar.cli import compose
-from seqpar.config import Config, ConfigError, validate
+from seqpar.config import Config
+from seqpar.errors import UserError
 from seqpar.trainer.loggers import wandb_mode
+from seqpar.validation import validate
 
 from ..conftest import CONFIG_DIR, ROOT, cli_env
 
@@ -129,7 +131,7 @@ BAD = [
 @pytest.mark.parametrize("overrides,field", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_values_name_their_field(overrides, field):
     cfg = compose(CONFIG_DIR, overrides)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         validate(cfg)
     assert info.value.field == field
     text = str(info.value)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from seqpar.cli import preflight, split_config_dir, with_config_dir
-from seqpar.config import ConfigError
+from seqpar.cli import split_config_dir, with_config_dir
+from seqpar.errors import UserError
+from seqpar.preflight import preflight
 
 from ..conftest import CONFIG_DIR
 
@@ -40,7 +41,7 @@ def test_config_dir_goes_before_the_searchpath_override(tmp_path):
     d.mkdir()
     got = with_config_dir(["a=1", "hydra.searchpath=[pkg://other.configs,file:///x]"], str(d))
     assert got == ["a=1", f"hydra.searchpath=['file://{tmp_path}/it\\'s mine','pkg://other.configs','file:///x']"]
-    with pytest.raises(ConfigError, match=r"^--config-dir \(.*missing\) is not a directory"):
+    with pytest.raises(UserError, match=r"^--config-dir \(.*missing\) is not a directory"):
         with_config_dir([], str(tmp_path / "missing"))
 
 

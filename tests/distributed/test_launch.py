@@ -89,19 +89,18 @@ def test_first_host_of_a_slurm_nodelist(nodes, host):
 
 LATE_SIGNAL = """
 import os, signal, sys
-from seqpar.parallel.launch import launch
-from seqpar.trainer.loop import StopRequest
+from seqpar.parallel.launch import StopSignal, launch
 
-def job():
+def job(stop):
     os.kill(os.getpid(), signal.SIGUSR1)  # before the trainer listens: remembered for it
-    stop = StopRequest()
-    early = stop.signum
-    stop.restore()  # training over, as at the end of fit()
+    with stop.listening():  # as the trainer's fit() does
+        early = stop.signum
     os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning while the rank exports and tears down
     with open(sys.argv[1] + os.environ["RANK"], "w") as f:
         f.write(str(early))
 
-launch(job, 2)
+stop = StopSignal()
+launch(job, 2, stop, stop=stop)
 with open(sys.argv[1] + os.environ["RANK"], "a") as f:
     f.write(" finished")
 """

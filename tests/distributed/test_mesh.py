@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from seqpar.config import ConfigError, ParallelConfig
+from seqpar.config import ParallelConfig
+from seqpar.errors import UserError
 from seqpar.parallel.mesh import ParallelMesh
 
 from .spawn import spawn
@@ -48,7 +49,7 @@ def test_mesh_axes_and_groups(layouts):
 def _wrong_world(rank, world):
     try:
         ParallelMesh.from_config(ParallelConfig(sp=4), torch.device("cpu"))
-    except ConfigError as e:
+    except UserError as e:
         assert e.field == "parallel" and "but 2 processes are running" in str(e)
     else:
         raise AssertionError("a layout of 4 on 2 processes was accepted")
@@ -87,7 +88,7 @@ def _rank_zero_first(rank, world, path):
     check_same_data(data({"a": 0, "b": 1}), mesh)
     try:
         check_same_data(data({"a": 0, "b": 1 + rank}), mesh)
-    except ConfigError as e:
+    except UserError as e:
         assert e.field == "data.cache_dir"
     else:
         raise AssertionError("ranks with different tokenizers were accepted")

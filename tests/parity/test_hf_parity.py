@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from seqpar.config import ConfigError, ModelConfig
+from seqpar.config import ModelConfig
+from seqpar.errors import UserError
 from seqpar.models import build_model
 from seqpar.models.hf import from_pretrained, read_checkpoint_config, save_pretrained, to_hf
 
@@ -147,7 +148,7 @@ def test_unsupported_checkpoint_is_refused(tmp_path):
     conf = json.loads((tmp_path / "c" / "config.json").read_text())
     conf["activation_function"] = "relu"
     (tmp_path / "c" / "config.json").write_text(json.dumps(conf))
-    with pytest.raises(ConfigError, match="model.init_from.*activation_function=relu"):
+    with pytest.raises(UserError, match="model.init_from.*activation_function=relu"):
         from_pretrained(tmp_path / "c")
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         read_checkpoint_config(tmp_path)

@@ -218,7 +218,7 @@ def test_auto_resume_passes_over_a_damaged_newest_checkpoint(saved, tmp_path, ca
     """A requeued job must not need a person: resume=auto continues from the newest checkpoint that passes its
     checks, says which it passed over and why, and keeps the damaged one (moved aside, byte for byte). A
     half-written last line of metrics.jsonl (the job was killed mid-write) is dropped, not a reason to stop."""
-    from seqpar.trainer import prepare
+    from seqpar.preflight import prepare
 
     run = copy_run(saved, tmp_path / "run")
     root, newest = run / "checkpoints", run / "checkpoints" / "step_00000002"
@@ -244,25 +244,25 @@ def test_auto_resume_passes_over_a_damaged_newest_checkpoint(saved, tmp_path, ca
 
 
 def test_auto_resume_refuses_when_every_checkpoint_is_damaged(saved, tmp_path):
-    from seqpar.config import ConfigError
-    from seqpar.trainer import prepare
+    from seqpar.errors import UserError
+    from seqpar.preflight import prepare
 
     run = copy_run(saved, tmp_path / "run")
     for step in (1, 2):
         _truncate(run / "checkpoints" / f"step_0000000{step}")
     cfg = compose(CONFIG_DIR, [*FAST, "trainer.max_steps=2"])
     cfg.run_dir = str(run)
-    with pytest.raises(ConfigError, match=r"^checkpoint.resume is auto but no checkpoint in .* passes its checks "
+    with pytest.raises(UserError, match=r"^checkpoint.resume is auto but no checkpoint in .* passes its checks "
                                           r"\(the newest, step_00000002: file __0_0.distcp has .*; move the damaged"):
         prepare(cfg)
 
 
 def test_an_explicit_damaged_checkpoint_is_still_refused(saved, tmp_path):
-    from seqpar.config import ConfigError
+    from seqpar.errors import UserError
 
     run = copy_run(saved, tmp_path / "run")
     _flip_a_byte(run / "checkpoints" / "step_00000002")
-    with pytest.raises(ConfigError, match="does not match its recorded checksum"):
+    with pytest.raises(UserError, match="does not match its recorded checksum"):
         make_trainer(run, "trainer.max_steps=2", f"checkpoint.resume={run / 'checkpoints' / 'step_00000002'}")
 
 
@@ -306,14 +306,14 @@ def test_trim_metrics_drops_the_steps_after_the_checkpoint_and_a_half_written_li
 def test_resume_refuses_other_data_settings(saved, tmp_path, overrides, field, there, here):
     """The saved position (epoch, batch) counts the sequences these settings make: another value is one error line
     naming the field and the fix, at the entry point."""
-    from seqpar.config import ConfigError
-    from seqpar.trainer import prepare
+    from seqpar.errors import UserError
+    from seqpar.preflight import prepare
 
     (tmp_path / "book.txt").write_text("Some text for a corpus. " * 200)
     cfg = compose(CONFIG_DIR, [*FAST, *(o.format(text=tmp_path / "book.txt") for o in overrides)])
     cfg.run_dir = str(saved)
     ckpt = saved / "checkpoints" / "step_00000002"
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         prepare(cfg)
     assert str(info.value) == (f"checkpoint.resume ({ckpt}) was trained with {field}={there}, this run has "
                                f"{field}={here}; resume with {field}={there} (the saved data position counts the "
@@ -327,31 +327,31 @@ def test_resume_refuses_another_tokenizer_or_changed_text(saved):
 
     from transformers import AutoTokenizer
 
-    from seqpar.config import ConfigError
+    from seqpar.errors import UserError
 
     ckpt = saved / "checkpoints" / "step_00000002"
     meta = checkpoint.read_meta(ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     n = meta["data"]["train_sequences"]
     checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n)))  # the same: fine
-    with pytest.raises(ConfigError, match=rf"was trained on {n} training sequences, this run's data makes {n + 5}: "
+    with pytest.raises(UserError, match=rf"was trained on {n} training sequences, this run's data makes {n + 5}: "
                                           "the text changed; resume on the data"):
         checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n + 5)))
     tok.add_tokens(["<another-token>"])
-    with pytest.raises(ConfigError, match=r"was trained with another tokenizer .*; resume with the checkpoint's "
+    with pytest.raises(UserError, match=r"was trained with another tokenizer .*; resume with the checkpoint's "
                                           rf"tokenizer \(data.tokenizer={ckpt / 'tokenizer'}\)"):
         checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n)))
 
 
 def test_the_trainer_checks_the_data_record_and_takes_an_older_checkpoint_without_one(saved, tmp_path):
-    from seqpar.config import ConfigError
+    from seqpar.errors import UserError
 
     run = copy_run(saved, tmp_path / "run")
     meta_file = run / "checkpoints" / "step_00000002" / "meta.json"
     meta = json.loads(meta_file.read_text())
     meta["data"]["train_sequences"] += 1
     meta_file.write_text(json.dumps(meta))
-    with pytest.raises(ConfigError, match="training sequences"):
+    with pytest.raises(UserError, match="training sequences"):
         make_trainer(run, "trainer.max_steps=3")
     del meta["data"]  # as written before meta.json recorded the data
     meta_file.write_text(json.dumps(meta))

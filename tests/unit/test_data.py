@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seqpar.config import Config, ConfigError, DataConfig, ModelConfig, TrainerConfig
+from seqpar.config import Config, DataConfig, ModelConfig, TrainerConfig
 from seqpar.data.corpus import builtin_corpus_file, builtin_documents, resolve_text_files
 from seqpar.data.loader import GlobalBatchLoader
 from seqpar.data.mlm import IGNORE_INDEX, example_rng, mlm_mask
 from seqpar.data.sequences import MLMSequences, PackedSequences, build_sequences, pack_stream, pack_windows
+from seqpar.errors import UserError
 
 TEXT = "Return the number of items in a container.\n\nThe ring passes keys and values, chunk by chunk."
 
@@ -169,13 +170,13 @@ def test_text_files_are_checked(tmp_path):
     good.write_text(TEXT)
     assert resolve_text_files([str(tmp_path / "*.txt")]) == [str(good)]
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ConfigError, match="data.paths.*empty"):
+    with pytest.raises(UserError, match="data.paths.*empty"):
         resolve_text_files([str(tmp_path / "empty.txt")])
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\xff\xfe" * 100)
-    with pytest.raises(ConfigError, match="data.paths.*(binary|UTF-8)"):
+    with pytest.raises(UserError, match="data.paths.*(binary|UTF-8)"):
         resolve_text_files([str(tmp_path / "bin.txt")])
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
-    with pytest.raises(ConfigError, match="not UTF-8"):
+    with pytest.raises(UserError, match="not UTF-8"):
         resolve_text_files([str(tmp_path / "latin1.txt")])
 
 
@@ -258,5 +259,5 @@ def test_hf_dataset_source_loads_a_local_dataset(tmp_path, cache_dir):
     d = build_sequences(cfg)
     assert len(d.train) >= 4 and d.train.get(0)["attention_mask"].sum() > 2
     bad = Config(model=cfg.model, data=DataConfig(source="hf_dataset", hf_name=str(folder), text_column="text"))
-    with pytest.raises(ConfigError, match="data.text_column"):
+    with pytest.raises(UserError, match="data.text_column"):
         build_sequences(bad)

@@ -10,7 +10,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from seqpar import torch_compat
-from seqpar.config import ConfigError
+from seqpar.errors import UserError
 
 from ..conftest import CONFIG_DIR, ROOT
 
@@ -21,7 +21,7 @@ def test_the_installed_torch_has_every_private_api_seqpar_calls():
 
 
 def test_a_torch_without_one_is_one_error_line_naming_its_version_and_the_fix(monkeypatch, capsys):
-    from seqpar.cli import preflight
+    from seqpar.preflight import preflight
 
     monkeypatch.setattr(torch, "__version__", "2.99.0")
     monkeypatch.delattr(DeviceMesh, "_flatten")
@@ -42,7 +42,7 @@ def test_a_changed_kernel_signature_is_caught(monkeypatch):
     monkeypatch.setitem(torch_compat.ATTENTION_OPS, "_no_such_attention_kernel", (("query",), 1))
     assert torch_compat.missing_apis() == [f"aten.{name} with the arguments (query, value, key, dropout_p, "
                                            "is_causal, attn_mask)", "aten._no_such_attention_kernel"]
-    with pytest.raises(ConfigError, match=rf"^torch {re.escape(torch.__version__)} lacks aten.{name} with the "
+    with pytest.raises(UserError, match=rf"^torch {re.escape(torch.__version__)} lacks aten.{name} with the "
                                           r"arguments .* \(and 1 more\), which seqpar calls"):
         torch_compat.check_torch()
 

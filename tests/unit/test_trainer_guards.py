@@ -11,6 +11,7 @@ import torch
 
 from seqpar.cli import compose
 from seqpar.parallel.mesh import ParallelMesh
+from seqpar.preflight import prepare
 from seqpar.trainer.loop import Trainer, TrainingAborted
 
 from ..conftest import CONFIG_DIR
@@ -21,7 +22,8 @@ def make_trainer(tmp_path, *overrides, nan_steps=()):
                                "trainer.log_every=1", "trainer.save_final=false", "checkpoint.at_end=false",
                                "logger.wandb.mode=disabled", "trainer.global_batch_size=4", *overrides])
     cfg.run_dir = str(tmp_path)
-    trainer = Trainer(cfg, ParallelMesh.from_config(cfg.parallel, torch.device("cpu")))
+    job = prepare(cfg)  # as the entry point does: init_from's architecture, the checks
+    trainer = Trainer(job.cfg, ParallelMesh.from_config(cfg.parallel, torch.device("cpu")), resume=job.resume)
     forward = trainer.forward_loss
 
     def poisoned(micro):  # step numbers are 1-based: trainer.step is the count of steps done
