@@ -2,7 +2,7 @@
 """Start-up memory of each rank: the resident high-water mark while a rank builds its part of the model.
 
 For each layout, fresh gloo processes (one thread each) build their model as the trainer does
-(`seqpar.trainer.loop.build_rank_model`: meta device, sp/tp, pipeline pruning, then allocation and initialisation
+(`seqpar.trainer.weights.build_rank_model`: meta device, sp/tp, pipeline pruning, then allocation and initialisation
 of what the rank holds) and report how much their resident high-water mark grew, beside the bytes of the
 parameters they hold. `--whole-first` adds, for comparison, the way that needs the whole model on every rank:
 build and initialise it on the device, then shard and prune it.
@@ -42,7 +42,7 @@ def _rank(model: str, layout: dict, whole_first: bool, out: str) -> None:
     if whole_first:
         model_ = _whole_then_shard(cfg, mesh)
     else:
-        from seqpar.trainer.loop import build_rank_model
+        from seqpar.trainer.weights import build_rank_model
 
         model_, _, _ = build_rank_model(cfg, mesh, lambda y, t: y.sum())
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
@@ -61,7 +61,7 @@ def _whole_then_shard(cfg, mesh):
     """The whole model initialised on the device, then sharded and pruned (every rank holds it all for a while)."""
     from seqpar.models import build_model
     from seqpar.parallel.parallelize import parallelize
-    from seqpar.trainer.checkpoint import WRAPPER
+    from seqpar.trainer.weights import WRAPPER
 
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg.model, "cpu")

@@ -48,7 +48,7 @@ from torch import nn
 
 from seqpar.config import Config, ModelConfig
 from seqpar.errors import UserError
-from seqpar.torch_compat import CHECKPOINT_WRAPPED
+from seqpar.trainer.weights import WRAPPER, state_by_name
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -58,7 +58,6 @@ ARCH_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "ffn_hidden_siz
                "activation", "type_vocab_size", "attention", "linformer_k")
 LAYOUT_FIELDS = ("dp", "pp", "tp", "sp", "sp_impl", "pp_schedule", "microbatches")
 DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "step"  # trainer.engine=deepspeed: <checkpoint>/deepspeed/step/
-WRAPPER = f".{CHECKPOINT_WRAPPED}"  # activation checkpointing's wrapper, not part of a parameter's name
 
 
 def step_name(step: int) -> str:
@@ -383,11 +382,6 @@ def supersede(root: Path, resumed: Path, step: int) -> None:
 
 
 # --- what is saved -------------------------------------------------------------------------------------------
-
-def state_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer (detached, sharing storage) by its global name, tied weights under each name."""
-    return {k.replace(WRAPPER, ""): v.detach() for k, v in model.state_dict(keep_vars=True).items()}
-
 
 def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in state_by_name(model).items()}

@@ -13,7 +13,6 @@ positions, labels and masks made on the whole sequence); with sp > 1 each rank k
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import sys
@@ -30,22 +29,25 @@ from seqpar.data.sequences import build_sequences
 from seqpar.data.tokenizer import vocab_checksum
 from seqpar.errors import UserError
 from seqpar.models import build_model
-from seqpar.models.hf import from_pretrained, not_exportable, save_pretrained
-from seqpar.models.layers import initial_value
-from seqpar.parallel.data_parallel import GradientReducer
+from seqpar.models.hf import not_exportable, save_pretrained
 from seqpar.parallel.launch import StopSignal
 from seqpar.parallel.mesh import ParallelMesh
-from seqpar.parallel.parallelize import parallelize
-from seqpar.parallel.pipeline import Pipeline
 from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.tensor import loss_context
 from seqpar.trainer import checkpoint
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.loss import loss_sum
-from seqpar.trainer.metrics import device_peak_flops, flops_per_token, peak_mem_mib, reset_peak_mem
+from seqpar.trainer.metrics import (
+    device_peak_flops,
+    flops_per_token,
+    peak_mem_mib,
+    reset_peak_mem,
+    trim_metrics,
+)
 from seqpar.trainer.optim import build_optimizer, build_scheduler
 from seqpar.trainer.progress import Progress
+from seqpar.trainer.weights import build_rank_model, full_tensor, gather_model
 
 MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids", "dropout_seed")
 
@@ -67,34 +69,6 @@ def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device
     return loss_sum(forward(**inputs, prediction_mask=targets), labels[targets])
 
 
-def initial_values(cfg: Config, model: nn.Module):
-    """`value_of(name, shape)` for `materialize`: the seed's initial weights, or those of `model.init_from` (read
-    once on the CPU). The same for every layout."""
-    if not cfg.model.init_from:  # names without activation checkpointing's wrapper (which forwards lookups)
-        return lambda name, shape: initial_value(model, name.replace(checkpoint.WRAPPER, ""), shape, cfg.trainer.seed)
-    loaded, _ = from_pretrained(cfg.model.init_from)
-    state = checkpoint.state_by_name(loaded)
-    return lambda name, shape: state[name.replace(checkpoint.WRAPPER, "")]
-
-
-def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None) -> tuple[nn.Module, Pipeline | None,
-                                                                                   GradientReducer | None]:
-    """This rank's part of the model, its pipeline (pp > 1) and its gradient reducer (dp x sp > 1).
-
-    Built on the meta device, given its sequence-parallel attention, sharded (tp), wrapped for activation
-    checkpointing and pruned to this rank's pipeline stages, and only then allocated and initialised: no rank's
-    device ever holds the whole model, and each holds the same weights as one process would
-    (parallel/parallelize.py; `model.init_from` is read whole into host memory once)."""
-    model = build_model(cfg.model, "meta")
-    pipeline, reducer = parallelize(model, mesh, cfg, initial_values(cfg, model), pipeline_loss)
-    return model, pipeline, reducer
-
-
-def _value(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a (replicated) DTensor loss."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _split(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     n = next(iter(batch.values())).shape[0]
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
@@ -109,26 +83,6 @@ def check_same_data(data, mesh: ParallelMesh) -> None:
             "differs between ranks: they built different tokenizers or datasets (a cache not shared between nodes?)",
             "point data.cache_dir (or $SEQPAR_CACHE) at storage every node shares, or pass data.tokenizer=<dir>",
         )
-
-
-def _record_of(line: str) -> dict | None:
-    try:
-        record = json.loads(line)
-    except ValueError:  # a line the stopped run left half-written
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the records after `step` from a run's metrics (a resumed run logs those steps again), and any line a
-    killed run left half-written."""
-    if not path.is_file():
-        return
-    kept = [line.rstrip("\n") + "\n" for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-            if (record := _record_of(line)) is not None and record.get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
 
 
 class Trainer:
@@ -203,12 +157,12 @@ class Trainer:
                 with self.autocast:  # on summed losses: the gradients are divided by `targets` at the update
                     losses = self.pipeline.step(batch, MODEL_INPUTS)
                 if self._loss_holder():
-                    total += sum(_value(x.detach()) for x in losses)
+                    total += sum(full_tensor(x.detach()) for x in losses)
             else:
                 for micro in _split(batch, self.micro_batch_size):
                     loss = self.forward_loss(micro)
                     self.engine.backward(loss / targets)
-                    total += _value(loss.detach())
+                    total += full_tensor(loss.detach())
         loss = ((self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)) / targets).item()
         grad_scale = 1.0 / targets.item() if self.pipeline is not None else None
         grad_norm, applied = self.engine.step(math.isfinite(loss), grad_scale)  # reduce, clip, update (or skip)
@@ -238,12 +192,12 @@ class Trainer:
             for micro in _split(batch, self.micro_batch_size):
                 with self.loss_context(), self.autocast:
                     if self.pipeline is None:
-                        total += _value(self.forward_loss(micro))
+                        total += full_tensor(self.forward_loss(micro))
                     else:
                         labels = micro["labels"].to(self.device)
                         loss = self.pipeline.forward(micro, MODEL_INPUTS, lambda y, labels=labels: loss_sum(y, labels))
                         if self._loss_holder():
-                            total += _value(loss)
+                            total += full_tensor(loss)
                 count += (micro["labels"] != IGNORE_INDEX).sum()
         total = self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)
         return (total / self.mesh.sum_over_data(count).clamp(min=1)).item()
@@ -269,22 +223,11 @@ class Trainer:
         return rec
 
     def single_device_model(self) -> nn.Module:
-        """The trained weights as a plain single-device model (gathers tensor-parallel shards and pipeline stages;
-        every rank must call it, the result is complete on rank 0)."""
+        """The trained weights as a plain single-device model (every rank must call it; complete on rank 0)."""
         if self.mesh.tp == 1 and self.mesh.pp == 1 and not self.engine.partitions_parameters:
             return self.model
         with self.engine.gathered():  # ZeRO-3's parameters in full for a moment
-            state = {k: _value(v).cpu().clone() for k, v in checkpoint.state_by_name(self.model).items()}
-        if self.mesh.pp > 1:
-            parts = [None] * self.mesh.pp
-            torch.distributed.all_gather_object(parts, state, group=self.mesh.group("pp"))
-            state = {k: v for part in parts for k, v in part.items()}
-        model = build_model(self.cfg.model, "cpu")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(model.layout.tied)  # the same tensor as the embedding's
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"gathered weights do not fit the model: missing {missing}, unexpected {unexpected}")
-        return model
+            return gather_model(self.model, self.cfg.model, self.mesh)
 
     def stop_requested(self, stop: StopSignal) -> int:
         """The signal any rank received (every rank must stop at the same step), or 0."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import resource
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,3 +71,23 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: int) -> float:
     lookups = set(model.layout.position_params)
     n = sum(p.numel() for name, p in model.named_parameters() if name not in lookups)
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+def _record_of(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line the stopped run left half-written
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records after `step` from a run's metrics (a resumed run logs those steps again), and any line a
+    killed run left half-written."""
+    if not path.is_file():
+        return
+    kept = [line.rstrip("\n") + "\n" for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if (record := _record_of(line)) is not None and record.get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)

@@ -13,7 +13,7 @@ from seqpar.config import Config, ModelConfig, ParallelConfig
 from seqpar.models import build_model
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.parallelize import materialize
-from seqpar.trainer.loop import build_rank_model, initial_values
+from seqpar.trainer.weights import build_rank_model, initial_values
 
 from .spawn import spawn
 

@@ -287,7 +287,7 @@ def test_rolling_back_moves_the_newer_checkpoints_aside(saved, tmp_path, capsys)
 
 
 def test_trim_metrics_drops_the_steps_after_the_checkpoint_and_a_half_written_line(tmp_path):
-    from seqpar.trainer.loop import trim_metrics
+    from seqpar.trainer.metrics import trim_metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 8.0 - s}) for s in (1, 2, 3)] + [json.dumps({"step": 2, "eval_loss": 7.0})]
