@@ -83,13 +83,23 @@ class DataConfig:
 
 
 @dataclass
-class ParallelConfig:
-    """The 4D mesh dp x pp x tp x sp (tp innermost). All 1 is a single process."""
+class MeshShape:
+    """The degrees of the 4D mesh dp x pp x tp x sp (tp innermost). All 1 is a single process."""
 
     dp: int = 1
     pp: int = 1
     tp: int = 1
     sp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp * self.sp
+
+
+@dataclass
+class ParallelConfig(MeshShape):
+    """The mesh's degrees and how each parallelism runs."""
+
     sp_impl: str = "ring"
     pp_schedule: str = "1f1b"
     microbatches: int = 4  # pipeline micro-batches per step (pp > 1)
@@ -101,10 +111,6 @@ class ParallelConfig:
     auto: bool = False
     devices: int | None = None  # auto: ranks to use (None: the launcher's; else the GPUs here; else the CPU cores)
     device_mem_gib: float | None = None  # auto: memory per device (None: the GPU's; on CPU, RAM / devices)
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.pp * self.tp * self.sp
 
 
 @dataclass

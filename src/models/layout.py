@@ -17,8 +17,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-# Every transformer block: attention by heads (q/k/v column-parallel, o row-parallel), MLP by hidden units.
-BLOCK_TP_PLAN = {
+# Every transformer block: attention by heads (q/k/v column-parallel, o row-parallel), MLP by hidden units, and with
+# Megatron's activation sharding the LayerNorm/dropout regions hold T/tp tokens (dim 1 of (B, T, C)).
+_BLOCK_MATMULS = {
     "layers.*.attn.q_proj": "colwise",
     "layers.*.attn.k_proj": "colwise",
     "layers.*.attn.v_proj": "colwise",
@@ -26,9 +27,8 @@ BLOCK_TP_PLAN = {
     "layers.*.mlp.up": "colwise",
     "layers.*.mlp.down": "rowwise",
 }
-# The same with Megatron's activation sharding: the LayerNorm/dropout regions hold T/tp tokens (dim 1 of (B, T, C)).
-BLOCK_TP_PLAN_SHARDED = {
-    **BLOCK_TP_PLAN,
+BLOCK_TP_PLAN = {
+    **_BLOCK_MATMULS,
     "layers.*.attn": "gather_tokens_with_mask",  # one all-gather of the input (x, key_padding_mask) before q/k/v
     "layers.*.attn.o_proj": "rowwise_to_tokens",  # reduce-scatter into token shards
     "layers.*.mlp": "gather_tokens",
@@ -36,24 +36,35 @@ BLOCK_TP_PLAN_SHARDED = {
     "layers.*.ln_1": "token_norm",
     "layers.*.ln_2": "token_norm",
 }
+# What each activation-sharding style is without activation sharding (None: the module is left replicated).
+_WITHOUT_TOKEN_SHARDS = {"vocab_embedding_to_tokens": "vocab_embedding", "rowwise_to_tokens": "rowwise",
+                         "vocab_head_from_tokens": "vocab_head", "token_norm": None, "gather_tokens": None,
+                         "gather_tokens_with_mask": None}
 _SPLIT_WEIGHT_AND_BIAS = ("colwise", "vocab_head", "vocab_head_from_tokens")
 _SPLIT_WEIGHT = ("rowwise", "rowwise_to_tokens", "vocab_embedding", "vocab_embedding_to_tokens")
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    tp_plan: dict[str, str]  # module name (wildcards allowed) -> tensor-parallel style
-    tp_plan_sharded: dict[str, str]  # the plan with activation sharding (parallel.tp_shard_activations)
+    tp_plan: dict[str, str]  # module name (wildcards allowed) -> tensor-parallel style, with activation sharding
     token_sharded_outputs: tuple[str, ...]  # embeddings of replicated inputs whose output is cut into token shards
     tied: dict[str, str]  # output layer weight -> the embedding weight it shares
     embedding: tuple[str, ...]  # modules the first pipeline stage holds (before `layers`)
     head: tuple[str, ...]  # modules the last pipeline stage holds (after `layers`)
     position_params: tuple[str, ...] = field(default=())  # lookups, not matmuls (left out of the FLOP count)
 
+    def tp_styles(self, shard_activations: bool) -> dict[str, str]:
+        """The tensor-parallel plan as declared (`parallel.tp_shard_activations`), or without activation sharding:
+        token-shard styles become their plain ones and the token regions stay replicated."""
+        if shard_activations:
+            return dict(self.tp_plan)
+        plain = {name: _WITHOUT_TOKEN_SHARDS.get(style, style) for name, style in self.tp_plan.items()}
+        return {name: style for name, style in plain.items() if style is not None}
+
     def tp_divides(self, param: str) -> bool:
         """Whether tensor parallelism splits the parameter `param` (so each rank holds 1/tp of it)."""
         owner, _, attr = param.rpartition(".")
-        for pattern, style in self.tp_plan.items():
+        for pattern, style in self.tp_styles(shard_activations=False).items():
             if fnmatch.fnmatchcase(owner, pattern):
                 return style in _SPLIT_WEIGHT_AND_BIAS or (style in _SPLIT_WEIGHT and attr == "weight")
         return False

@@ -14,19 +14,20 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from seqpar.config import ParallelConfig
+from seqpar.config import MeshShape, ParallelConfig
 from seqpar.errors import UserError
+from seqpar.torch_compat import flatten_axes
 
 AXES = ("dp", "pp", "sp", "tp")
 
 
 @dataclass
-class ParallelMesh:
-    dp: int = 1
-    pp: int = 1
-    sp: int = 1
-    tp: int = 1
+class ParallelMesh(MeshShape):
+    """The degrees (`MeshShape`), this process's rank and device, and the DeviceMesh that owns every group."""
+
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     device_mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
@@ -36,8 +37,6 @@ class ParallelMesh:
         """The mesh for this process. More than one process needs torch.distributed initialised first."""
         if p.world_size == 1:
             return cls(device=device)
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             raise RuntimeError(
                 f"a mesh of {p.world_size} processes needs torch.distributed initialised; "
@@ -50,17 +49,9 @@ class ParallelMesh:
                 f"dp*pp*tp*sp = {p.dp}*{p.pp}*{p.tp}*{p.sp} = {p.world_size} but {world} processes are running",
                 f"choose degrees whose product is {world}, or launch {p.world_size} processes",
             )
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from seqpar.torch_compat import flatten_axes
-
         mesh = init_device_mesh(device.type, (p.dp, p.pp, p.sp, p.tp), mesh_dim_names=AXES)
         flatten_axes(mesh, ("dp", "sp"), "dp_sp")
-        return cls(p.dp, p.pp, p.sp, p.tp, rank=dist.get_rank(), device=device, device_mesh=mesh)
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.pp * self.sp * self.tp
+        return cls(dp=p.dp, pp=p.pp, tp=p.tp, sp=p.sp, rank=dist.get_rank(), device=device, device_mesh=mesh)
 
     def local_rank(self, axis: str) -> int:
         """This process's index along `axis` (dp, pp, sp, tp or dp_sp)."""
@@ -84,8 +75,6 @@ class ParallelMesh:
         """Sum over the dp x sp ranks that hold different tokens (token counts, loss sums). Not differentiable."""
         if self.device_mesh is None or self.dp * self.sp == 1:
             return t
-        import torch.distributed as dist
-
         t = t.clone()
         dist.all_reduce(t, group=self.group("dp_sp"))
         return t
@@ -94,8 +83,6 @@ class ParallelMesh:
         """Sum over every rank (a value only some ranks hold, e.g. the last pipeline stage's loss)."""
         if self.device_mesh is None:
             return t
-        import torch.distributed as dist
-
         t = t.clone()
         dist.all_reduce(t)
         return t
@@ -104,8 +91,6 @@ class ParallelMesh:
         """Maximum over every rank (peak memory)."""
         if self.device_mesh is None:
             return value
-        import torch.distributed as dist
-
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.item()
@@ -114,8 +99,6 @@ class ParallelMesh:
         """Every rank's value, in rank order (one all-reduce of a world-sized vector)."""
         if self.device_mesh is None:
             return [value]
-        import torch.distributed as dist
-
         t = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
         t[self.rank] = value
         dist.all_reduce(t)
@@ -128,8 +111,6 @@ class ParallelMesh:
         if self.device_mesh is None:
             yield
             return
-        import torch.distributed as dist
-
         if self.rank != 0:
             dist.barrier()
         yield
@@ -140,8 +121,6 @@ class ParallelMesh:
         """Whether every rank passed the same integer (a fingerprint of what must be identical everywhere)."""
         if self.device_mesh is None:
             return True
-        import torch.distributed as dist
-
         t = torch.tensor([value, -value], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t[0].item() == value and -t[1].item() == value

@@ -27,6 +27,7 @@ from torch import nn
 
 from seqpar.config import virtual_stages
 from seqpar.models.dropout import DropoutKey
+from seqpar.parallel.data_parallel import local_tensor
 
 
 def layer_split(num_layers: int, stages: int) -> list[range]:
@@ -125,7 +126,6 @@ class Pipeline:
         """Sum the tied weight's gradient over its first- and last-stage copies (middle stages add zeros)."""
         if self.pp == 1:
             return
-        from seqpar.parallel.data_parallel import local_tensor
 
         if self.tied is not None and self.tied.grad is not None:
             g = local_tensor(self.tied.grad)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seqpar.models import set_core_attention
 from seqpar.models.attention import masked_softmax_attention
 from seqpar.models.dropout import DropoutKey, KeyedDropout, keyed_dropout
 
@@ -71,14 +72,12 @@ def tie(model: nn.Module) -> None:
 def apply_tensor_parallel(model: nn.Module, tp_mesh, attn_dropout: float = 0.0, shard_activations: bool = False) -> None:
     """Shard `model` in place over the 1-D device mesh `tp_mesh` with the plan its layout declares
     (`model.layout.tp_plan`); with `shard_activations`, also the LayerNorm/dropout regions by tokens (Megatron's
-    activation sharding, `tp_plan_sharded`)."""
+    activation sharding)."""
     from torch.distributed.tensor.parallel import parallelize_module
-
-    from seqpar.models import set_core_attention
 
     rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
     layout = model.layout
-    plan = {name: _style(style) for name, style in (layout.tp_plan_sharded if shard_activations else layout.tp_plan).items()}
+    plan = {name: _style(style) for name, style in layout.tp_styles(shard_activations).items()}
     parallelize_module(model, tp_mesh, plan)
     tie(model)
     if attn_dropout > 0:

@@ -68,12 +68,21 @@ def test_tensor_parallel_layers_loss_and_init(arch):
     spawn(_check, 2, arch)
 
 
+def test_the_plan_without_activation_sharding_shards_only_the_matmuls():
+    block = {"layers.*.attn.q_proj": "colwise", "layers.*.attn.k_proj": "colwise", "layers.*.attn.v_proj": "colwise",
+             "layers.*.attn.o_proj": "rowwise", "layers.*.mlp.up": "colwise", "layers.*.mlp.down": "rowwise"}
+    assert MODELS["gpt"].layout.tp_styles(False) == {"wte": "vocab_embedding", **block, "lm_head": "vocab_head"}
+    assert MODELS["bert"].layout.tp_styles(False) == {"word_embeddings": "vocab_embedding", **block,
+                                                      "mlm_head.decoder": "vocab_head"}
+    assert MODELS["gpt"].layout.tp_styles(True) == MODELS["gpt"].layout.tp_plan
+
+
 def test_layouts_name_real_modules_and_parameters():
     for arch, cls in MODELS.items():
         model = build_model(ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, vocab_size=96, max_seq_len=16))
         names = {n for n, _ in model.named_modules()}
         layout = cls.layout
-        for pattern in [*layout.tp_plan, *layout.tp_plan_sharded]:
+        for pattern in layout.tp_plan:
             assert any(n == pattern.replace("*", "0") for n in names), (arch, pattern)
         for name in [*layout.embedding, *layout.head, *layout.token_sharded_outputs]:
             assert name in names, (arch, name)

@@ -29,6 +29,7 @@ import math
 import torch
 
 from seqpar.parallel.comm import all_gather_list, ring_pass
+from seqpar.parallel.sequence.chunks import chunk_indices
 
 
 def _bias(masks: list[torch.Tensor | None], q_pos: torch.Tensor, positions: list[torch.Tensor], causal: bool):
@@ -52,7 +53,6 @@ def _softmax_(s: torch.Tensor) -> torch.Tensor:
 class _RSAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, causal: bool, group):
-        from seqpar.parallel.sequence import chunk_indices
 
         b, h, c, d = q.shape
         n = torch.distributed.get_world_size(group)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from seqpar.models.attention import sdpa_attention
 from seqpar.parallel.comm import all_gather_list, heads_to_seq, seq_to_heads
+from seqpar.parallel.sequence.chunks import chunk_indices
 
 
 class UlyssesAttention:
@@ -22,7 +23,6 @@ class UlyssesAttention:
         self.group = group
 
     def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float):
-        from seqpar.parallel.sequence import chunk_indices
 
         n = dist.get_world_size(self.group)
         b, h, c, d = q.shape

@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from seqpar.config import ModelConfig
+from seqpar.models.base import LanguageModel
 from seqpar.models.dropout import DropoutKey, KeyedDropout, block_sites
-from seqpar.models.layers import MLP, SelfAttention, init_parameters
-from seqpar.models.layout import BLOCK_TP_PLAN, BLOCK_TP_PLAN_SHARDED, ParallelLayout
+from seqpar.models.gpt.hf import HF
+from seqpar.models.layers import MLP, SelfAttention
+from seqpar.models.layout import BLOCK_TP_PLAN, ParallelLayout
 
 
 class GPTBlock(nn.Module):
@@ -34,11 +36,12 @@ class GPTBlock(nn.Module):
         return x  # (B, T, C)
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
+    arch = "gpt"
+    hf = HF  # transformers interop (hf.py)
     layout = ParallelLayout(
-        tp_plan={"wte": "vocab_embedding", **BLOCK_TP_PLAN, "lm_head": "vocab_head"},
-        tp_plan_sharded={"wte": "vocab_embedding_to_tokens", **BLOCK_TP_PLAN_SHARDED, "ln_f": "token_norm",
-                         "lm_head": "vocab_head_from_tokens"},
+        tp_plan={"wte": "vocab_embedding_to_tokens", **BLOCK_TP_PLAN, "ln_f": "token_norm",
+                 "lm_head": "vocab_head_from_tokens"},
         token_sharded_outputs=("wpe",),
         tied={"lm_head.weight": "wte.weight"},
         embedding=("wte", "wpe"),
@@ -47,9 +50,7 @@ class GPT(nn.Module):
     )
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        assert cfg.arch == "gpt", cfg.arch
-        self.config = cfg
+        super().__init__(cfg)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
         self.drop = KeyedDropout(cfg.dropout, site=0)
@@ -59,11 +60,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_parameters(self)
-
     def init_std(self, name: str) -> float:
-        """The standard deviation of the initial weight `name`."""
         if name.endswith(("attn.o_proj.weight", "mlp.down.weight")):
             # GPT-2 scales the residual-branch output projections by 1/sqrt(2 * layers).
             return self.config.init_std / math.sqrt(2 * self.config.num_layers)
@@ -77,12 +74,7 @@ class GPT(nn.Module):
         token_type_ids: torch.Tensor | None = None,  # unused by GPT; accepted for one calling convention
         dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
     ) -> torch.Tensor:  # logits (B, T, V)
-        key = DropoutKey(dropout_seed, position_ids) if dropout_seed is not None else None
-        x = self.embed(input_ids, position_ids, token_type_ids, key)
-        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
-        for block in self.layers:
-            x = block(x, key_padding_mask, key)
-        return self.head(x)
+        return self.head(self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed))
 
     # The three parts of forward, so a pipeline stage can run the ones it holds.
     def embed(self, input_ids, position_ids, token_type_ids=None, dropout_key=None) -> torch.Tensor:  # (B, T) -> (B, T, C)

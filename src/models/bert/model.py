@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from seqpar.config import ModelConfig
+from seqpar.models.base import LanguageModel
+from seqpar.models.bert.hf import HF
 from seqpar.models.dropout import DropoutKey, KeyedDropout, block_sites
-from seqpar.models.layers import MLP, SelfAttention, activation_fn, init_parameters
-from seqpar.models.layout import BLOCK_TP_PLAN, BLOCK_TP_PLAN_SHARDED, ParallelLayout
+from seqpar.models.layers import MLP, SelfAttention, activation_fn
+from seqpar.models.layout import BLOCK_TP_PLAN, ParallelLayout
 
 
 class BertBlock(nn.Module):
@@ -46,11 +48,12 @@ class MLMHead(nn.Module):
         return self.decoder(self.ln(self.act(self.dense(x))))
 
 
-class BERT(nn.Module):
+class BERT(LanguageModel):
+    arch = "bert"
+    hf = HF  # transformers interop (hf.py)
     layout = ParallelLayout(
-        tp_plan={"word_embeddings": "vocab_embedding", **BLOCK_TP_PLAN, "mlm_head.decoder": "vocab_head"},
-        tp_plan_sharded={"word_embeddings": "vocab_embedding_to_tokens", **BLOCK_TP_PLAN_SHARDED, "emb_ln": "token_norm",
-                         "mlm_head": "gather_tokens", "mlm_head.decoder": "vocab_head"},
+        tp_plan={"word_embeddings": "vocab_embedding_to_tokens", **BLOCK_TP_PLAN, "emb_ln": "token_norm",
+                 "mlm_head": "gather_tokens", "mlm_head.decoder": "vocab_head"},
         token_sharded_outputs=("position_embeddings", "token_type_embeddings"),
         tied={"mlm_head.decoder.weight": "word_embeddings.weight"},
         embedding=("word_embeddings", "position_embeddings", "token_type_embeddings", "emb_ln"),
@@ -59,9 +62,7 @@ class BERT(nn.Module):
     )
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        assert cfg.arch == "bert", cfg.arch
-        self.config = cfg
+        super().__init__(cfg)
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
@@ -72,13 +73,6 @@ class BERT(nn.Module):
         self.mlm_head.decoder.weight = self.word_embeddings.weight  # tied
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        init_parameters(self)
-
-    def init_std(self, name: str) -> float:
-        """The standard deviation of the initial weight `name`."""
-        return self.config.init_std
-
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
@@ -88,11 +82,7 @@ class BERT(nn.Module):
         prediction_mask: torch.Tensor | None = None,  # (B, T) bool: run the MLM head only at these positions
         dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
     ) -> torch.Tensor:  # logits (B, T, V), or (N, V) for the N positions of prediction_mask in row-major order
-        key = DropoutKey(dropout_seed, position_ids) if dropout_seed is not None else None
-        x = self.embed(input_ids, position_ids, token_type_ids, key)
-        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
-        for block in self.layers:
-            x = block(x, key_padding_mask, key)
+        x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed)
         if prediction_mask is not None:
             # Only the masked tokens (about 15%) are predicted in training: the head's vocabulary-wide matmuls and
             # the loss's log-softmax need not run at the others.

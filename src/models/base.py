@@ -1,0 +1,47 @@
+"""What every model here shares: `LanguageModel`, built from its ModelConfig, declaring its parallel layout
+(`layout`) and transformers interop (`hf`), initialised per parameter name, and run in three parts (`embed`, the
+blocks of `layers`, `head`) so that a pipeline stage can run the parts it holds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seqpar.config import ModelConfig
+from seqpar.models.dropout import DropoutKey
+from seqpar.models.interop import HFInterop
+from seqpar.models.layers import init_parameters
+from seqpar.models.layout import ParallelLayout
+
+
+class LanguageModel(nn.Module):
+    """A subclass defines `embed(input_ids, position_ids, token_type_ids, dropout_key)` -> (B, T, C), the blocks
+    `layers` (each `block(x, key_padding_mask, dropout_key)`), `head(x)` -> logits, and `forward`."""
+
+    arch: str  # the model.arch it implements
+    layout: ParallelLayout
+    hf: HFInterop
+    layers: nn.ModuleList
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.arch == self.arch, (cfg.arch, self.arch)
+        self.config = cfg
+
+    def reset_parameters(self) -> None:
+        init_parameters(self)
+
+    def init_std(self, name: str) -> float:
+        """The standard deviation of the initial weight `name`."""
+        return self.config.init_std
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+                      dropout_seed: torch.Tensor | None) -> torch.Tensor:
+        """The embedding and every block: (B, T) token ids -> (B, T, C)."""
+        key = DropoutKey(dropout_seed, position_ids) if dropout_seed is not None else None
+        x = self.embed(input_ids, position_ids, token_type_ids, key)
+        key_padding_mask = attention_mask.bool() if attention_mask is not None else None
+        for block in self.layers:
+            x = block(x, key_padding_mask, key)
+        return x
