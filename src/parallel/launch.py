@@ -16,7 +16,6 @@ use `srun --kill-on-bad-exit=1`); a rank stuck in a collective fails after `time
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import faulthandler
 import os
@@ -24,7 +23,6 @@ import re
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.errors import UserError
+from seqpar.parallel.signals import SignalForwarder, StopSignal
 from seqpar.torch_compat import default_store
 
 GRACE_S = 10.0  # how long ranks get to stop by themselves after another rank failed
@@ -186,7 +185,7 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
     ctx = mp.get_context(method)
     errors, done = ctx.SimpleQueue(), ctx.Barrier(world)
     port = int(os.environ.get("MASTER_PORT") or free_port())
-    forward = _SignalForwarder(stop)
+    forward = SignalForwarder(stop)
     pc = mp.start_processes(
         _local_worker, args=(world, port, device_type, timeout_s, errors, done, fn, args),
         nprocs=world, join=False, start_method=method,
@@ -209,61 +208,6 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
         forward.restore()
         _stop(pc.processes, 0.0)
         pc = errors = done = None  # release the queue's and barrier's semaphores now, not at interpreter exit
-
-
-class StopSignal:
-    """The preemption signal (SIGTERM, or SLURM's SIGUSR1 warning ahead of it) this rank has received, 0 while none.
-
-    The job makes one and hands it both to the launcher, which records a signal that arrives before training
-    listens (a forked rank inherits the parent's forwarding handler), and to the training loop, which listens with
-    `listening()` and stops at the end of the step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signum = 0
-
-    def record(self, signum, frame=None) -> None:
-        self.signum = signum
-
-    @contextlib.contextmanager
-    def listening(self):
-        """Record SIGTERM/SIGUSR1 here while the block runs (only the main thread can set handlers); the previous
-        handlers come back after it."""
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                previous[sig] = signal.signal(sig, self.record)
-                signal.siginterrupt(sig, False)  # restart interrupted system calls (sockets of collectives)
-        try:
-            yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-class _SignalForwarder:
-    """Passes SIGTERM/SIGUSR1 (preemption) on to the local ranks, which save a checkpoint and exit; the parent
-    keeps waiting for them. A forked rank inherits this handler until the trainer installs its own: there it only
-    records the signal in `stop` (the rank's copy of it), which the trainer then honours."""
-
-    def __init__(self, stop: StopSignal | None):
-        self.pid, self.processes, self.stop, self._previous = os.getpid(), [], stop, {}
-        for sig in StopSignal.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._forward)
-
-    def _forward(self, signum, frame) -> None:
-        if os.getpid() != self.pid:
-            if self.stop is not None:
-                self.stop.record(signum)
-            return
-        for p in self.processes:
-            if p.is_alive():
-                os.kill(p.pid, signum)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def _root_cause(failed: dict[int, int], errors) -> RankFailed:

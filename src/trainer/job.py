@@ -4,8 +4,9 @@ trains as one of them."""
 from __future__ import annotations
 
 from seqpar.data.sequences import BuiltSequences
-from seqpar.parallel.launch import StopSignal, launch, launched_rank, resolve_device, start_method
+from seqpar.parallel.launch import launch, launched_rank, resolve_device, start_method
 from seqpar.parallel.mesh import ParallelMesh
+from seqpar.parallel.signals import StopSignal
 from seqpar.preflight import Job
 from seqpar.trainer.engine import import_deepspeed
 from seqpar.trainer.loop import Trainer

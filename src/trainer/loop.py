@@ -30,9 +30,9 @@ from seqpar.data.tokenizer import vocab_checksum
 from seqpar.errors import UserError
 from seqpar.models import build_model
 from seqpar.models.hf import not_exportable, save_pretrained
-from seqpar.parallel.launch import StopSignal
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.sequence import shard_batch
+from seqpar.parallel.signals import StopSignal
 from seqpar.parallel.tensor import loss_context
 from seqpar.trainer import checkpoint
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine

@@ -89,7 +89,8 @@ def test_first_host_of_a_slurm_nodelist(nodes, host):
 
 LATE_SIGNAL = """
 import os, signal, sys
-from seqpar.parallel.launch import StopSignal, launch
+from seqpar.parallel.launch import launch
+from seqpar.parallel.signals import StopSignal
 
 def job(stop):
     os.kill(os.getpid(), signal.SIGUSR1)  # before the trainer listens: remembered for it
