@@ -21,7 +21,7 @@ from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir
 from seqpar.errors import UserError
 from seqpar.models.hf import read_checkpoint_config
 from seqpar.parallel.launch import check_launched_world, launched_rank, resolve_device
-from seqpar.plan import choose_layout
+from seqpar.plan.auto import choose_layout
 from seqpar.torch_compat import check_torch
 from seqpar.trainer.checkpoint import find_resume
 from seqpar.validation import validate

@@ -70,7 +70,7 @@ def measure(layout: list[str], workdir: Path) -> dict[str, float]:
 def estimate(model: str, layout: list[str]) -> float:
     from seqpar.cli import compose
     from seqpar.configs import CONFIG_DIR
-    from seqpar.plan import plan
+    from seqpar.plan.estimate import plan
 
     cfg = compose(CONFIG_DIR, [f"model={model}", *SIZE, *layout])
     p = cfg.parallel

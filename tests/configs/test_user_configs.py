@@ -79,7 +79,7 @@ def test_a_missing_config_dir_is_one_error_line(tmp_path, capsys):
 
 
 def test_the_planner_reads_the_users_config_dir(tmp_path, capsys):
-    from seqpar.plan import main
+    from seqpar.plan.cli import main
 
     d = user_configs(tmp_path / "mine", mine=2)
     main(["--config-dir", str(d), "model=mine", "--gpus", "2", "--gpu-mem-gib", "80", "--json"])

@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from seqpar.cli import compose
-from seqpar.plan import main, plan
+from seqpar.plan.auto import choose_layout
+from seqpar.plan.cli import main
+from seqpar.plan.estimate import plan
 
 from ..conftest import CONFIG_DIR
 
@@ -103,8 +105,6 @@ def test_estimates_match_measured_peaks_of_real_runs(tmp_path, cache_dir):
 def test_auto_layout_is_the_planners_best_that_fits_and_says_why(capsys):
     """parallel=auto takes the first fitting row of the planner's ranking for the given devices (here 4 CPU ranks
     and a budget that rules out the small layouts' peaks), sets the degrees and the micro-batch, and says so."""
-    from seqpar.plan import choose_layout
-
     base = [*BERT, "parallel=auto", "parallel.devices=4"]
     rows = plan(compose(CONFIG_DIR, base), gpus=4, gpu_mem_gib=80, device="cpu", tflops=0.1, gbps=2.0)
     # A budget between the smallest and the largest estimate: some layouts fit, some do not.
