@@ -53,7 +53,6 @@ def _softmax_(s: torch.Tensor) -> torch.Tensor:
 class _RSAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, causal: bool, group):
-
         b, h, c, d = q.shape
         n = torch.distributed.get_world_size(group)
         r = torch.distributed.get_rank(group)

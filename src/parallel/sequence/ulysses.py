@@ -23,7 +23,6 @@ class UlyssesAttention:
         self.group = group
 
     def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float):
-
         n = dist.get_world_size(self.group)
         b, h, c, d = q.shape
         if h % n:
