@@ -19,20 +19,19 @@ import tempfile
 from pathlib import Path
 
 from seqpar.errors import UserError
+from seqpar.models import build_model
+from seqpar.models.hf import not_exportable, save_pretrained
+from seqpar.trainer.checkpoint import (
+    load_model_weights,
+    model_config_of,
+    newest_if_root,
+    read_meta,
+    verify_files,
+)
 
 
 def export(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write the model of `checkpoint` (a step_* directory, or a directory of them: the newest) to `out_dir`."""
-    from seqpar.models import build_model
-    from seqpar.models.hf import not_exportable, save_pretrained
-    from seqpar.trainer.checkpoint import (
-        load_model_weights,
-        model_config_of,
-        newest_if_root,
-        read_meta,
-        verify_files,
-    )
-
     path, out = newest_if_root(Path(checkpoint)), Path(out_dir)
     meta = read_meta(path, field_name="checkpoint")
     if out.exists() and any(out.iterdir()):

@@ -23,16 +23,17 @@ from seqpar.models.hf import read_checkpoint_config
 from seqpar.parallel.launch import check_launched_world, launched_rank, resolve_device
 from seqpar.plan.auto import choose_layout
 from seqpar.torch_compat import check_torch
-from seqpar.trainer.checkpoint import find_resume
+from seqpar.trainer.checkpoint import ResumePoint, find_resume
 from seqpar.validation import validate
 
 
 @dataclasses.dataclass
 class Job:
-    """A prepared job: the checked config and the checkpoint it continues from (None: a fresh start)."""
+    """A prepared job: the checked config and the checkpoint it continues from, with its checked meta.json (None: a
+    fresh start)."""
 
     cfg: Config
-    resume: Path | None = None
+    resume: ResumePoint | None = None
 
 
 def check_devices(cfg: Config) -> None:

@@ -25,7 +25,11 @@ a non-finite gradient norm makes DeepSpeed drop the update, as ours does.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import math
+import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -34,6 +38,10 @@ from torch import nn
 from seqpar.config import Config
 from seqpar.parallel.data_parallel import GradientReducer, clip_grad_norm, match_grad_placements
 from seqpar.parallel.mesh import ParallelMesh
+
+# trainer.engine=deepspeed: DeepSpeed's own files inside a checkpoint directory, <checkpoint>/deepspeed/step/
+# (the engine writes and reads them; the checkpoint modules checksum them and export reads the weights)
+DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "step"
 
 
 class SeqparEngine:
@@ -118,12 +126,7 @@ class _DeepSpeedGroups:
 def import_deepspeed():
     """DeepSpeed, imported with its start-up chatter (the accelerator it picked, op-builder notes) kept to
     warnings and errors, so that a run's output stays the progress bar and metrics."""
-    import logging
-    import os
-
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")  # no auto-detect warning
-    import warnings
-
     import deepspeed
     from deepspeed.utils import logger
 
@@ -166,11 +169,7 @@ def weights_only_loads():
 def zero_fp32_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     """The whole model's fp32 weights from DeepSpeed's files in our checkpoint directory (its `zero_to_fp32`
     gathers the partitions), read weights-only; DeepSpeed's progress output is swallowed."""
-    import io
-
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from seqpar.trainer.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), weights_only_loads():
         return get_fp32_state_dict_from_zero_checkpoint(f"{checkpoint}/{DEEPSPEED_DIR}", tag=DEEPSPEED_TAG)
@@ -201,6 +200,7 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO over the dp_sp ranks; the model, its sequence-parallel attention and the loss stay ours."""
 
     name = "deepspeed"
+    folder = DEEPSPEED_DIR  # what `save` writes inside a checkpoint directory
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mesh: ParallelMesh, cfg: Config,
                  micro_batch_size: int, accumulation_steps: int):
@@ -243,13 +243,9 @@ class DeepSpeedEngine:
 
     def save(self, checkpoint: str) -> None:
         """DeepSpeed's own checkpoint (module, ZeRO partitions) inside our checkpoint directory."""
-        from seqpar.trainer.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG
-
         self.engine.save_checkpoint(f"{checkpoint}/{DEEPSPEED_DIR}", tag=DEEPSPEED_TAG, save_latest=False)
 
     def load(self, checkpoint: str) -> None:
-        from seqpar.trainer.checkpoint import DEEPSPEED_DIR, DEEPSPEED_TAG
-
         with weights_only_loads():  # a crafted file raises instead of running code
             path, _ = self.engine.load_checkpoint(f"{checkpoint}/{DEEPSPEED_DIR}", tag=DEEPSPEED_TAG,
                                                   load_lr_scheduler_states=False)

@@ -34,7 +34,23 @@ from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.signals import StopSignal
 from seqpar.parallel.tensor import loss_context
-from seqpar.trainer import checkpoint
+from seqpar.trainer.checkpoint import (
+    LOADER,
+    MODEL,
+    OPTIM,
+    RNG,
+    SCHEDULER,
+    TRAIN,
+    CheckpointManager,
+    ModelState,
+    OptimizerState,
+    ResumePoint,
+    RngState,
+    SaveFailed,
+    SchedulerState,
+    TrainState,
+    data_record,
+)
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.loss import loss_sum
@@ -86,7 +102,10 @@ def check_same_data(data, mesh: ParallelMesh) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, mesh: ParallelMesh, data=None, resume: Path | None = None):
+    """This rank's part of a run. `resume`: the checkpoint to continue from, as the job's preflight found it
+    (`seqpar.preflight.prepare(cfg).resume`); None starts fresh."""
+
+    def __init__(self, cfg: Config, mesh: ParallelMesh, data=None, resume: ResumePoint | None = None):
         self.cfg, self.mesh, t = cfg, mesh, cfg.trainer
         self.device = mesh.device
         reset_peak_mem(self.device)
@@ -118,15 +137,37 @@ class Trainer:
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
         )
-        self.step = 0
-        self.bad_steps = 0  # non-finite losses in a row
-        self.skipped_steps = 0  # in the whole run
-        self.resumed_from = checkpoint.resume(self)  # passes over damaged checkpoints under resume=auto
+        self.state = TrainState()  # step, bad_steps (non-finite losses in a row), skipped_steps (in the whole run)
+        self.checkpoints = CheckpointManager(cfg, self._checkpointed(), tokenizer=self.data.tokenizer,
+                                             data_record=data_record(cfg, self.data),
+                                             engine=self.engine if isinstance(self.engine, DeepSpeedEngine) else None)
+        resumed = self.checkpoints.load(resume)  # passes over damaged checkpoints under resume=auto
+        self.resumed_from = resumed.path if resumed is not None else None
         if self.resumed_from is not None and mesh.is_logging_rank:
             trim_metrics(Path(cfg.run_dir) / "metrics.jsonl", self.step)
         self.logger = build_loggers(cfg, mesh.is_logging_rank)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.peak_flops = device_peak_flops(self.device, t.peak_flops, t.precision)
+
+    def _checkpointed(self) -> dict:
+        """What a checkpoint holds, by the name it keeps each under. Under DeepSpeed the engine saves the model and
+        optimizer itself (the manager's `engine`)."""
+        weights = {} if isinstance(self.engine, DeepSpeedEngine) else {
+            MODEL: ModelState(self.model), OPTIM: OptimizerState(self.optimizer, self.model)}
+        return {**weights, SCHEDULER: SchedulerState(self.scheduler), LOADER: self.loader, TRAIN: self.state,
+                RNG: RngState(self.mesh.rank, self.device)}
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def bad_steps(self) -> int:
+        return self.state.bad_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.state.skipped_steps
 
     def sequence_chunk(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of its data-parallel share: its sequence chunk when sp > 1."""
@@ -167,12 +208,12 @@ class Trainer:
         grad_scale = 1.0 / targets.item() if self.pipeline is not None else None
         grad_norm, applied = self.engine.step(math.isfinite(loss), grad_scale)  # reduce, clip, update (or skip)
         if applied and math.isfinite(loss):
-            self.bad_steps = 0
+            self.state.bad_steps = 0
         else:  # a skipped update: the weights and Adam's moments stay as they were
-            self.bad_steps += 1
-            self.skipped_steps += 1
+            self.state.bad_steps += 1
+            self.state.skipped_steps += 1
         self.scheduler.step()
-        self.step += 1
+        self.state.step += 1
         if self.bad_steps >= self.cfg.trainer.max_bad_steps:
             raise TrainingAborted(
                 f"trainer.max_bad_steps: the loss or gradient norm was not finite for {self.bad_steps} steps in a row "
@@ -239,8 +280,8 @@ class Trainer:
         """Save; every rank learns of a failure together. A periodic save that fails is a warning (the run goes on
         and tries again at the next one); the last save before exiting failing ends the run."""
         try:
-            path = checkpoint.save(self, reason)
-        except checkpoint.SaveFailed as e:
+            path = self.checkpoints.save(self.step, reason)
+        except SaveFailed as e:
             if reason != "periodic":
                 raise TrainingAborted(f"{e}; free space or point checkpoint.dir at writable storage, then run the "
                                       "same command again: it resumes from the newest checkpoint") from None

@@ -88,9 +88,9 @@ def _scenario(name: str, saved: Path, tmp: Path) -> list[str]:
     elif name == "bytes_entry":  # DCP would torch.load a BYTE_IO entry without weights_only
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-        from seqpar.trainer.checkpoint import _MetadataUnpickler
+        from seqpar.trainer.checkpoint.files import MetadataUnpickler
 
-        index = _MetadataUnpickler(open(ckpt / ".metadata", "rb")).load()
+        index = MetadataUnpickler(open(ckpt / ".metadata", "rb")).load()
         index.state_dict_metadata["model.wte.weight"] = BytesStorageMetadata()
         _replace_index(ckpt, pickle.dumps(index))
     return [f"checkpoint.resume={ckpt}"]

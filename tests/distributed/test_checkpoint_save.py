@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +13,21 @@ import torch.distributed as dist
 from torch import nn
 
 from seqpar.config import Config
-from seqpar.trainer import checkpoint
+from seqpar.trainer.checkpoint import (
+    LOADER,
+    MODEL,
+    OPTIM,
+    RNG,
+    SCHEDULER,
+    TRAIN,
+    CheckpointManager,
+    ModelState,
+    OptimizerState,
+    RngState,
+    SaveFailed,
+    TrainState,
+    manager,
+)
 
 from .spawn import spawn
 
@@ -30,18 +43,29 @@ class _Tokenizer:
         (Path(out) / "tokenizer.json").write_text("{}")
 
 
-def _trainer(root: Path, step: int) -> SimpleNamespace:
-    """What `checkpoint.save` reads from a trainer: a small model and its AdamW state, the loader's position."""
+class _Record:
+    """A stateful object whose state is a small record (the loader's position, the schedule's)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+def _manager(root: Path, step: int) -> CheckpointManager:
+    """A checkpoint manager as a trainer builds one: a small model and its AdamW state, the loader's position."""
     cfg = Config()
     cfg.checkpoint.dir = str(root)
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
-    return SimpleNamespace(
-        cfg=cfg, step=step, engine=SimpleNamespace(name="seqpar"), device=torch.device("cpu"), model=model,
-        optimizer=torch.optim.AdamW(model.parameters()), data=SimpleNamespace(tokenizer=_Tokenizer(), train=range(8)),
-        loader=SimpleNamespace(state_dict=lambda: {"epoch": 0, "batch": step}),
-        scheduler=SimpleNamespace(state_dict=lambda: {"last_epoch": step}), bad_steps=0, skipped_steps=0,
-    )
+    states = {MODEL: ModelState(model), OPTIM: OptimizerState(torch.optim.AdamW(model.parameters()), model),
+              SCHEDULER: _Record({"last_epoch": step}), LOADER: _Record({"epoch": 0, "batch": step}),
+              TRAIN: TrainState(step=step), RNG: RngState(dist.get_rank(), torch.device("cpu"))}
+    return CheckpointManager(cfg, states, tokenizer=_Tokenizer(), data_record={"vocab_crc32": 0, "train_sequences": 8})
 
 
 def _disk_full(*args, **kwargs):
@@ -49,25 +73,25 @@ def _disk_full(*args, **kwargs):
 
 
 def _save_fails_on_one_rank(rank: int, world: int, root: Path, failing_rank: int, what: str) -> None:
-    real = getattr(checkpoint, what)
+    real = getattr(manager, what)
     if rank == failing_rank:
-        setattr(checkpoint, what, _disk_full)
+        setattr(manager, what, _disk_full)
     start = time.monotonic()
-    with pytest.raises(checkpoint.SaveFailed, match=rf"^checkpoint.dir \({root}\) could not take the checkpoint of "
-                                                    rf"step 3 \(rank {failing_rank}: OSError: \[Errno 28\] No space"):
-        checkpoint.save(_trainer(root, 3))
+    with pytest.raises(SaveFailed, match=rf"^checkpoint.dir \({root}\) could not take the checkpoint of "
+                                         rf"step 3 \(rank {failing_rank}: OSError: \[Errno 28\] No space"):
+        _manager(root, 3).save(3)
     assert time.monotonic() - start < TIMEOUT_S / 3, "a rank waited for a peer that had failed"
     assert not (root / "step_00000003").exists() and not list(root.glob(".tmp-*"))  # nothing half-written stays
-    setattr(checkpoint, what, real)
+    setattr(manager, what, real)
     together = torch.ones(1)
     dist.all_reduce(together)  # both ranks carry on in step
     assert together.item() == world
-    path = checkpoint.save(_trainer(root, 3))
+    path = _manager(root, 3).save(3)
     assert path == root / "step_00000003" and (path / "meta.json").is_file()
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("failing_rank,what", [(0, "_write_meta"), (1, "_crc")],
+@pytest.mark.parametrize("failing_rank,what", [(0, "_write_meta"), (1, "crc")],
                          ids=["rank 0 writing meta.json", "rank 1 checking its files"])
 def test_a_failed_save_fails_every_rank_at_once(tmp_path, failing_rank, what):
     spawn(_save_fails_on_one_rank, 2, tmp_path / "checkpoints", failing_rank, what, timeout=TIMEOUT_S)

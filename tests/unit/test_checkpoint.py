@@ -15,7 +15,11 @@ from torch import nn
 
 from seqpar.cli import compose
 from seqpar.parallel.mesh import ParallelMesh
-from seqpar.trainer import checkpoint
+from seqpar.preflight import prepare
+from seqpar.trainer.checkpoint import OptimizerState, find_resume, manager, read_meta, verify_files
+from seqpar.trainer.checkpoint.compat import check_same_sequences, sequences_record
+from seqpar.trainer.checkpoint.paths import complete_checkpoints
+from seqpar.trainer.engine import DEEPSPEED_DIR, DEEPSPEED_TAG
 from seqpar.trainer.loop import Trainer
 
 from ..conftest import CONFIG_DIR
@@ -25,9 +29,12 @@ FAST = ["trainer.threads=1", "trainer.eval_batches=1", "trainer.eval_every=0", "
 
 
 def make_trainer(run: Path, *overrides: str) -> Trainer:
+    """A trainer as a job builds it: the preflight finds the checkpoint to resume from (the newest in `run` under
+    checkpoint.resume=auto), the trainer loads it."""
     cfg = compose(CONFIG_DIR, [*FAST, *overrides])
     cfg.run_dir = str(run)
-    return Trainer(cfg, ParallelMesh.from_config(cfg.parallel, torch.device("cpu")))
+    job = prepare(cfg)
+    return Trainer(job.cfg, ParallelMesh.from_config(job.cfg.parallel, torch.device("cpu")), resume=job.resume)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +68,9 @@ def test_loaded_adam_step_lives_where_fused_and_capturable_kernels_need_it():
     parameters, as `Optimizer.load_state_dict` puts them."""
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to("meta")
     opt = torch.optim.AdamW(model.parameters(), capturable=True)
-    loaded = {f"optim.{name}.{key}": (torch.tensor(5.0) if key == "step" else torch.full(p.shape, 0.5))
+    loaded = {f"{name}.{key}": (torch.tensor(5.0) if key == "step" else torch.full(p.shape, 0.5))
               for name, p in model.named_parameters() for key in ("exp_avg", "exp_avg_sq", "step")}
-    checkpoint.load_optim_state(opt, model, loaded)
+    OptimizerState(opt, model).load_state_dict(loaded)
     for p in model.parameters():
         state = opt.state[p]
         assert {k: v.device.type for k, v in state.items()} == {"exp_avg": "meta", "exp_avg_sq": "meta", "step": "meta"}
@@ -86,7 +93,7 @@ def test_loaded_adam_state_equals_the_saved_one(saved, tmp_path):
 
 def _plant_deepspeed_files(ckpt: Path, target: Path) -> list[str]:
     """Pickles where DeepSpeed's loader looks (model states and ZeRO optimizer partitions)."""
-    folder = ckpt / checkpoint.DEEPSPEED_DIR / checkpoint.DEEPSPEED_TAG
+    folder = ckpt / DEEPSPEED_DIR / DEEPSPEED_TAG
     folder.mkdir(parents=True)
     names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     for name in names:
@@ -173,7 +180,7 @@ def test_a_failed_periodic_save_warns_and_training_goes_on_but_a_failed_last_sav
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "_write_meta", disk_full)
+    monkeypatch.setattr(manager, "_write_meta", disk_full)
     trainer = make_trainer(tmp_path, "trainer.max_steps=2", "checkpoint.every=1")
     root = tmp_path / "checkpoints"
     with pytest.raises(TrainingAborted) as info:
@@ -218,8 +225,6 @@ def test_auto_resume_passes_over_a_damaged_newest_checkpoint(saved, tmp_path, ca
     """A requeued job must not need a person: resume=auto continues from the newest checkpoint that passes its
     checks, says which it passed over and why, and keeps the damaged one (moved aside, byte for byte). A
     half-written last line of metrics.jsonl (the job was killed mid-write) is dropped, not a reason to stop."""
-    from seqpar.preflight import prepare
-
     run = copy_run(saved, tmp_path / "run")
     root, newest = run / "checkpoints", run / "checkpoints" / "step_00000002"
     damage(newest)
@@ -239,13 +244,12 @@ def test_auto_resume_passes_over_a_damaged_newest_checkpoint(saved, tmp_path, ca
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 1
     trainer.fit()  # step 2 again, saved as a new checkpoint where the damaged one was
-    assert [p.name for p in checkpoint.complete_checkpoints(root)] == ["step_00000001", "step_00000002"]
-    checkpoint.verify_files(newest, checkpoint.read_meta(newest))
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000001", "step_00000002"]
+    verify_files(newest, read_meta(newest))
 
 
 def test_auto_resume_refuses_when_every_checkpoint_is_damaged(saved, tmp_path):
     from seqpar.errors import UserError
-    from seqpar.preflight import prepare
 
     run = copy_run(saved, tmp_path / "run")
     for step in (1, 2):
@@ -279,7 +283,7 @@ def test_rolling_back_moves_the_newer_checkpoints_aside(saved, tmp_path, capsys)
     assert f"moved step_00000002 into {root / 'superseded'}" in capsys.readouterr().err
     trainer.fit()
     trainer.cfg.checkpoint.resume = "auto"
-    assert checkpoint.find_resume(trainer.cfg) == root / "step_00000002"  # the new history's (trained at lr 5e-4)
+    assert find_resume(trainer.cfg).path == root / "step_00000002"  # the new history's (trained at lr 5e-4)
     assert _digest(root / "step_00000002") != first
     make_trainer(run, "trainer.max_steps=2", back)  # and back again
     assert sorted(p.name for p in (root / "superseded").iterdir()) == ["step_00000002", "step_00000002.1"]
@@ -307,7 +311,6 @@ def test_resume_refuses_other_data_settings(saved, tmp_path, overrides, field, t
     """The saved position (epoch, batch) counts the sequences these settings make: another value is one error line
     naming the field and the fix, at the entry point."""
     from seqpar.errors import UserError
-    from seqpar.preflight import prepare
 
     (tmp_path / "book.txt").write_text("Some text for a corpus. " * 200)
     cfg = compose(CONFIG_DIR, [*FAST, *(o.format(text=tmp_path / "book.txt") for o in overrides)])
@@ -330,17 +333,17 @@ def test_resume_refuses_another_tokenizer_or_changed_text(saved):
     from seqpar.errors import UserError
 
     ckpt = saved / "checkpoints" / "step_00000002"
-    meta = checkpoint.read_meta(ckpt)
+    meta = read_meta(ckpt)
     tok = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     n = meta["data"]["train_sequences"]
-    checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n)))  # the same: fine
+    check_same_sequences(ckpt, meta, sequences_record(SimpleNamespace(tokenizer=tok, train=range(n))))  # the same
     with pytest.raises(UserError, match=rf"was trained on {n} training sequences, this run's data makes {n + 5}: "
                                           "the text changed; resume on the data"):
-        checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n + 5)))
+        check_same_sequences(ckpt, meta, sequences_record(SimpleNamespace(tokenizer=tok, train=range(n + 5))))
     tok.add_tokens(["<another-token>"])
     with pytest.raises(UserError, match=r"was trained with another tokenizer .*; resume with the checkpoint's "
                                           rf"tokenizer \(data.tokenizer={ckpt / 'tokenizer'}\)"):
-        checkpoint.check_same_sequences(ckpt, meta, SimpleNamespace(tokenizer=tok, train=range(n)))
+        check_same_sequences(ckpt, meta, sequences_record(SimpleNamespace(tokenizer=tok, train=range(n))))
 
 
 def test_the_trainer_checks_the_data_record_and_takes_an_older_checkpoint_without_one(saved, tmp_path):
