@@ -35,21 +35,12 @@ from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.signals import StopSignal
 from seqpar.parallel.tensor import loss_context
 from seqpar.trainer.checkpoint import (
-    LOADER,
-    MODEL,
-    OPTIM,
-    RNG,
-    SCHEDULER,
-    TRAIN,
     CheckpointManager,
-    ModelState,
-    OptimizerState,
     ResumePoint,
-    RngState,
     SaveFailed,
-    SchedulerState,
     TrainState,
     data_record,
+    training_states,
 )
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
@@ -138,7 +129,7 @@ class Trainer:
             torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
         )
         self.state = TrainState()  # step, bad_steps (non-finite losses in a row), skipped_steps (in the whole run)
-        self.checkpoints = CheckpointManager(cfg, self._checkpointed(), tokenizer=self.data.tokenizer,
+        self.checkpoints = CheckpointManager(cfg, self._checkpointed_states(), tokenizer=self.data.tokenizer,
                                              data_record=data_record(cfg, self.data),
                                              engine=self.engine if isinstance(self.engine, DeepSpeedEngine) else None)
         resumed = self.checkpoints.load(resume)  # passes over damaged checkpoints under resume=auto
@@ -149,13 +140,10 @@ class Trainer:
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.peak_flops = device_peak_flops(self.device, t.peak_flops, t.precision)
 
-    def _checkpointed(self) -> dict:
-        """What a checkpoint holds, by the name it keeps each under. Under DeepSpeed the engine saves the model and
-        optimizer itself (the manager's `engine`)."""
-        weights = {} if isinstance(self.engine, DeepSpeedEngine) else {
-            MODEL: ModelState(self.model), OPTIM: OptimizerState(self.optimizer, self.model)}
-        return {**weights, SCHEDULER: SchedulerState(self.scheduler), LOADER: self.loader, TRAIN: self.state,
-                RNG: RngState(self.mesh.rank, self.device)}
+    def _checkpointed_states(self) -> dict:
+        deepspeed = isinstance(self.engine, DeepSpeedEngine)  # it saves the model and optimizer itself
+        return training_states(None if deepspeed else self.model, self.optimizer, self.scheduler, self.loader,
+                               self.state, self.mesh.rank, self.device)
 
     @property
     def step(self) -> int:

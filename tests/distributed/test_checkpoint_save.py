@@ -13,21 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from seqpar.config import Config
-from seqpar.trainer.checkpoint import (
-    LOADER,
-    MODEL,
-    OPTIM,
-    RNG,
-    SCHEDULER,
-    TRAIN,
-    CheckpointManager,
-    ModelState,
-    OptimizerState,
-    RngState,
-    SaveFailed,
-    TrainState,
-    manager,
-)
+from seqpar.trainer.checkpoint import CheckpointManager, SaveFailed, TrainState, manager, training_states
 
 from .spawn import spawn
 
@@ -62,9 +48,10 @@ def _manager(root: Path, step: int) -> CheckpointManager:
     cfg.checkpoint.dir = str(root)
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
-    states = {MODEL: ModelState(model), OPTIM: OptimizerState(torch.optim.AdamW(model.parameters()), model),
-              SCHEDULER: _Record({"last_epoch": step}), LOADER: _Record({"epoch": 0, "batch": step}),
-              TRAIN: TrainState(step=step), RNG: RngState(dist.get_rank(), torch.device("cpu"))}
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    states = training_states(model, optimizer, scheduler, _Record({"epoch": 0, "batch": step}), TrainState(step=step),
+                             dist.get_rank(), torch.device("cpu"))
     return CheckpointManager(cfg, states, tokenizer=_Tokenizer(), data_record={"vocab_crc32": 0, "train_sequences": 8})
 
 

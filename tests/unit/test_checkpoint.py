@@ -16,9 +16,10 @@ from torch import nn
 from seqpar.cli import compose
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.preflight import prepare
-from seqpar.trainer.checkpoint import OptimizerState, find_resume, manager, read_meta, verify_files
+from seqpar.trainer.checkpoint import find_resume, manager, read_meta, verify_files
 from seqpar.trainer.checkpoint.compat import check_same_sequences, sequences_record
 from seqpar.trainer.checkpoint.paths import complete_checkpoints
+from seqpar.trainer.checkpoint.state import OptimizerState
 from seqpar.trainer.engine import DEEPSPEED_DIR, DEEPSPEED_TAG
 from seqpar.trainer.loop import Trainer
 

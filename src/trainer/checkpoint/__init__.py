@@ -47,22 +47,9 @@ from seqpar.trainer.checkpoint.manager import CheckpointManager, SaveFailed
 from seqpar.trainer.checkpoint.model_weights import load_model_weights
 from seqpar.trainer.checkpoint.paths import newest_if_root
 from seqpar.trainer.checkpoint.resume import ResumePoint, find_resume
-from seqpar.trainer.checkpoint.state import (
-    LOADER,
-    MODEL,
-    OPTIM,
-    RNG,
-    SCHEDULER,
-    TRAIN,
-    ModelState,
-    OptimizerState,
-    RngState,
-    SchedulerState,
-    TrainState,
-)
+from seqpar.trainer.checkpoint.state import TrainState, training_states
 
 __all__ = [
-    "LOADER", "MODEL", "OPTIM", "RNG", "SCHEDULER", "TRAIN", "CheckpointManager", "ModelState", "OptimizerState",
-    "ResumePoint", "RngState", "SaveFailed", "SchedulerState", "TrainState", "data_record", "find_resume",
-    "load_model_weights", "model_config_of", "newest_if_root", "read_meta", "verify_files",
+    "CheckpointManager", "ResumePoint", "SaveFailed", "TrainState", "data_record", "find_resume", "load_model_weights",
+    "model_config_of", "newest_if_root", "read_meta", "training_states", "verify_files",
 ]

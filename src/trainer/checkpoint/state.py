@@ -132,3 +132,13 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step, self.bad_steps, self.skipped_steps = state["step"], state["bad_steps"], state["skipped_steps"]
+
+
+
+def training_states(model: nn.Module | None, optimizer: torch.optim.Optimizer, scheduler, loader, train: TrainState,
+                    rank: int, device: torch.device) -> dict:
+    """Everything a training checkpoint holds, by the name it keeps each under. `model` None: an engine that saves
+    the model and the optimizer itself (DeepSpeed, the manager's `engine`)."""
+    weights = {} if model is None else {MODEL: ModelState(model), OPTIM: OptimizerState(optimizer, model)}
+    return {**weights, SCHEDULER: SchedulerState(scheduler), LOADER: loader, TRAIN: train,
+            RNG: RngState(rank, device)}
