@@ -36,7 +36,7 @@ from seqpar.parallel.sequence.kernels import (
 
 
 # ------------------------------------------------------------------------------------------ ring attention
-def _plan(rank: int, src: int, causal: bool, t: int):
+def _block_slices(rank: int, src: int, causal: bool, t: int):
     """(query slice, key slice, causal kernel?) for the block of rank `src` seen from `rank`; zigzag if causal."""
     full, half = slice(0, t), t // 2
     if not causal:
@@ -85,7 +85,7 @@ class _RingAttentionFn(torch.autograd.Function):
             src = (r - i) % n
             if i < n - 1:
                 ring.start(kb, vb)  # next block in flight while this one computes
-            qs, ks, blk_causal = _plan(r, src, causal, t)
+            qs, ks, blk_causal = _block_slices(r, src, causal, t)
             m = masks[src][:, ks] if masks[src] is not None else None
             blk_out, blk_lse = block_forward(q[:, :, qs], kb[:, :, ks], vb[:, :, ks], blk_causal, key_bias(m, q.dtype))
             blk_lse = no_key_rows(blk_lse, m)
@@ -125,7 +125,7 @@ def _backward(dout, q, k, v, out, lse, masks, causal, group):
         src = (r - i) % n
         if i < n - 1:
             kv_ring.start(kb, vb)
-        qs, ks, blk_causal = _plan(r, src, causal, t)
+        qs, ks, blk_causal = _block_slices(r, src, causal, t)
         m = masks[src][:, ks] if masks[src] is not None else None
         g = block_backward(dout[:, :, qs], q[:, :, qs], kb[:, :, ks], vb[:, :, ks], out[:, :, qs],
                            lse[:, :, qs].contiguous(), blk_causal, key_bias(m, q.dtype))
@@ -163,7 +163,7 @@ def _lean_backward(dout, q, k, v, out, lse, masks, causal, group):
     dq = dk = dv = None
     for i in range(n):
         src = (r - i) % n
-        qs, ks, blk_causal = _plan(r, src, causal, t)
+        qs, ks, blk_causal = _block_slices(r, src, causal, t)
         m = masks[src][:, ks] if masks[src] is not None else None
         bias = key_bias(m, q.dtype)
         if i == 0 and n == 2:  # our block's gradients become the fp32 accumulators (no zero-filled buffers)
