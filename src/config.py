@@ -128,7 +128,8 @@ class TrainerConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    activation_checkpointing: bool = False
+    # true: recompute each block in backward; offload: also keep the block inputs it saves in host memory
+    activation_checkpointing: bool | str = False
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation (a final evaluation still runs)
     eval_batches: int = 4

@@ -113,9 +113,10 @@ def default_store():
     return dist.distributed_c10d._get_default_store()
 
 
-def checkpoint_wrapper(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` wrapped to recompute its forward in backward (activation checkpointing); the wrapped module is
-    the wrapper's `CHECKPOINT_WRAPPED` attribute, which parameter names then contain."""
+def checkpoint_wrapper(module: torch.nn.Module, checkpoint_fn=None) -> torch.nn.Module:
+    """`module` wrapped to recompute its forward in backward (activation checkpointing) with `checkpoint_fn(fn,
+    *args, **kwargs)` (None: torch's non-reentrant checkpoint); the wrapped module is the wrapper's
+    `CHECKPOINT_WRAPPED` attribute, which parameter names then contain."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper as wrap
 
-    return wrap(module)
+    return wrap(module, checkpoint_fn=checkpoint_fn)

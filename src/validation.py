@@ -234,6 +234,8 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig) -> None:
     _positive("trainer.eps", t.eps)
     _positive("trainer.grad_clip", t.grad_clip, zero_ok=True)
     _choice("trainer.precision", t.precision, PRECISIONS)
+    if not isinstance(t.activation_checkpointing, bool):
+        _choice("trainer.activation_checkpointing", t.activation_checkpointing, ("offload",))
     _positive("trainer.log_every", t.log_every)
     _positive("trainer.eval_every", t.eval_every, zero_ok=True)
     _positive("trainer.eval_batches", t.eval_batches)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.autograd.graph import save_on_cpu
+from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import Config
 from seqpar.models import set_core_attention, set_sequence_projection
@@ -48,7 +50,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config, value_of: Val
         apply_tensor_parallel(model, mesh.device_mesh["tp"], cfg.model.attn_dropout,
                               shard_activations=cfg.parallel.tp_shard_activations)
     if cfg.trainer.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, offload=cfg.trainer.activation_checkpointing == "offload")
     pipeline = None
     if mesh.pp > 1:
         p = cfg.parallel
@@ -58,10 +60,22 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config, value_of: Val
     return pipeline, gradient_reducer(model, mesh)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each transformer block in backward instead of keeping its activations."""
+def apply_activation_checkpointing(model: nn.Module, offload: bool = False) -> None:
+    """Recompute each transformer block in backward instead of keeping its activations; with `offload`, the block
+    inputs that the recomputation needs wait in host memory (`offloaded_checkpoint`)."""
     for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block)
+        model.layers[i] = checkpoint_wrapper(block, offloaded_checkpoint if offload else None)
+
+
+def offloaded_checkpoint(fn, *args, **kwargs):
+    """Non-reentrant activation checkpointing whose saved inputs live in host memory until their backward.
+
+    torch's checkpoint saves the block's tensor inputs (the hidden states, the padding mask) for the recomputation
+    before it installs its own saved-tensor hooks, so a `save_on_cpu` context around it moves exactly those to the
+    host (pinned, for an asynchronous copy, when a GPU is there), while what the recomputation saves stays under
+    the checkpoint's hooks. Each input comes back to the device when its block's backward starts."""
+    with save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
 
 def gradient_reducer(model: nn.Module, mesh: ParallelMesh) -> GradientReducer | None:

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"{cfg.model.name}, {cfg.data.seq_len} tokens x {cfg.trainer.global_batch_size} sequences per step, "
           f"{args.gpus} x {args.gpu_mem_gib:g} GiB, engine {cfg.trainer.engine}, sp_impl {cfg.parallel.sp_impl}"
-          f"{', activation checkpointing' if cfg.trainer.activation_checkpointing else ''}")
+          f"{', activation checkpointing' if cfg.trainer.activation_checkpointing else ''}"
+          f"{' (block inputs offloaded to host memory)' if cfg.trainer.activation_checkpointing == 'offload' else ''}")
     print(f"{'layout':<22}{'micro':>6}{'params+grads+optim':>20}{'activations':>13}{'logits':>9}{'peak GiB':>10}"
           f"{'comm MiB/step':>15}{'step s':>8}  fits")
     for e in rows[: args.top]:

@@ -132,8 +132,10 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     layers = math.ceil(m.num_layers / stages) * (stages // pp)
     per_layer = activation_bytes_per_token_layer(cfg, tp, sp, T, cfg.parallel.sp_impl) * tokens
     backward = 0.0
+    offload = t.activation_checkpointing == "offload"
     if t.activation_checkpointing:  # block inputs kept; in backward, one block's activations rebuilt at a time
-        acts = layers * tokens * m.hidden_size * 4
+        # offload: the inputs wait in host memory, and one is back on the device for its block's backward
+        acts = (1 if offload else layers) * tokens * m.hidden_size * 4
         backward = per_layer
     else:
         acts = layers * per_layer
@@ -143,7 +145,7 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
         in_flight = cfg.parallel.microbatches
         if cfg.parallel.pp_schedule == "1f1b":
             in_flight = min(in_flight, pp)
-    acts *= in_flight
+    acts *= 1 if offload else in_flight
     acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
     vocab = m.vocab_size / tp
     # The logits, whose memory the loss (seqpar.trainer.loss) reuses for their gradient; under tp, torch's

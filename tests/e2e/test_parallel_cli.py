@@ -38,7 +38,8 @@ SWEEPS = {
     "dp": ["parallel.dp=2", "trainer.micro_batch_size=4"],
     "dp x sp": ["parallel.dp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
     "tp, dp x tp": ["parallel.dp=1,2", "parallel.tp=2", "trainer.micro_batch_size=4"],
-    "tp x sp": ["parallel.tp=2", "parallel.sp=2", "trainer.micro_batch_size=4"],  # rsa/ulysses under tp: same hook
+    # rsa/ulysses under tp: the same hook; with activation checkpointing whose block inputs wait in host memory
+    "tp x sp": ["parallel.tp=2", "parallel.sp=2", "trainer.micro_batch_size=4", "trainer.activation_checkpointing=offload"],
     # Megatron's activation sharding inside tp (LayerNorm/dropout regions hold T/tp tokens), under sp (alone: in
     # the dropout test below, for GPT).
     "tp activation sharding": ["parallel.tp=2", "parallel.tp_shard_activations=true", "parallel.sp=2",

@@ -44,6 +44,9 @@ def test_estimates_follow_the_layout():
     ckpt = _by_layout(plan(compose(CONFIG_DIR, [*BERT, "trainer.activation_checkpointing=true"]), gpus=4,
                            gpu_mem_gib=80))[1, 1, 1, 4, 8]
     assert ckpt.activations_mib < sp4.activations_mib / 3
+    offload = _by_layout(plan(compose(CONFIG_DIR, [*BERT, "trainer.activation_checkpointing=offload"]), gpus=4,
+                              gpu_mem_gib=80))[1, 1, 1, 4, 8]
+    assert offload.activations_mib < ckpt.activations_mib  # one block's input on the device instead of every one
     zero = _by_layout(plan(compose(CONFIG_DIR, [*BERT, "trainer.engine=deepspeed", "trainer.zero_stage=2"]), gpus=4,
                            gpu_mem_gib=80))[4, 1, 1, 1, 2]
     # ZeRO-2 over 4 ranks: Adam's moments and the fp32 copy it updates, a quarter each (12 of 8 bytes per
