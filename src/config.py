@@ -130,6 +130,8 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     # true: recompute each block in backward; offload: also keep the block inputs it saves in host memory
     activation_checkpointing: bool | str = False
+    # The output layer and the loss a slab of tokens at a time, never the whole logits (trainer/loss.py)
+    fused_loss: bool = True
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation (a final evaluation still runs)
     eval_batches: int = 4

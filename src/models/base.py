@@ -1,6 +1,8 @@
 """What every model here shares: `LanguageModel`, built from its ModelConfig, declaring its parallel layout
 (`layout`) and transformers interop (`hf`), initialised per parameter name, and run in three parts (`embed`, the
-blocks of `layers`, `head`) so that a pipeline stage can run the parts it holds."""
+blocks of `layers`, `head`) so that a pipeline stage can run the parts it holds. The head is the features it
+computes (`head_features`) and the output layer that projects them to the vocabulary (`output_layer`): a loss that
+never builds the whole logits (`seqpar.trainer.loss.linear_loss_sum`) takes the two apart."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from seqpar.models.layout import ParallelLayout
 
 class LanguageModel(nn.Module):
     """A subclass defines `embed(input_ids, position_ids, token_type_ids, dropout_key)` -> (B, T, C), the blocks
-    `layers` (each `block(x, key_padding_mask, dropout_key)`), `head(x)` -> logits, and `forward`."""
+    `layers` (each `block(x, key_padding_mask, dropout_key)`), `head_features(x)` -> (..., C), the output layer
+    named by its layout, and `forward` (whose `head_features_only=True` stops before the output layer)."""
 
     arch: str  # the model.arch it implements
     layout: ParallelLayout
@@ -45,3 +48,12 @@ class LanguageModel(nn.Module):
         for block in self.layers:
             x = block(x, key_padding_mask, key)
         return x
+
+    @property
+    def output_layer(self) -> nn.Module:
+        """The layer that projects the head's features to the vocabulary."""
+        return self.get_submodule(self.layout.output_layer)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states -> (..., V) logits."""
+        return self.output_layer(self.head_features(x))

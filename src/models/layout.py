@@ -40,6 +40,7 @@ BLOCK_TP_PLAN = {
 _WITHOUT_TOKEN_SHARDS = {"vocab_embedding_to_tokens": "vocab_embedding", "rowwise_to_tokens": "rowwise",
                          "vocab_head_from_tokens": "vocab_head", "token_norm": None, "gather_tokens": None,
                          "gather_tokens_with_mask": None}
+_VOCAB_HEADS = ("vocab_head", "vocab_head_from_tokens")
 _SPLIT_WEIGHT_AND_BIAS = ("colwise", "vocab_head", "vocab_head_from_tokens")
 _SPLIT_WEIGHT = ("rowwise", "rowwise_to_tokens", "vocab_embedding", "vocab_embedding_to_tokens")
 
@@ -60,6 +61,15 @@ class ParallelLayout:
             return dict(self.tp_plan)
         plain = {name: _WITHOUT_TOKEN_SHARDS.get(style, style) for name, style in self.tp_plan.items()}
         return {name: style for name, style in plain.items() if style is not None}
+
+    @property
+    def output_layer(self) -> str:
+        """The module that projects to the vocabulary (the tp plan's vocabulary-parallel head)."""
+        return next(name for name, style in self.tp_plan.items() if style in _VOCAB_HEADS)
+
+    def output_takes_token_shards(self, shard_activations: bool) -> bool:
+        """Whether the output layer's input is cut into token shards (it gathers them itself)."""
+        return shard_activations and self.tp_plan[self.output_layer] == "vocab_head_from_tokens"
 
     def tp_divides(self, param: str) -> bool:
         """Whether tensor parallelism splits the parameter `param` (so each rank holds 1/tp of it)."""

@@ -39,9 +39,10 @@ ValueOf = Callable[[str, tuple[int, ...]], torch.Tensor]  # (parameter name, who
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config, value_of: ValueOf,
-                pipeline_loss=None) -> tuple[Pipeline | None, GradientReducer | None]:
+                pipeline_loss=None, loss_takes_features: bool = False) -> tuple[Pipeline | None, GradientReducer | None]:
     """Apply the layout to `model` (built on the meta device) and materialise it; returns this rank's pipeline
-    (pp > 1, with `pipeline_loss` on its last stage) and gradient reducer (dp x sp > 1), else None for each."""
+    (pp > 1, with `pipeline_loss` on its last stage: of the logits, or with `loss_takes_features` of the output
+    layer's input) and gradient reducer (dp x sp > 1), else None for each."""
     if mesh.sp > 1 and cfg.model.attention == "linformer":  # projected keys summed over sp, local attention
         set_sequence_projection(model, SequenceParallelProjection(mesh.group("sp")))
     elif mesh.sp > 1:
@@ -55,7 +56,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config, value_of: Val
     if mesh.pp > 1:
         p = cfg.parallel
         pipeline = Pipeline(model, mesh.local_rank("pp"), mesh.pp, mesh.group("pp"), p.pp_schedule, p.microbatches,
-                            mesh.device, pipeline_loss)
+                            mesh.device, pipeline_loss, loss_takes_features)
     materialize(model, mesh.device, value_of)
     return pipeline, gradient_reducer(model, mesh)
 

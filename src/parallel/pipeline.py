@@ -44,9 +44,9 @@ def layer_split(num_layers: int, stages: int) -> list[range]:
 class Stage(nn.Module):
     """One pipeline stage: a shallow view of the model holding only its layers (and embeddings / head)."""
 
-    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):
+    def __init__(self, model: nn.Module, layers: range, first: bool, last: bool, head_features_only: bool = False):
         super().__init__()
-        self.first, self.last = first, last
+        self.first, self.last, self.head_features_only = first, last, head_features_only
         shell = copy.copy(model)  # shares parameters; own module table below
         shell._modules = {k: m for k, m in model._modules.items() if k != "layers"}
         shell.layers = nn.ModuleList(model.layers[i] for i in layers)
@@ -63,14 +63,16 @@ class Stage(nn.Module):
         mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.model.layers:
             x = block(x, mask, key)
-        return self.model.head(x) if self.last else x
+        if not self.last:
+            return x
+        return self.model.head_features(x) if self.head_features_only else self.model.head(x)
 
 
 class Pipeline:
     """This rank's stages of `model` and the schedule that runs them over the pp group."""
 
     def __init__(self, model: nn.Module, pp_rank: int, pp: int, group, schedule: str, microbatches: int,
-                 device: torch.device, loss_fn):
+                 device: torch.device, loss_fn, loss_takes_features: bool = False):
         from torch.distributed.pipelining import PipelineStage
 
         v = virtual_stages(schedule)
@@ -80,7 +82,8 @@ class Pipeline:
         self.first = 0 in self.stage_ids
         self.last = n_stages - 1 in self.stage_ids
         self.n_stages, self.pp, self.group = n_stages, pp, group
-        self.modules = [Stage(model, split[s], s == 0, s == n_stages - 1) for s in self.stage_ids]
+        self.modules = [Stage(model, split[s], s == 0, s == n_stages - 1, loss_takes_features)
+                        for s in self.stage_ids]
         # Prune the model to this rank's part (names stay global: other ranks' layers become Identity).
         mine = {i for s in self.stage_ids for i in split[s]}
         for i in range(len(model.layers)):

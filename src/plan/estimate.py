@@ -29,6 +29,7 @@ from seqpar.errors import UserError
 from seqpar.models import MODELS, build_model
 from seqpar.parallel.pipeline import layer_split
 from seqpar.plan.baseline import runtime_baseline_mib
+from seqpar.trainer.loss import LINEAR_SLAB_ELEMENTS
 from seqpar.validation import validate_engine, validate_layout
 
 MIB = 2**20
@@ -112,7 +113,7 @@ def activation_bytes_per_token_layer(cfg: Config, tp: int, sp: int, seq_len: int
 
 
 def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp: int, micro: int,
-             runtime_mib: float) -> Estimate:
+             runtime_mib: float, device: str = "cuda") -> Estimate:
     t, m = cfg.trainer, cfg.model
     T = cfg.data.seq_len
     tokens = micro * T / sp  # tokens of one micro-batch on this rank
@@ -148,12 +149,23 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     acts *= 1 if offload else in_flight
     acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
     vocab = m.vocab_size / tp
-    # The logits, whose memory the loss (seqpar.trainer.loss) reuses for their gradient; under tp, torch's
-    # loss_parallel backward holds five fp32 tensors of their size (the log-softmax, its exp, the target term, their
-    # sum and the product with the gradient).
-    logits = tokens * vocab * (2 if t.precision == "bf16" else 4) if tp == 1 else 5 * tokens * vocab * 4
-    if m.arch == "bert" and tp == 1 and pp == 1:  # the trainer runs BERT's head at the target tokens only
-        logits *= cfg.data.mlm_probability
+    head_tokens = tokens * (cfg.data.mlm_probability if m.arch == "bert" else 1.0)  # BERT predicts its targets only
+    if t.fused_loss:
+        # The output layer and the loss a slab at a time (seqpar.trainer.loss.linear_loss_sum): the slab's fp32
+        # logits, turned into their gradient in place (and, under bf16, its bf16 copy), the weight's fp32 gradient
+        # (computed in forward and held until backward) and a slab's share of it, and the features' gradient;
+        # under bf16, the weight's bf16 copy.
+        bf16 = t.precision == "bf16"
+        rows = min(head_tokens, max(1, LINEAR_SLAB_ELEMENTS.get(device, LINEAR_SLAB_ELEMENTS["cuda"]) // vocab))
+        logits = (rows * vocab * (6 if bf16 else 4) + 2 * vocab * m.hidden_size * 4
+                  + head_tokens * m.hidden_size * (2 if bf16 else 4) + (vocab * m.hidden_size * 2 if bf16 else 0))
+    else:
+        # The logits, whose memory the loss (seqpar.trainer.loss) reuses for their gradient; under tp, torch's
+        # loss_parallel backward holds five fp32 tensors of their size (the log-softmax, its exp, the target term,
+        # their sum and the product with the gradient).
+        logits = tokens * vocab * (2 if t.precision == "bf16" else 4) if tp == 1 else 5 * tokens * vocab * 4
+        if m.arch == "bert" and tp == 1 and pp == 1:  # the trainer runs BERT's head at the target tokens only
+            logits *= cfg.data.mlm_probability
     if pp > 1 and cfg.parallel.pp_schedule != "1f1b":  # the last stage runs every forward before any backward
         logits *= in_flight
     comm = 0.0
@@ -218,7 +230,7 @@ def plan(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda", tflop
     for p, micros in layouts(cfg, gpus):
         c = dataclasses.replace(cfg, parallel=p)
         for micro in micros:
-            e = estimate(c, counts, p.dp, p.pp, p.tp, p.sp, micro, runtime)
+            e = estimate(c, counts, p.dp, p.pp, p.tp, p.sp, micro, runtime, device)
             e.fits = e.peak_mib <= gpu_mem_gib * 1024
             bubble = (p.pp - 1) / (p.microbatches + p.pp - 1) if p.pp > 1 else 0.0
             e.step_s = flops / (gpus * tflops * 1e12) / (1 - bubble) + e.comm_mib_per_step * MIB / (gbps * 1e9)

@@ -28,7 +28,7 @@ from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
 from seqpar.data.tokenizer import vocab_checksum
 from seqpar.errors import UserError
-from seqpar.models import build_model
+from seqpar.models import MODELS, build_model
 from seqpar.models.hf import not_exportable, save_pretrained
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.sequence import shard_batch
@@ -42,9 +42,9 @@ from seqpar.trainer.checkpoint import (
     data_record,
     training_states,
 )
-from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
+from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine, zero_stage
 from seqpar.trainer.loggers import build_loggers
-from seqpar.trainer.loss import loss_sum
+from seqpar.trainer.loss import loss_sum, output_loss_sum
 from seqpar.trainer.metrics import (
     device_peak_flops,
     flops_per_token,
@@ -65,15 +65,21 @@ class TrainingAborted(RuntimeError):
     exit_code = 3
 
 
-def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device, targets_only: bool) -> torch.Tensor:
+def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device, targets_only: bool,
+                   output_loss=None) -> torch.Tensor:
     """`forward(**inputs)`'s summed loss on a micro-batch. `targets_only` (BERT): the MLM head runs only at the
-    target positions (`prediction_mask`), which gives the same loss for a fraction of the head's work."""
+    target positions (`prediction_mask`), which gives the same loss for a fraction of the head's work.
+    `output_loss(features, labels)`: the model stops before its output layer and this computes the loss from its
+    input (`seqpar.trainer.loss.output_loss_sum`); None: the loss of the logits."""
     inputs = {k: micro[k].to(device) for k in MODEL_INPUTS if k in micro}
+    if output_loss is not None:
+        inputs["head_features_only"] = True
+    loss = output_loss or loss_sum
     labels = micro["labels"].to(device)
     if not targets_only:
-        return loss_sum(forward(**inputs), labels)
+        return loss(forward(**inputs), labels)
     targets = labels != IGNORE_INDEX
-    return loss_sum(forward(**inputs, prediction_mask=targets), labels[targets])
+    return loss(forward(**inputs, prediction_mask=targets), labels[targets])
 
 
 def _split(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
@@ -110,7 +116,16 @@ class Trainer:
         self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism
         # torch's RNG, the same on every rank: attention dropout (tp ranks draw the same stream and keep their heads)
         torch.manual_seed(t.seed)
-        self.model, self.pipeline, self.reducer = build_rank_model(cfg, mesh, loss_sum)
+        # The loss from the output layer's input, a slab of tokens at a time (ZeRO-3 gathers a weight only while its
+        # module runs, so there the output layer makes the logits and the loss reads them).
+        self.output_loss = None
+        if t.fused_loss and not (t.engine == "deepspeed" and zero_stage(cfg) == 3):
+            tp_group = mesh.group("tp") if mesh.tp > 1 else None
+            token_shards = MODELS[cfg.model.arch].layout.output_takes_token_shards(cfg.parallel.tp_shard_activations)
+            self.output_loss = lambda features, labels: output_loss_sum(self.model, features, labels, tp_group,
+                                                                        token_shards)
+        self.model, self.pipeline, self.reducer = build_rank_model(cfg, mesh, self.output_loss or loss_sum,
+                                                                   loss_takes_features=self.output_loss is not None)
         self.flops_per_token = flops_per_token(build_model(cfg.model, "meta"), cfg.model, cfg.data.seq_len)  # whole
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)  # on torch's AdamW: DeepSpeed steps that one too
@@ -169,7 +184,7 @@ class Trainer:
             with self.autocast:
                 return self.engine.forward(**inputs)
 
-        return model_loss_sum(forward, micro, self.device, self.targets_only)
+        return model_loss_sum(forward, micro, self.device, self.targets_only, self.output_loss)
 
     def _loss_holder(self) -> bool:
         """Under pipeline parallelism only the last stage has the loss; tp ranks hold copies: count one."""
@@ -224,7 +239,7 @@ class Trainer:
                         total += full_tensor(self.forward_loss(micro))
                     else:
                         labels = micro["labels"].to(self.device)
-                        loss = self.pipeline.forward(micro, MODEL_INPUTS, lambda y, labels=labels: loss_sum(y, labels))
+                        loss = self.pipeline.forward(micro, MODEL_INPUTS, lambda y, labels=labels: (self.output_loss or loss_sum)(y, labels))
                         if self._loss_holder():
                             total += full_tensor(loss)
                 count += (micro["labels"] != IGNORE_INDEX).sum()

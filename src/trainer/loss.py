@@ -13,7 +13,11 @@ this is for logits that nothing else reads: the trainer's. Without autograd (eva
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.nn.functional import all_gather
+from torch.distributed.tensor import DTensor
 
 from seqpar.data.mlm import IGNORE_INDEX
 
@@ -61,3 +65,115 @@ class _CrossEntropySum(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("the loss's backward ran twice: its gradient is computed once, in forward")
         return grad.mul_(grad_total), None  # a 0-dim fp32 factor: bf16 gradients are rounded once, not twice
+
+
+# The fused output-layer loss's slabs: about this many logits at a time (64 MiB, or 256 MiB on a GPU, in fp32).
+LINEAR_SLAB_ELEMENTS = {"cpu": 2**24, "cuda": 2**26}
+
+
+def linear_loss_sum(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                    group=None, vocab_start: int = 0, partial_features_grad: bool = False) -> torch.Tensor:
+    """Summed cross-entropy of the logits `features @ weight.T + bias` against `labels`, without ever holding them:
+    the output layer and the loss run a slab of tokens at a time, and with autograd recording the gradients with
+    respect to the features, the weight and the bias are computed in the same pass (Liger's fused linear
+    cross-entropy), so the peak at the loss is one slab's logits.
+
+    Tokens whose label is -100 are left out before anything is computed (they add nothing). Under
+    vocabulary-parallel tensor parallelism `weight` and `bias` are this rank's rows of the vocabulary, starting at
+    `vocab_start`, and `group` the tp group: the softmax's maximum and sum and the target's logit are reduced over
+    it, and the features' gradient is summed over it, unless `partial_features_grad` leaves that sum to what made
+    the features (an all-gather of token shards, whose backward sums and scatters). Under autocast the matmuls run in
+    its dtype, as the output layer's would."""
+    features, labels = features.flatten(0, -2), labels.flatten().to(features.device)
+    keep = (labels != IGNORE_INDEX).nonzero()[:, 0]
+    if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropySum.apply(features, weight, bias, labels, keep, group, vocab_start,
+                                            partial_features_grad)
+    return _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_start, False, False)[0]
+
+
+def _compute_dtype(device: torch.device, weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return weight.dtype
+
+
+def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_start: int, with_grads: bool,
+                          partial_features_grad: bool):
+    """(summed loss, d loss / d features, d loss / d weight, d loss / d bias) for the kept rows; gradients None
+    without `with_grads`."""
+    device, dtype = features.device, _compute_dtype(features.device, weight)
+    with torch.autocast(device.type, enabled=False):
+        w = weight.detach().to(dtype)
+        b = bias.detach().to(dtype) if bias is not None else None
+        x = features.detach()[keep].to(dtype)
+        target = labels[keep] - vocab_start
+        vocab = w.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        grad_x = torch.empty_like(x) if with_grads else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if with_grads else None
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if with_grads and bias is not None else None
+        step = max(1, LINEAR_SLAB_ELEMENTS.get(device.type, LINEAR_SLAB_ELEMENTS["cuda"]) // max(1, vocab))
+        for start in range(0, x.shape[0], step):
+            rows = slice(start, start + step)
+            logits = F.linear(x[rows], w, b).float()  # the output layer's logits (rounded to its dtype) of a slab
+            mine = (target[rows] >= 0) & (target[rows] < vocab)  # the target is in this rank's vocabulary rows
+            index = torch.where(mine, target[rows], 0)[:, None]
+            picked = torch.where(mine, logits.gather(1, index)[:, 0], 0.0)
+            peak = logits.amax(dim=-1)
+            if group is not None:
+                dist.all_reduce(peak, dist.ReduceOp.MAX, group=group)
+            probs = logits.sub_(peak[:, None]).exp_()
+            sums = torch.stack([probs.sum(dim=-1), picked])
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+            norm, picked = sums
+            total += (peak + norm.log() - picked).sum()
+            if not with_grads:
+                continue
+            grad = probs.div_(norm[:, None])
+            grad.scatter_add_(1, index, torch.where(mine, -1.0, 0.0)[:, None])  # softmax minus the one-hot target
+            grad = grad.to(dtype)
+            grad_x[rows] = grad @ w
+            grad_w += (grad.t() @ x[rows]).float()
+            if grad_b is not None:
+                grad_b += grad.float().sum(dim=0)
+        if with_grads and group is not None and not partial_features_grad:
+            dist.all_reduce(grad_x, group=group)  # each rank's vocabulary rows add to every feature's gradient
+    return total, grad_x, grad_w, grad_b
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, weight, bias, labels, keep, group, vocab_start, partial_features_grad):
+        total, grad_x, grad_w, grad_b = _linear_cross_entropy(features, weight, bias, labels, keep, group,
+                                                              vocab_start, True, partial_features_grad)
+        ctx.grads = (grad_x, grad_w, grad_b)  # the gradients themselves, scaled in backward
+        ctx.keep, ctx.shape, ctx.dtypes = keep, features.shape, (features.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("the loss's backward ran twice: its gradients are computed once, in forward")
+        (grad_x, grad_w, grad_b), ctx.grads = ctx.grads, None
+        feature_dtype, weight_dtype = ctx.dtypes
+        grad_features = torch.zeros(ctx.shape, dtype=feature_dtype, device=grad_x.device)
+        grad_features[ctx.keep] = (grad_x.float() * grad_total).to(feature_dtype)
+        grad_bias = grad_b.mul_(grad_total).to(weight_dtype) if grad_b is not None else None
+        return grad_features, grad_w.mul_(grad_total).to(weight_dtype), grad_bias, None, None, None, None, None
+
+
+def output_loss_sum(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, tp_group=None,
+                    token_shards: bool = False) -> torch.Tensor:
+    """`linear_loss_sum` with `model`'s output layer: under tensor parallelism its DTensor weight's vocabulary rows on
+    this rank (`tp_group`), and with `token_shards` (activation sharding) the features' token shards gathered first."""
+    layer = model.output_layer
+    weight, bias = layer.weight, layer.bias
+    if not isinstance(weight, DTensor):
+        return linear_loss_sum(features, weight, bias, labels)
+    if token_shards:  # (B, T/tp, C) -> (B, T, C); the gather's backward hands each rank its tokens' gradient
+        features = torch.cat(all_gather(features.contiguous(), group=tp_group), dim=1)
+    local = weight.to_local()
+    return linear_loss_sum(features, local, bias.to_local() if bias is not None else None, labels, tp_group,
+                           vocab_start=dist.get_rank(tp_group) * local.shape[0], partial_features_grad=token_shards)

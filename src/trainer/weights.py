@@ -47,8 +47,8 @@ def initial_values(cfg: Config, model: nn.Module):
     return lambda name, shape: state[unwrapped_name(name)]
 
 
-def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None) -> tuple[nn.Module, Pipeline | None,
-                                                                                   GradientReducer | None]:
+def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None, loss_takes_features: bool = False
+                     ) -> tuple[nn.Module, Pipeline | None, GradientReducer | None]:
     """This rank's part of the model, its pipeline (pp > 1) and its gradient reducer (dp x sp > 1).
 
     Built on the meta device, given its sequence-parallel attention, sharded (tp), wrapped for activation
@@ -56,7 +56,7 @@ def build_rank_model(cfg: Config, mesh: ParallelMesh, pipeline_loss=None) -> tup
     device ever holds the whole model, and each holds the same weights as one process would
     (parallel/parallelize.py; `model.init_from` is read whole into host memory once)."""
     model = build_model(cfg.model, "meta")
-    pipeline, reducer = parallelize(model, mesh, cfg, initial_values(cfg, model), pipeline_loss)
+    pipeline, reducer = parallelize(model, mesh, cfg, initial_values(cfg, model), pipeline_loss, loss_takes_features)
     return model, pipeline, reducer
 
 

@@ -23,12 +23,12 @@ def _by_layout(rows):
 
 
 def test_every_layout_of_the_devices_is_estimated_and_fitting_ones_come_first():
-    rows = plan(compose(CONFIG_DIR, BERT), gpus=8, gpu_mem_gib=8)
+    rows = plan(compose(CONFIG_DIR, BERT), gpus=8, gpu_mem_gib=6)
     assert all(e.dp * e.pp * e.tp * e.sp == 8 for e in rows)
     assert {(e.dp, e.pp, e.tp, e.sp) for e in rows} >= {(8, 1, 1, 1), (1, 1, 1, 8), (2, 2, 2, 1), (1, 2, 2, 2)}
     fits = [e.fits for e in rows]
     assert any(fits) and not all(fits) and fits == sorted(fits, reverse=True)
-    assert all(e.peak_mib <= 8 * 1024 for e in rows if e.fits)
+    assert all(e.peak_mib <= 6 * 1024 for e in rows if e.fits)
     steps = [e.step_s for e in rows if e.fits]
     assert steps == sorted(steps)
 

@@ -96,3 +96,20 @@ def test_init_from_starts_from_the_saved_weights(tmp_path, cache_dir):
     trainer = make_trainer(tmp_path / "run", f"model.init_from={tmp_path / 'weights'}", "trainer.max_steps=1")
     got = trainer.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in saved.state_dict().items())
+
+
+@pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny"])
+def test_the_fused_loss_trains_as_the_logits_loss_does(tmp_path, cache_dir, model):
+    """trainer.fused_loss (the default) against the output layer's logits and their loss: the same losses, gradient
+    norms and weights after three steps (fp32), BERT's target-token head included."""
+    runs = {}
+    for fused in (True, False):
+        trainer = make_trainer(tmp_path / str(fused), f"model={model}", "trainer.max_steps=3",
+                               f"trainer.fused_loss={str(fused).lower()}")
+        assert (trainer.output_loss is not None) == fused
+        steps = [trainer.train_step() for _ in range(3)]
+        runs[fused] = steps, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    (fused_steps, fused_weights), (ref_steps, ref_weights) = runs[True], runs[False]
+    assert fused_steps == pytest.approx(ref_steps, rel=1e-5)
+    for name, value in ref_weights.items():
+        torch.testing.assert_close(fused_weights[name], value, rtol=1e-5, atol=1e-6)

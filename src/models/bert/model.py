@@ -44,8 +44,9 @@ class MLMHead(nn.Module):
         self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
-        return self.decoder(self.ln(self.act(self.dense(x))))
+    def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:  # (B, T, C) -> (B, T, V)
+        features = self.ln(self.act(self.dense(x)))
+        return self.decoder(features) if project else features
 
 
 class BERT(LanguageModel):
@@ -81,13 +82,14 @@ class BERT(LanguageModel):
         token_type_ids: torch.Tensor | None = None,  # (B, T); None = all zeros
         prediction_mask: torch.Tensor | None = None,  # (B, T) bool: run the MLM head only at these positions
         dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
+        head_features_only: bool = False,  # return the output layer's input (..., C) instead of the logits
     ) -> torch.Tensor:  # logits (B, T, V), or (N, V) for the N positions of prediction_mask in row-major order
         x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed)
         if prediction_mask is not None:
             # Only the masked tokens (about 15%) are predicted in training: the head's vocabulary-wide matmuls and
             # the loss's log-softmax need not run at the others.
             x = x[prediction_mask]
-        return self.head(x)
+        return self.head_features(x) if head_features_only else self.head(x)
 
     # The three parts of forward, so a pipeline stage can run the ones it holds.
     def embed(self, input_ids, position_ids, token_type_ids=None, dropout_key=None) -> torch.Tensor:  # (B, T) -> (B, T, C)
@@ -96,5 +98,8 @@ class BERT(LanguageModel):
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         return self.drop(self.emb_ln(x + self.token_type_embeddings(token_type_ids)), dropout_key)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> logits (B, T, V)
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> the output layer's input
+        return self.mlm_head(x, project=False)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> logits (B, T, V): the head module runs whole
         return self.mlm_head(x)

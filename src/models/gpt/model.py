@@ -73,12 +73,14 @@ class GPT(LanguageModel):
         attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token; None = no padding
         token_type_ids: torch.Tensor | None = None,  # unused by GPT; accepted for one calling convention
         dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
+        head_features_only: bool = False,  # return the output layer's input (B, T, C) instead of the logits
     ) -> torch.Tensor:  # logits (B, T, V)
-        return self.head(self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed))
+        x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed)
+        return self.head_features(x) if head_features_only else self.head(x)
 
     # The three parts of forward, so a pipeline stage can run the ones it holds.
     def embed(self, input_ids, position_ids, token_type_ids=None, dropout_key=None) -> torch.Tensor:  # (B, T) -> (B, T, C)
         return self.drop(self.wte(input_ids) + self.wpe(position_ids), dropout_key)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> logits (B, T, V)
-        return self.lm_head(self.ln_f(x))
+    def head_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> the output layer's input
+        return self.ln_f(x)
