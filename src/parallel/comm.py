@@ -149,3 +149,28 @@ def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """Inverse of `seq_to_heads` (differentiable)."""
     return _AllToAll.apply(x, group, False)
+
+
+class _GatherAlong(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim: int):
+        ctx.group, ctx.dim = group, dim
+        n = dist.get_world_size(group)
+        front = x.movedim(dim, 0).contiguous()
+        out = torch.empty((n * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_single(out, front, group=group)
+        return out.movedim(0, dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        n = dist.get_world_size(ctx.group)
+        front = g.movedim(ctx.dim, 0).contiguous()
+        out = torch.empty((front.shape[0] // n, *front.shape[1:]), dtype=g.dtype, device=g.device)
+        dist.reduce_scatter_single(out, front, group=ctx.group)
+        return out.movedim(0, ctx.dim), None, None
+
+
+def gather_along(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Every rank's `x` concatenated along `dim` in rank order. Forward: all-gather; backward: reduce-scatter (each
+    rank gets the sum over ranks of its part's gradient)."""
+    return _GatherAlong.apply(x, group, dim)

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_gather
 from torch.distributed.tensor import DTensor
 
 from seqpar.data.mlm import IGNORE_INDEX
+from seqpar.parallel.comm import gather_along
 
 # Rows are processed in slabs of about this many logits: 16 MiB in fp32 on CPU, where a larger temporary is
 # page-faulted in afresh each time; 256 MiB on a GPU, where a slab's dozen kernel launches should stay few.
@@ -173,7 +173,7 @@ def output_loss_sum(model: nn.Module, features: torch.Tensor, labels: torch.Tens
     if not isinstance(weight, DTensor):
         return linear_loss_sum(features, weight, bias, labels)
     if token_shards:  # (B, T/tp, C) -> (B, T, C); the gather's backward hands each rank its tokens' gradient
-        features = torch.cat(all_gather(features.contiguous(), group=tp_group), dim=1)
+        features = gather_along(features, tp_group, dim=1)
     local = weight.to_local()
     return linear_loss_sum(features, local, bias.to_local() if bias is not None else None, labels, tp_group,
                            vocab_start=dist.get_rank(tp_group) * local.shape[0], partial_features_grad=token_shards)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from seqpar.config import ModelConfig
 from seqpar.models import build_model
+from seqpar.parallel.comm import gather_along
 from seqpar.trainer import loss as loss_module
 from seqpar.trainer.loss import linear_loss_sum, loss_sum
 
@@ -69,7 +70,7 @@ def _vocab_parallel(rank, world, token_shards):
     if token_shards:  # this rank's tokens only, as activation sharding leaves them; gathered as output_loss_sum does
         tokens = x.shape[1] // world
         part = xs[:, rank * tokens:(rank + 1) * tokens]
-        features = torch.cat(torch.distributed.nn.functional.all_gather(part.contiguous()), dim=1)
+        features = gather_along(part, dist.group.WORLD, dim=1)
     loss = linear_loss_sum(features, ws, bs, labels, dist.group.WORLD, vocab_start=rank * rows,
                            partial_features_grad=token_shards)
     (loss * 0.25).backward()
