@@ -95,7 +95,13 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
         )
     _fraction("data.val_fraction", d.val_fraction, lo_open=True, hi=0.5)
     _fraction("data.mlm_probability", d.mlm_probability, lo_open=True)
-    _positive("data.num_proc", d.num_proc)
+    if d.num_proc is not None:
+        _positive("data.num_proc", d.num_proc)
+    _positive("data.tokenizer_sample_mib", d.tokenizer_sample_mib)
+    _positive("data.shard_tokens", d.shard_tokens)
+    if d.source == "prepared" and not d.path:
+        raise UserError("data.path", "is not set for data.source=prepared",
+                        "pass data.path=<the --out directory of python -m seqpar.prepare>")
 
 
 def validate_auto(p: ParallelConfig) -> None:

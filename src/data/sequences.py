@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from seqpar.config import Config
 from seqpar.data import token_cache
 from seqpar.data.corpus import cache_root, corpus_fingerprint, load_text_dataset
 from seqpar.data.mlm import example_rng, mlm_mask
+from seqpar.data.prepared.windows import open_prepared
 from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, trained_tokenizer
 from seqpar.errors import UserError
 
@@ -117,12 +119,24 @@ class SequenceData:
     train: PackedSequences | MLMSequences
     val: PackedSequences | MLMSequences
     tokenizer: object
+    dataset_id: str | None = None  # a prepared dataset's id (its manifest's), recorded in checkpoints
 
 
 def build_sequences(cfg: Config) -> SequenceData:
-    """Load text, tokenize (with `datasets`; the token ids are cached, see `token_cache`), split by document and
-    make the training sequences."""
+    """The training and validation sequences of the configured data: read in place from a prepared dataset
+    (`data.source=prepared`), or made in memory from raw text (tokenized with `datasets`; the token ids are
+    cached, see `token_cache`), split by document."""
     d, arch = cfg.data, cfg.model.arch
+    if d.source == "prepared":
+        data = open_prepared(Path(d.path), arch, cfg.model.vocab_size)
+        tok, out = data.tokenizer, []
+        for split in ("train", "val"):
+            if arch == "gpt":
+                out.append(PackedSequences(data.streams[split], d.seq_len))
+            else:
+                windows = data.windows(split, d.seq_len)
+                out.append(MLMSequences(windows, windows.lengths, tok, cfg.trainer.seed, d.mlm_probability))
+        return _checked(cfg, SequenceData(*out, tokenizer=tok, dataset_id=data.id))
     tok, parts = _tokenized_documents(cfg)
     out = []
     for docs in parts:
@@ -131,16 +145,21 @@ def build_sequences(cfg: Config) -> SequenceData:
         else:
             windows, lengths = pack_windows(docs, d.seq_len, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
             out.append(MLMSequences(windows, lengths, tok, cfg.trainer.seed, d.mlm_probability))
-    train, val = out
-    if len(train) < cfg.trainer.global_batch_size:
+    return _checked(cfg, SequenceData(*out, tokenizer=tok))
+
+
+def _checked(cfg: Config, data: SequenceData) -> SequenceData:
+    """`data`, when it has a global batch of training sequences and a validation sequence."""
+    d = cfg.data
+    if len(data.train) < cfg.trainer.global_batch_size:
         raise UserError(
             "trainer.global_batch_size",
-            f"({cfg.trainer.global_batch_size}) is more than the {len(train)} training sequences of length {d.seq_len}",
+            f"({cfg.trainer.global_batch_size}) is more than the {len(data.train)} training sequences of length {d.seq_len}",
             "use a smaller global batch or data.seq_len, or more data",
         )
-    if len(val) == 0:
+    if len(data.val) == 0:
         raise UserError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
-    return SequenceData(train=train, val=val, tokenizer=tok)
+    return data
 
 
 def _tokenized_documents(cfg: Config):
@@ -172,7 +191,7 @@ def _tokenized_documents(cfg: Config):
     def tokenize(batch):
         return {"ids": tok(batch["text"], add_special_tokens=False)["input_ids"]}
 
-    num_proc = d.num_proc if d.num_proc > 1 else None
+    num_proc = d.num_proc if d.num_proc and d.num_proc > 1 else None
     parts = [part.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc)["ids"]
              for part in (split["train"], split["test"])]
     if entry is not None:

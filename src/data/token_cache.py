@@ -26,6 +26,7 @@ import numpy as np
 
 from seqpar.config import Config
 from seqpar.data.corpus import builtin_corpus_file, cache_root, resolve_text_files
+from seqpar.data.tokenizer import tokenizer_digest
 
 FORMAT = 1  # bump when the way documents are read, filtered, split or tokenized changes
 
@@ -54,14 +55,6 @@ def entry_path(cfg: Config) -> Path | None:
         tokenizer = ["trained", cfg.model.arch, cfg.model.vocab_size]
     key = json.dumps([FORMAT, d.source, text, tokenizer, d.val_fraction], sort_keys=True)
     return cache_root(d) / "sequences" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
-
-
-def tokenizer_digest(tok) -> str | None:
-    """A digest of everything that decides a fast tokenizer's ids; None for a tokenizer without one (slow)."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    return hashlib.sha1(backend.to_str().encode()).hexdigest()
 
 
 # What reading a damaged entry (truncated, overwritten by something else) raises; such an entry is made again.

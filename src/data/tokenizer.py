@@ -7,6 +7,7 @@ tokenizer and a user's own directory behave the same and `save_pretrained` write
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zlib
@@ -55,6 +56,19 @@ def _wrap(tok):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
     )
+
+
+def train_tokenizer(arch: str, texts: Iterator[str], vocab_size: int):
+    """A tokenizer for `arch` trained on `texts` with at most `vocab_size` tokens (not cached)."""
+    return _wrap(_train(arch, texts, vocab_size))
+
+
+def tokenizer_digest(tok) -> str | None:
+    """A digest of everything that decides a fast tokenizer's ids; None for a tokenizer without one (slow)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha1(backend.to_str().encode()).hexdigest()
 
 
 def trained_tokenizer(arch: str, vocab_size: int, texts_fn, cache_dir: Path, corpus_id: str):

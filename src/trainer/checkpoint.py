@@ -243,8 +243,11 @@ def _data_record(trainer) -> dict:
     """meta.json's `data`: the settings, and what they made: the tokenizer's vocabulary and the training set's size."""
     from seqpar.data.tokenizer import vocab_checksum
 
-    return {**_data_settings(trainer.cfg), "vocab_crc32": vocab_checksum(trainer.data.tokenizer),
-            "train_sequences": len(trainer.data.train)}
+    record = {**_data_settings(trainer.cfg), "vocab_crc32": vocab_checksum(trainer.data.tokenizer),
+              "train_sequences": len(trainer.data.train)}
+    if getattr(trainer.data, "dataset_id", None):  # a prepared dataset: its manifest's id
+        record["dataset_id"] = trainer.data.dataset_id
+    return record
 
 
 def _override(name: str, value) -> str:
@@ -276,6 +279,10 @@ def check_same_sequences(path: Path, meta: dict, data) -> None:
         raise _bad(path, "was trained with another tokenizer (its vocabulary differs from this run's)",
                    f"resume with the checkpoint's tokenizer (data.tokenizer={path / 'tokenizer'}), or start fresh in "
                    "a new hydra.run.dir")
+    if "dataset_id" in saved and saved["dataset_id"] != getattr(data, "dataset_id", None):
+        raise _bad(path, f"was trained on the prepared dataset {saved['dataset_id']}, this run's data is "
+                   f"{getattr(data, 'dataset_id', None) or 'not that dataset'} (prepared again, or other data)",
+                   "resume with the data.path the run was trained on, or start fresh in a new hydra.run.dir")
     if "train_sequences" in saved and saved["train_sequences"] != len(data.train):
         raise _bad(path, f"was trained on {saved['train_sequences']} training sequences, this run's data makes "
                    f"{len(data.train)}: the text changed", "resume on the data the run was trained on, or start fresh "
