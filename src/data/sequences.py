@@ -8,6 +8,10 @@
 
 Position ids, labels and padding masks are made here, on whole sequences, so that a sequence-parallel chunk carries
 its own positions and targets and nothing is lost at a chunk boundary.
+
+Training reads a prepared dataset in place (`seqpar.data.prepared`): the GPT stream is its memory-mapped token
+stream and BERT's windows are framed from it when read, so a rank reads only the sequences of its batches. The
+in-memory `pack_stream` / `pack_windows` make the same sequences from a list of documents (tests, small data).
 """
 
 from __future__ import annotations
@@ -21,11 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from seqpar.config import Config
-from seqpar.data import token_cache
-from seqpar.data.corpus import cache_root, corpus_fingerprint, load_text_dataset
 from seqpar.data.mlm import example_rng, mlm_mask
+from seqpar.data.prepared.cache import prepared_in_cache
 from seqpar.data.prepared.windows import open_prepared
-from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, trained_tokenizer
 from seqpar.errors import UserError
 
 Example = dict[str, np.ndarray]
@@ -33,7 +35,7 @@ Example = dict[str, np.ndarray]
 
 class PackedSequences:
     def __init__(self, stream: np.ndarray, seq_len: int):
-        self.stream = stream  # (N,) int32 token ids, documents separated by EOS
+        self.stream = stream  # (N,) token ids, documents separated by EOS: an array or a prepared TokenStream
         self.seq_len = seq_len
         self.positions = np.arange(seq_len, dtype=np.int64)
 
@@ -48,7 +50,7 @@ class PackedSequences:
 
 class MLMSequences:
     def __init__(self, windows: np.ndarray, lengths: np.ndarray, tok, seed: int, probability: float):
-        self.windows = windows  # (N, L) int32, [CLS] ... [SEP] then [PAD]
+        self.windows = windows  # (N, L) int32, [CLS] ... [SEP] then [PAD]: an array or prepared FramedWindows
         self.lengths = lengths  # (N,) real tokens per window, [CLS] and [SEP] included
         self.seed = seed
         self.probability = probability
@@ -123,29 +125,19 @@ class SequenceData:
 
 
 def build_sequences(cfg: Config) -> SequenceData:
-    """The training and validation sequences of the configured data: read in place from a prepared dataset
-    (`data.source=prepared`), or made in memory from raw text (tokenized with `datasets`; the token ids are
-    cached, see `token_cache`), split by document."""
+    """The training and validation sequences, read in place from a prepared dataset: `data.path` for
+    `data.source=prepared`, else the raw source prepared into the cache (`seqpar.data.prepared.cache`)."""
     d, arch = cfg.data, cfg.model.arch
-    if d.source == "prepared":
-        data = open_prepared(Path(d.path), arch, cfg.model.vocab_size)
-        tok, out = data.tokenizer, []
-        for split in ("train", "val"):
-            if arch == "gpt":
-                out.append(PackedSequences(data.streams[split], d.seq_len))
-            else:
-                windows = data.windows(split, d.seq_len)
-                out.append(MLMSequences(windows, windows.lengths, tok, cfg.trainer.seed, d.mlm_probability))
-        return _checked(cfg, SequenceData(*out, tokenizer=tok, dataset_id=data.id))
-    tok, parts = _tokenized_documents(cfg)
-    out = []
-    for docs in parts:
+    root = Path(d.path) if d.source == "prepared" else prepared_in_cache(cfg)
+    data = open_prepared(root, arch, cfg.model.vocab_size)
+    tok, out = data.tokenizer, []
+    for split in ("train", "val"):
         if arch == "gpt":
-            out.append(PackedSequences(pack_stream(docs, tok.eos_token_id), d.seq_len))
+            out.append(PackedSequences(data.streams[split], d.seq_len))
         else:
-            windows, lengths = pack_windows(docs, d.seq_len, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
-            out.append(MLMSequences(windows, lengths, tok, cfg.trainer.seed, d.mlm_probability))
-    return _checked(cfg, SequenceData(*out, tokenizer=tok))
+            windows = data.windows(split, d.seq_len)
+            out.append(MLMSequences(windows, windows.lengths, tok, cfg.trainer.seed, d.mlm_probability))
+    return _checked(cfg, SequenceData(*out, tokenizer=tok, dataset_id=data.id))
 
 
 def _checked(cfg: Config, data: SequenceData) -> SequenceData:
@@ -160,43 +152,6 @@ def _checked(cfg: Config, data: SequenceData) -> SequenceData:
     if len(data.val) == 0:
         raise UserError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
     return data
-
-
-def _tokenized_documents(cfg: Config):
-    """(tokenizer, [training documents, validation documents]): from the token cache when it holds this text
-    tokenized by this tokenizer, else through `datasets` (and then cached)."""
-    d, arch = cfg.data, cfg.model.arch
-
-    def tokenizer(corpus_id: str, texts):
-        if d.tokenizer:
-            return load_tokenizer_dir(d.tokenizer, arch)
-        return trained_tokenizer(arch, cfg.model.vocab_size, texts, cache_root(d), corpus_id)
-
-    entry = token_cache.entry_path(cfg)
-    meta = token_cache.read_meta(entry) if entry is not None and entry.is_file() else None
-    if meta is not None:
-        # Training a tokenizer anew (its cached file was removed) needs the text after all.
-        tok = tokenizer(meta["corpus_id"], lambda: iter(load_text_dataset(d)["text"]))
-        parts = token_cache.read_documents(entry) if token_cache.tokenizer_digest(tok) == meta["tokenizer"] else None
-        if parts is not None:
-            check_vocab(tok, cfg.model.vocab_size)
-            return tok, parts
-
-    ds = load_text_dataset(d)
-    corpus_id = corpus_fingerprint(ds, d)
-    tok = tokenizer(corpus_id, lambda: iter(ds["text"]))
-    check_vocab(tok, cfg.model.vocab_size)
-    split = ds.train_test_split(test_size=d.val_fraction, seed=0, shuffle=True)
-
-    def tokenize(batch):
-        return {"ids": tok(batch["text"], add_special_tokens=False)["input_ids"]}
-
-    num_proc = d.num_proc if d.num_proc and d.num_proc > 1 else None
-    parts = [part.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc)["ids"]
-             for part in (split["train"], split["test"])]
-    if entry is not None:
-        token_cache.write(entry, parts, corpus_id, tok)
-    return tok, parts
 
 
 class BuiltSequences:

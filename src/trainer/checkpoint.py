@@ -279,14 +279,15 @@ def check_same_sequences(path: Path, meta: dict, data) -> None:
         raise _bad(path, "was trained with another tokenizer (its vocabulary differs from this run's)",
                    f"resume with the checkpoint's tokenizer (data.tokenizer={path / 'tokenizer'}), or start fresh in "
                    "a new hydra.run.dir")
-    if "dataset_id" in saved and saved["dataset_id"] != getattr(data, "dataset_id", None):
-        raise _bad(path, f"was trained on the prepared dataset {saved['dataset_id']}, this run's data is "
-                   f"{getattr(data, 'dataset_id', None) or 'not that dataset'} (prepared again, or other data)",
-                   "resume with the data.path the run was trained on, or start fresh in a new hydra.run.dir")
     if "train_sequences" in saved and saved["train_sequences"] != len(data.train):
         raise _bad(path, f"was trained on {saved['train_sequences']} training sequences, this run's data makes "
                    f"{len(data.train)}: the text changed", "resume on the data the run was trained on, or start fresh "
                    "in a new hydra.run.dir")
+    here = getattr(data, "dataset_id", None)
+    if "dataset_id" in saved and here is not None and saved["dataset_id"] != here:
+        raise _bad(path, f"was trained on the prepared dataset {saved['dataset_id']}, this run's is {here} (other "
+                   "data, or the same text prepared again)", "resume on the prepared data the run was trained on "
+                   "(data.path), or start fresh in a new hydra.run.dir")
 
 
 def find_resume(cfg: Config, passed_over: list[tuple[Path, str]] | None = None) -> Path | None:

@@ -92,9 +92,8 @@ class Trainer:
         reset_peak_mem(self.device)
         if t.threads:
             torch.set_num_threads(t.threads)
-        if data is None:
-            with mesh.rank_zero_first():
-                data = build_sequences(cfg)
+        if data is None:  # the first process to need raw text prepared prepares it; the others wait on a file lock
+            data = build_sequences(cfg)
         self.data = data
         check_same_data(self.data, mesh)
         self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism

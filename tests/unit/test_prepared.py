@@ -255,3 +255,20 @@ def test_the_command_line_prepares_and_reports_bad_input_in_one_line(corpus, tmp
     bad = prepare("data=text_files", f"data.paths=[{files}]")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --out is not given; pass --out DIR, the directory to write the prepared dataset into"]
+
+
+def test_a_checkpoint_of_another_prepared_dataset_is_refused(prepared, tmp_path):
+    """meta.json records the dataset's id; the same tokenizer and sequence count on other tokens are refused too."""
+    from types import SimpleNamespace
+
+    from seqpar.data.tokenizer import vocab_checksum
+    from seqpar.trainer.checkpoint import check_same_sequences
+
+    data = build_sequences(_prepared_cfg(prepared, "gpt"))
+    meta = {"data": {"vocab_crc32": vocab_checksum(data.tokenizer), "train_sequences": len(data.train),
+                     "dataset_id": data.dataset_id}}
+    check_same_sequences(tmp_path, meta, data)
+    other = SimpleNamespace(tokenizer=data.tokenizer, train=data.train, dataset_id="0123456789abcdef")
+    with pytest.raises(UserError, match=rf"checkpoint.resume \({tmp_path}\) was trained on the prepared dataset "
+                                        rf"{data.dataset_id}, this run's is 0123456789abcdef"):
+        check_same_sequences(tmp_path, meta, other)

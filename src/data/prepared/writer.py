@@ -157,7 +157,7 @@ class Rate:
             print(("\r" if self.tty else "") + self.line(), end=end, file=sys.stderr, flush=True)
 
 
-def _settings(cfg: Config) -> dict:
+def settings(cfg: Config) -> dict:
     """What decides the prepared contents (a resumed or repeated prepare must have the same)."""
     d = cfg.data
     tokenizer = (os.path.abspath(d.tokenizer) if d.tokenizer
@@ -225,14 +225,14 @@ def prepare_dataset(cfg: Config, out: Path, on_shard: Callable[[dict], None] | N
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _out_error(out, f"cannot be created ({e.strerror})", "choose a writable --out directory") from None
-    settings = _settings(cfg)
+    expected = settings(cfg)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
-        if manifest.get("settings") != settings:
+        if manifest.get("settings") != expected:
             raise _out_error(out, "holds a prepared dataset of other data or settings",
                              "choose another --out directory, or remove it to prepare again")
         return manifest
-    progress, tok = _start(cfg, out, settings)
+    progress, tok = _start(cfg, out, expected)
     dtype = token_dtype(len(tok))
     separator = tok.eos_token_id if cfg.model.arch == "gpt" else None
     writer = ShardWriter(out, progress, dtype, separator, d.val_fraction, d.shard_tokens, on_shard)

@@ -1,0 +1,49 @@
+"""`python -m seqpar.prepare` then `python train.py data=prepared data.path=DIR`, as a user runs them."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import ROOT, cli_env
+from .test_train_cli import FAST, read_metrics, train_ok
+
+pytestmark = pytest.mark.slow
+
+
+def prepare(out: Path, cache_dir: Path, *overrides: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "seqpar.prepare", "--out", str(out), "data.num_proc=1", *overrides],
+                          cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("model", ["gpt_tiny", "bert_tiny"])
+def test_training_reads_prepared_data_with_sequence_parallelism(tmp_path, cache_dir, model):
+    data = tmp_path / "data"
+    prepare(data, cache_dir, f"model={model}")
+    run = tmp_path / "run"
+    train_ok([f"model={model}", "data=prepared", f"data.path={data}", "parallel.sp=2", "trainer.max_steps=3",
+              "trainer.eval_every=0", "trainer.save_final=false", *FAST, f"hydra.run.dir={run}"], cache_dir)
+    steps, evals = read_metrics(run)
+    assert [r["step"] for r in steps] == [1, 2, 3] and len(evals) == 1
+    assert all(math.isfinite(r["loss"]) for r in steps) and math.isfinite(evals[0]["eval_loss"])
+    assert not list((cache_dir / "prepared").glob(f"*{data.name}*"))  # read in place, nothing prepared again
+
+
+def test_resuming_on_another_prepared_dataset_is_refused(tmp_path, cache_dir):
+    first, second = tmp_path / "first", tmp_path / "second"
+    prepare(first, cache_dir, "model=gpt_tiny")
+    prepare(second, cache_dir, "model=gpt_tiny", "data.val_fraction=0.05")  # other documents in training
+    run = tmp_path / "run"
+    common = ["model=gpt_tiny", "data=prepared", "trainer.eval_every=0", "trainer.save_final=false", *FAST,
+              f"hydra.run.dir={run}"]
+    train_ok([*common, f"data.path={first}", "trainer.max_steps=2"], cache_dir)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, f"data.path={second}", "trainer.max_steps=3"],
+                          cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: checkpoint.resume") and "was trained" in lines[-1], lines[-1]
