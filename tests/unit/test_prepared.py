@@ -272,3 +272,44 @@ def test_a_checkpoint_of_another_prepared_dataset_is_refused(prepared, tmp_path)
     with pytest.raises(UserError, match=rf"checkpoint.resume \({tmp_path}\) was trained on the prepared dataset "
                                         rf"{data.dataset_id}, this run's is 0123456789abcdef"):
         check_same_sequences(tmp_path, meta, other)
+
+
+BUILD = """
+import sys
+from seqpar.config import Config, DataConfig, ModelConfig, TrainerConfig
+from seqpar.data.sequences import build_sequences
+cfg = Config(model=ModelConfig(vocab_size=512, max_seq_len=64), trainer=TrainerConfig(global_batch_size=4),
+             data=DataConfig(source="text_files", paths=sys.argv[2:], seq_len=64, num_proc=1, cache_dir=sys.argv[1]))
+print(build_sequences(cfg).dataset_id)
+"""
+
+
+def test_processes_starting_together_prepare_raw_text_once(corpus, tmp_path):
+    """Ranks (or jobs) that need the same raw text at once: one prepares it into the cache, the others wait on the
+    file system and say so, then all read the same dataset."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(tmp_path / "cache"), *corpus], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1
+    assert sum("preparing text_files data into" in err for _, err in results) == 1
+    assert len(list((tmp_path / "cache" / "prepared").glob("*/manifest.json"))) == 1
+
+
+def test_a_process_waits_on_the_file_lock_with_a_message_while_another_prepares(corpus, tmp_path):
+    from filelock import FileLock
+
+    from seqpar.data.prepared.cache import cache_path
+
+    cfg = Config(model=ModelConfig(vocab_size=512, max_seq_len=64), trainer=TrainerConfig(global_batch_size=4),
+                 data=DataConfig(source="text_files", paths=corpus, seq_len=64, num_proc=1, cache_dir=str(tmp_path / "cache")))
+    root = cache_path(cfg)
+    root.parent.mkdir(parents=True)
+    with FileLock(f"{root}.lock"):  # another process is preparing
+        proc = subprocess.Popen([sys.executable, "-c", BUILD, str(tmp_path / "cache"), *corpus], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr.readline().startswith(f"waiting for another process to finish preparing {root}")
+        assert proc.poll() is None
+    out, err = proc.communicate(timeout=120)  # that process died without finishing: this one prepares
+    assert proc.returncode == 0, err[-2000:]
+    assert (root / "manifest.json").is_file() and out.strip() == json.loads((root / "manifest.json").read_text())["id"]
