@@ -64,11 +64,20 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One prepared dataset of a blend (`data.sources`) and its share of every batch."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """Where text comes from, how it is tokenized, and how sequences are made."""
 
     source: str = "builtin"  # builtin | text_files | hf_dataset | prepared
     path: str | None = None  # prepared: the directory `python -m seqpar.prepare ... --out DIR` wrote
+    sources: list[SourceConfig] = field(default_factory=list)  # prepared: several such directories, blended by weight
     paths: list[str] = field(default_factory=list)  # text_files: local files (globs allowed)
     sample_by: str = "paragraph"  # text_files: line | paragraph | document
     hf_name: str | None = None  # hf_dataset: a `datasets.load_dataset` name or local path

@@ -71,7 +71,8 @@ def prepare(cfg: Config) -> Job:
     if cfg.data.source == "text_files":
         resolve_text_files(cfg.data.paths)
     if cfg.data.source == "prepared":
-        check_prepared(Path(cfg.data.path), cfg.model.arch, cfg.model.vocab_size)
+        for path in [s.path for s in cfg.data.sources] or [cfg.data.path]:
+            check_prepared(Path(path), cfg.model.arch, cfg.model.vocab_size)
     if cfg.data.tokenizer and cfg.data.source != "prepared":
         check_vocab(load_tokenizer_dir(cfg.data.tokenizer, cfg.model.arch), cfg.model.vocab_size)
     check_devices(cfg)

@@ -99,9 +99,17 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
         _positive("data.num_proc", d.num_proc)
     _positive("data.tokenizer_sample_mib", d.tokenizer_sample_mib)
     _positive("data.shard_tokens", d.shard_tokens)
-    if d.source == "prepared" and not d.path:
+    if d.sources:
+        if d.source != "prepared" or d.path:
+            raise UserError("data.sources", f"is set with data.source={d.source}" + (" and data.path" if d.path else ""),
+                            "blend prepared directories with data=prepared data.sources=[...] and no data.path")
+        for i, src in enumerate(d.sources):
+            if not src.path:
+                raise UserError(f"data.sources[{i}].path", "is empty", "give each source the path of a prepared directory")
+            _positive(f"data.sources[{i}].weight", src.weight)
+    elif d.source == "prepared" and not d.path:
         raise UserError("data.path", "is not set for data.source=prepared",
-                        "pass data.path=<the --out directory of python -m seqpar.prepare>")
+                        "pass data.path=<the --out directory of python -m seqpar.prepare> (or data.sources=[...])")
 
 
 def validate_auto(p: ParallelConfig) -> None:

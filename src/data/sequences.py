@@ -17,6 +17,7 @@ in-memory `pack_stream` / `pack_windows` make the same sequences from a list of 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ import numpy as np
 
 from seqpar.config import Config
 from seqpar.data.mlm import example_rng, mlm_mask
+from seqpar.data.prepared.blend import BlendedSequences
 from seqpar.data.prepared.cache import prepared_in_cache
-from seqpar.data.prepared.windows import open_prepared
+from seqpar.data.prepared.windows import PreparedData, open_prepared
 from seqpar.errors import UserError
 
 Example = dict[str, np.ndarray]
@@ -118,26 +120,47 @@ def pack_windows(docs, seq_len: int, cls_id: int, sep_id: int, pad_id: int) -> t
 
 @dataclass
 class SequenceData:
-    train: PackedSequences | MLMSequences
-    val: PackedSequences | MLMSequences
+    train: PackedSequences | MLMSequences | BlendedSequences
+    val: PackedSequences | MLMSequences | BlendedSequences
     tokenizer: object
     dataset_id: str | None = None  # a prepared dataset's id (its manifest's), recorded in checkpoints
 
 
 def build_sequences(cfg: Config) -> SequenceData:
-    """The training and validation sequences, read in place from a prepared dataset: `data.path` for
-    `data.source=prepared`, else the raw source prepared into the cache (`seqpar.data.prepared.cache`)."""
-    d, arch = cfg.data, cfg.model.arch
-    root = Path(d.path) if d.source == "prepared" else prepared_in_cache(cfg)
-    data = open_prepared(root, arch, cfg.model.vocab_size)
-    tok, out = data.tokenizer, []
-    for split in ("train", "val"):
-        if arch == "gpt":
-            out.append(PackedSequences(data.streams[split], d.seq_len))
-        else:
-            windows = data.windows(split, d.seq_len)
-            out.append(MLMSequences(windows, windows.lengths, tok, cfg.trainer.seed, d.mlm_probability))
-    return _checked(cfg, SequenceData(*out, tokenizer=tok, dataset_id=data.id))
+    """The training and validation sequences, read in place from a prepared dataset: `data.path` (or a blend of
+    `data.sources`) for `data.source=prepared`, else the raw source prepared into the cache
+    (`seqpar.data.prepared.cache`)."""
+    d = cfg.data
+    if d.sources:
+        return _checked(cfg, _blended(cfg))
+    data = open_prepared(Path(d.path) if d.source == "prepared" else prepared_in_cache(cfg), cfg.model.arch,
+                         cfg.model.vocab_size)
+    train, val = (_split(cfg, data, split) for split in ("train", "val"))
+    return _checked(cfg, SequenceData(train, val, tokenizer=data.tokenizer, dataset_id=data.id))
+
+
+def _split(cfg: Config, data: PreparedData, split: str) -> PackedSequences | MLMSequences:
+    d = cfg.data
+    if cfg.model.arch == "gpt":
+        return PackedSequences(data.streams[split], d.seq_len)
+    windows = data.windows(split, d.seq_len)
+    return MLMSequences(windows, windows.lengths, data.tokenizer, cfg.trainer.seed, d.mlm_probability)
+
+
+def _blended(cfg: Config) -> SequenceData:
+    """`data.sources` blended by weight (`seqpar.data.prepared.blend`); they must share one tokenizer."""
+    sources = cfg.data.sources
+    opened = [open_prepared(Path(s.path), cfg.model.arch, cfg.model.vocab_size) for s in sources]
+    if len({o.manifest["tokenizer"]["digest"] for o in opened}) > 1:
+        raise UserError("data.sources", "were prepared with different tokenizers",
+                        f"prepare every source with one tokenizer, e.g. data.tokenizer={Path(sources[0].path) / 'tokenizer'}")
+    names = [Path(s.path).name or f"source{i}" for i, s in enumerate(sources)]
+    names = [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
+    weights = [s.weight for s in sources]
+    train, val = (BlendedSequences([_split(cfg, o, split) for o in opened], weights, names, cfg.trainer.seed)
+                  for split in ("train", "val"))
+    key = json.dumps([[o.id, s.weight] for o, s in zip(opened, sources, strict=True)])
+    return SequenceData(train, val, tokenizer=opened[0].tokenizer, dataset_id=hashlib.sha1(key.encode()).hexdigest()[:16])
 
 
 def _checked(cfg: Config, data: SequenceData) -> SequenceData:

@@ -211,6 +211,10 @@ class Trainer:
             "tokens": self.step * self.tokens_per_step,
             "tokens_per_s": tokens_per_s,
         }
+        if hasattr(self.data.train, "sequences_by_source"):  # a blend: tokens read from each source so far
+            g = self.cfg.trainer.global_batch_size
+            for name, n in self.data.train.sequences_by_source(self.loader.epoch, self.loader.step * g).items():
+                rec[f"tokens/{name}"] = n * self.cfg.data.seq_len
         per_rank = self.mesh.gather_over_all(peak_mem_mib(self.device))
         rec["peak_mem_mib"] = max(per_rank)
         if len(per_rank) > 1:

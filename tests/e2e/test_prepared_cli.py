@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,20 @@ def test_resuming_on_another_prepared_dataset_is_refused(tmp_path, cache_dir):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert lines[-1].startswith("error: checkpoint.resume") and "was trained" in lines[-1], lines[-1]
+
+
+def test_blended_sources_log_tokens_per_source(tmp_path, cache_dir):
+    """data.sources: a 3:1 blend of the built-in corpus and some standard-library sources (one tokenizer)."""
+    docs, text = tmp_path / "docs", tmp_path / "text"
+    prepare(docs, cache_dir, "model=gpt_tiny")
+    (tmp_path / "src").mkdir()
+    for name in ("textwrap.py", "string.py", "shlex.py", "calendar.py", "argparse.py", "inspect.py"):
+        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / name, tmp_path / "src" / name)
+    prepare(text, cache_dir, "model=gpt_tiny", "data=text_files", f"data.paths=[{tmp_path / 'src'}/*.py]",
+            f"data.tokenizer={docs / 'tokenizer'}")
+    run = tmp_path / "run"
+    train_ok(["model=gpt_tiny", "data=prepared", f"data.sources=[{{path: {docs}, weight: 3}}, {{path: {text}, weight: 1}}]",
+              "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_final=false", *FAST, f"hydra.run.dir={run}"],
+             cache_dir)
+    steps, _ = read_metrics(run)
+    assert [(r["tokens/docs"], r["tokens/text"]) for r in steps] == [(12 * 128, 4 * 128), (24 * 128, 8 * 128)]

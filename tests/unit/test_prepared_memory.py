@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqpar.config import Config, DataConfig, ModelConfig, TrainerConfig
+from seqpar.config import Config, DataConfig, ModelConfig
 from seqpar.data.prepared.writer import prepare_dataset
 
 from ..conftest import ROOT
