@@ -3,8 +3,9 @@
 The tokenizer is the user's (`data.tokenizer`, a transformers directory) or one trained on the first
 `data.tokenizer_sample_mib` MiB of documents: a bounded sample, so training it takes the same time and memory
 whatever the corpus size. Documents are then encoded in batches with the `tokenizers` library's `encode_batch` by
-`data.num_proc` worker processes (None: one per core), a few batches in flight per worker, so memory stays bounded
-and the ids come back in document order.
+`data.num_proc` worker processes (None: one per core), a few batches in flight per worker, and the ids come back in
+document order. Memory is bounded by the batches in flight and the longest document: the library holds an
+encoding object per document whose size grows with its tokens (docs/benchmarks.md has the measurement).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from seqpar.config import Config
 from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, train_tokenizer
 
-BATCH_CHARS = 1 << 20  # characters of text per encoding batch
+BATCH_CHARS = 1 << 18  # characters of text per encoding batch
 IN_FLIGHT = 3  # batches queued per worker
 
 
@@ -76,7 +77,9 @@ def _init_worker(tokenizer_json: str) -> None:
 
 def encode_batch(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(ids of every document back to back (uint32), each document's length (int64))."""
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which we do not keep.
+    encode_fn = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    encodings = encode_fn(texts, add_special_tokens=False)
     lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
     ids = np.fromiter((t for e in encodings for t in e.ids), dtype=np.uint32, count=int(lengths.sum()))
     return ids, lengths
