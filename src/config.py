@@ -83,6 +83,7 @@ class DataConfig:
     hf_name: str | None = None  # hf_dataset: a `datasets.load_dataset` name or local path
     hf_config: str | None = None
     hf_split: str = "train"
+    streaming: bool = False  # hf_dataset: read the dataset as a stream while training, without preparing it
     text_column: str = "text"
     tokenizer: str | None = None  # None: train one on the corpus (cached); else a local tokenizer directory
     tokenizer_sample_mib: float = 256.0  # a trained tokenizer learns from the corpus's first this many MiB of text

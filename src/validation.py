@@ -99,6 +99,9 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
         _positive("data.num_proc", d.num_proc)
     _positive("data.tokenizer_sample_mib", d.tokenizer_sample_mib)
     _positive("data.shard_tokens", d.shard_tokens)
+    if d.streaming and d.source != "hf_dataset":
+        raise UserError("data.streaming", f"is true with data.source={d.source}; only hub datasets stream",
+                        "use data=hf_dataset data.streaming=true, or drop data.streaming")
     if d.sources:
         if d.source != "prepared" or d.path:
             raise UserError("data.sources", f"is set with data.source={d.source}" + (" and data.path" if d.path else ""),

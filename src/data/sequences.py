@@ -16,10 +16,8 @@ in-memory `pack_stream` / `pack_windows` make the same sequences from a list of 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +44,11 @@ class PackedSequences:
 
     def get(self, index: int, epoch: int = 0) -> Example:
         s = index * self.seq_len
-        window = self.stream[s : s + self.seq_len + 1].astype(np.int64)
+        return self.example(self.stream[s : s + self.seq_len + 1])
+
+    def example(self, window: np.ndarray) -> Example:
+        """The example of a window of seq_len + 1 tokens (inputs and next-token labels)."""
+        window = window.astype(np.int64)
         return {"input_ids": window[:-1], "labels": window[1:], "position_ids": self.positions}
 
 
@@ -65,8 +67,12 @@ class MLMSequences:
         return len(self.windows)
 
     def get(self, index: int, epoch: int = 0) -> Example:
-        ids = self.windows[index].astype(np.int64)
-        attention_mask = (self.positions < self.lengths[index]).astype(np.int64)
+        return self.example(self.windows[index], int(self.lengths[index]), index, epoch)
+
+    def example(self, window: np.ndarray, length: int, index: int, epoch: int) -> Example:
+        """The example of a framed window with `length` real tokens, masked as window `index` of `epoch`."""
+        ids = window.astype(np.int64)
+        attention_mask = (self.positions < length).astype(np.int64)
         maskable = attention_mask.astype(bool) & ~np.isin(ids, self.special)
         rng = example_rng(self.seed, epoch, index)
         input_ids, labels = mlm_mask(ids, maskable, rng, self.mask_id, self.random_ids, self.probability)
@@ -132,11 +138,11 @@ def build_sequences(cfg: Config) -> SequenceData:
     (`seqpar.data.prepared.cache`)."""
     d = cfg.data
     if d.sources:
-        return _checked(cfg, _blended(cfg))
+        return checked(cfg, _blended(cfg))
     data = open_prepared(Path(d.path) if d.source == "prepared" else prepared_in_cache(cfg), cfg.model.arch,
                          cfg.model.vocab_size)
     train, val = (_split(cfg, data, split) for split in ("train", "val"))
-    return _checked(cfg, SequenceData(train, val, tokenizer=data.tokenizer, dataset_id=data.id))
+    return checked(cfg, SequenceData(train, val, tokenizer=data.tokenizer, dataset_id=data.id))
 
 
 def _split(cfg: Config, data: PreparedData, split: str) -> PackedSequences | MLMSequences:
@@ -163,10 +169,10 @@ def _blended(cfg: Config) -> SequenceData:
     return SequenceData(train, val, tokenizer=opened[0].tokenizer, dataset_id=hashlib.sha1(key.encode()).hexdigest()[:16])
 
 
-def _checked(cfg: Config, data: SequenceData) -> SequenceData:
+def checked(cfg: Config, data: SequenceData) -> SequenceData:
     """`data`, when it has a global batch of training sequences and a validation sequence."""
     d = cfg.data
-    if len(data.train) < cfg.trainer.global_batch_size:
+    if not getattr(data.train, "streaming", False) and len(data.train) < cfg.trainer.global_batch_size:
         raise UserError(
             "trainer.global_batch_size",
             f"({cfg.trainer.global_batch_size}) is more than the {len(data.train)} training sequences of length {d.seq_len}",
@@ -175,20 +181,3 @@ def _checked(cfg: Config, data: SequenceData) -> SequenceData:
     if len(data.val) == 0:
         raise UserError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
     return data
-
-
-class BuiltSequences:
-    """The sequences built last and the settings they were built for: the jobs of a Hydra multirun run one after
-    another in one process and usually read the same sequences, so each reuses the previous job's."""
-
-    def __init__(self):
-        self.key: str | None = None
-        self.data: SequenceData | None = None
-
-    def get(self, cfg: Config) -> SequenceData:
-        """`build_sequences(cfg)`, or the sequences built last when they were built for the same settings."""
-        key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.arch, cfg.model.vocab_size, cfg.trainer.seed,
-                          cfg.trainer.global_batch_size, os.environ.get("SEQPAR_CACHE")], sort_keys=True)
-        if self.data is None or self.key != key:
-            self.key, self.data = key, build_sequences(cfg)
-        return self.data

@@ -66,3 +66,27 @@ def test_blended_sources_log_tokens_per_source(tmp_path, cache_dir):
              cache_dir)
     steps, _ = read_metrics(run)
     assert [(r["tokens/docs"], r["tokens/text"]) for r in steps] == [(12 * 128, 4 * 128), (24 * 128, 8 * 128)]
+
+
+def test_streaming_a_local_dataset_on_two_data_ranks_resumes(tmp_path, cache_dir):
+    """data=hf_dataset data.streaming=true: dp=2 ranks each read their shard; a run stopped after 2 steps and
+    continued to 3 logs the loss an uninterrupted run logs at step 3."""
+    import json
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for shard, names in enumerate([("textwrap.py", "string.py", "argparse.py"), ("calendar.py", "inspect.py", "glob.py")]):
+        paragraphs = [p for n in names for p in (stdlib / n).read_text().split("\n\n") if p.strip()]
+        (hub / f"train-{shard}.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in paragraphs))
+    common = ["model=gpt_tiny", "data=hf_dataset", f"data.hf_name={hub}", "data.streaming=true", "parallel.dp=2",
+              "trainer.eval_every=0", "trainer.save_final=false", *FAST]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train_ok([*common, "trainer.max_steps=3", f"hydra.run.dir={whole}"], cache_dir)
+    train_ok([*common, "trainer.max_steps=2", f"hydra.run.dir={parts}"], cache_dir)
+    resumed = train_ok([*common, "trainer.max_steps=3", f"hydra.run.dir={parts}"], cache_dir)
+    assert "resumed from" in resumed.stdout
+    meta = json.loads((parts / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert len(meta["loader"]["streaming"]["positions"]) == 2
+    (a, *_), (b, *_) = read_metrics(whole)[0][2:], read_metrics(parts)[0][2:]
+    assert a["step"] == b["step"] == 3 and abs(a["loss"] - b["loss"]) < 1e-5, (a, b)

@@ -52,14 +52,15 @@ def worker_count(num_proc: int | None) -> int:
         return os.cpu_count() or 1
 
 
-def batches(texts: Iterable[str], chars: int = BATCH_CHARS) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= chars:
+def batches(items: Iterable, chars: int = BATCH_CHARS, size=len) -> Iterator[list]:
+    """`items` in lists of about `chars` characters (`size(item)`: an item's characters)."""
+    batch, total = [], 0
+    for item in items:
+        batch.append(item)
+        total += size(item)
+        if total >= chars:
             yield batch
-            batch, size = [], 0
+            batch, total = [], 0
     if batch:
         yield batch
 
