@@ -1,4 +1,5 @@
-"""Text sources: the built-in offline corpus, local text files and `datasets` hub datasets.
+"""Text sources: the built-in offline corpus and local text files (read, with hub datasets, by
+`seqpar.data.prepared.sources`).
 
 The built-in corpus is English prose that every Python installation carries: the docstrings of the standard
 library's modules, classes and functions, plus the reference topics of `pydoc_data` (the language reference pages

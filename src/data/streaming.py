@@ -34,6 +34,7 @@ from seqpar.data.prepared.sources import documents
 from seqpar.data.prepared.writer import is_validation, settings
 from seqpar.data.sequences import MLMSequences, PackedSequences, SequenceData, checked
 from seqpar.data.tokenizer import load_tokenizer_dir
+from seqpar.errors import UserError
 
 Position = tuple[int, int]  # (document index in this rank's stream, token offset in that document)
 
@@ -181,8 +182,10 @@ class StreamingLoader:
     def load_state_dict(self, state: dict) -> None:
         saved = state.get("streaming")
         if saved is None or saved["dp"] != self.dp_size:
-            raise ValueError("a streaming position is resumed with the same parallel.dp "
-                             f"({saved['dp'] if saved else 'none'} saved, {self.dp_size} here)")
+            there = f"parallel.dp={saved['dp']}" if saved else "a dataset that was not streamed"
+            raise UserError("checkpoint.resume", f"holds the stream positions of {there}, this run has "
+                            f"parallel.dp={self.dp_size} (each data rank reads its own part of the stream)",
+                            "resume a streamed run with the same parallel.dp, or start fresh in a new hydra.run.dir")
         self.epoch, self.step, self._made = state["epoch"], state["step"], state["made"]
         self.position, self._windows = tuple(saved["positions"][self.dp_rank]), None
 

@@ -15,6 +15,7 @@ from seqpar.data.build import build_data
 from seqpar.data.prepared.writer import prepare_dataset
 from seqpar.data.sequences import build_sequences
 from seqpar.data.streaming import StreamingLoader
+from seqpar.errors import UserError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -80,5 +81,5 @@ def test_a_saved_position_resumes_the_same_sequences(prepared_and_streamed):
         for _ in range(3):
             a, b = next(loaders[rank]), next(resumed)
             assert all(np.array_equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="same parallel.dp"):
+    with pytest.raises(UserError, match="stream positions of parallel.dp=2, this run has parallel.dp=1"):
         StreamingLoader(cfg, streamed.tokenizer, 4, seed=3).load_state_dict(state)
