@@ -13,7 +13,7 @@ ARCHS = ("gpt", "bert")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_SOURCES = ("builtin", "text_files", "hf_dataset")
+DATA_SOURCES = ("builtin", "text_files", "hf_dataset", "prepared")
 SP_IMPLS = ("ring", "rsa", "ulysses")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -64,22 +64,35 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One prepared dataset of a blend (`data.sources`) and its share of every batch."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """Where text comes from, how it is tokenized, and how sequences are made."""
 
-    source: str = "builtin"  # builtin | text_files | hf_dataset
+    source: str = "builtin"  # builtin | text_files | hf_dataset | prepared
+    path: str | None = None  # prepared: the directory `python -m seqpar.prepare ... --out DIR` wrote
+    sources: list[SourceConfig] = field(default_factory=list)  # prepared: several such directories, blended by weight
     paths: list[str] = field(default_factory=list)  # text_files: local files (globs allowed)
     sample_by: str = "paragraph"  # text_files: line | paragraph | document
     hf_name: str | None = None  # hf_dataset: a `datasets.load_dataset` name or local path
     hf_config: str | None = None
     hf_split: str = "train"
+    streaming: bool = False  # hf_dataset: read the dataset as a stream while training, without preparing it
     text_column: str = "text"
     tokenizer: str | None = None  # None: train one on the corpus (cached); else a local tokenizer directory
+    tokenizer_sample_mib: float = 256.0  # a trained tokenizer learns from the corpus's first this many MiB of text
     seq_len: int = 128
     val_fraction: float = 0.02  # documents held out for evaluation
     mlm_probability: float = 0.15  # BERT: share of tokens selected for masking (80/10/10)
     cache_dir: str | None = None  # None: $SEQPAR_CACHE or ~/.cache/seqpar
-    num_proc: int = 1  # processes for datasets.map tokenization
+    num_proc: int | None = None  # tokenizing processes when preparing data (None: one per core)
+    shard_tokens: int = 100_000_000  # prepare: training tokens per shard file (about 200 MB as uint16)
 
 
 @dataclass

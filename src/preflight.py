@@ -17,6 +17,7 @@ import torch
 from seqpar.cli import compose, describe_hydra_error, fail, split_config_dir, with_config_dir
 from seqpar.config import Config, ModelConfig
 from seqpar.data.corpus import resolve_text_files
+from seqpar.data.prepared.windows import check_prepared
 from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir
 from seqpar.errors import UserError
 from seqpar.models.hf import read_checkpoint_config
@@ -70,7 +71,10 @@ def prepare(cfg: Config) -> Job:
         validate(cfg)
     if cfg.data.source == "text_files":
         resolve_text_files(cfg.data.paths)
-    if cfg.data.tokenizer:
+    if cfg.data.source == "prepared":
+        for path in [s.path for s in cfg.data.sources] or [cfg.data.path]:
+            check_prepared(Path(path), cfg.model.arch, cfg.model.vocab_size)
+    if cfg.data.tokenizer and cfg.data.source != "prepared":
         check_vocab(load_tokenizer_dir(cfg.data.tokenizer, cfg.model.arch), cfg.model.vocab_size)
     check_devices(cfg)
     check_launched_world(cfg.parallel.world_size)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from seqpar.cli import fail, register_configs, to_config
 from seqpar.configs import CONFIG_DIR
-from seqpar.data.sequences import BuiltSequences
+from seqpar.data.build import BuiltSequences
 from seqpar.errors import UserError
 from seqpar.parallel.launch import RankFailed
 from seqpar.preflight import Job, preflight, prepare

@@ -95,7 +95,24 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
         )
     _fraction("data.val_fraction", d.val_fraction, lo_open=True, hi=0.5)
     _fraction("data.mlm_probability", d.mlm_probability, lo_open=True)
-    _positive("data.num_proc", d.num_proc)
+    if d.num_proc is not None:
+        _positive("data.num_proc", d.num_proc)
+    _positive("data.tokenizer_sample_mib", d.tokenizer_sample_mib)
+    _positive("data.shard_tokens", d.shard_tokens)
+    if d.streaming and d.source != "hf_dataset":
+        raise UserError("data.streaming", f"is true with data.source={d.source}; only hub datasets stream",
+                        "use data=hf_dataset data.streaming=true, or drop data.streaming")
+    if d.sources:
+        if d.source != "prepared" or d.path:
+            raise UserError("data.sources", f"is set with data.source={d.source}" + (" and data.path" if d.path else ""),
+                            "blend prepared directories with data=prepared data.sources=[...] and no data.path")
+        for i, src in enumerate(d.sources):
+            if not src.path:
+                raise UserError(f"data.sources[{i}].path", "is empty", "give each source the path of a prepared directory")
+            _positive(f"data.sources[{i}].weight", src.weight)
+    elif d.source == "prepared" and not d.path:
+        raise UserError("data.path", "is not set for data.source=prepared",
+                        "pass data.path=<the --out directory of python -m seqpar.prepare> (or data.sources=[...])")
 
 
 def validate_auto(p: ParallelConfig) -> None:

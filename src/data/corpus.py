@@ -1,4 +1,5 @@
-"""Text sources: the built-in offline corpus, local text files and `datasets` hub datasets.
+"""Text sources: the built-in offline corpus and local text files (read, with hub datasets, by
+`seqpar.data.prepared.sources`).
 
 The built-in corpus is English prose that every Python installation carries: the docstrings of the standard
 library's modules, classes and functions, plus the reference topics of `pydoc_data` (the language reference pages
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import hashlib
 import inspect
 import json
 import os
@@ -108,37 +108,3 @@ def resolve_text_files(paths: list[str]) -> list[str]:
         if b"\x00" in head:
             raise UserError("data.paths", f"file {f!r} looks binary (NUL bytes)", "pass text files only")
     return files
-
-
-def load_text_dataset(cfg: DataConfig):
-    """A `datasets.Dataset` with a "text" column, one row per document, for the configured source."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    cache = str(cache_root(cfg) / "datasets")
-    if cfg.source == "builtin":
-        ds = datasets.load_dataset("json", data_files=str(builtin_corpus_file(cfg)), split="train", cache_dir=cache)
-    elif cfg.source == "text_files":
-        files = resolve_text_files(cfg.paths)
-        ds = datasets.load_dataset("text", data_files=files, split="train", sample_by=cfg.sample_by, cache_dir=cache)
-    else:
-        ds = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split)
-    if cfg.text_column not in ds.column_names:
-        raise UserError(
-            "data.text_column", f"{cfg.text_column!r} is not a column of the dataset ({ds.column_names})", "set data.text_column"
-        )
-    if cfg.text_column != "text":
-        ds = ds.rename_column(cfg.text_column, "text")
-    ds = ds.select_columns(["text"]).filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
-    if len(ds) == 0:
-        raise UserError("data", "has no non-empty text", "point data.paths / data.hf_name at text")
-    return ds
-
-
-def corpus_fingerprint(ds, cfg: DataConfig) -> str:
-    """A short stable id of a dataset's contents (used to key cached tokenizers). The built-in corpus: a hash of its
-    bytes; other sources: the `datasets` fingerprint (local files: their paths and modification times)."""
-    if cfg.source == "builtin":
-        return hashlib.sha1(builtin_corpus_file(cfg).read_bytes()).hexdigest()[:12]
-    fp = getattr(ds, "_fingerprint", None) or str(len(ds))
-    return hashlib.sha1(fp.encode()).hexdigest()[:12]

@@ -49,7 +49,9 @@ class GlobalBatchLoader:
     def _order(self) -> np.ndarray:
         if self._perm is None:
             n = len(self.dataset)
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+            # A blend of sources (`orders_itself`) is read in its own order, which keeps each batch's proportions.
+            shuffle = self.shuffle and not getattr(self.dataset, "orders_itself", False)
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(n) if shuffle else np.arange(n)
         return self._perm
 
     def global_indices(self) -> np.ndarray:

@@ -8,22 +8,26 @@
 
 Position ids, labels and padding masks are made here, on whole sequences, so that a sequence-parallel chunk carries
 its own positions and targets and nothing is lost at a chunk boundary.
+
+Training reads a prepared dataset in place (`seqpar.data.prepared`): the GPT stream is its memory-mapped token
+stream and BERT's windows are framed from it when read, so a rank reads only the sequences of its batches. The
+in-memory `pack_stream` / `pack_windows` make the same sequences from a list of documents (tests, small data).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
-import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from seqpar.config import Config
-from seqpar.data import token_cache
-from seqpar.data.corpus import cache_root, corpus_fingerprint, load_text_dataset
 from seqpar.data.mlm import example_rng, mlm_mask
-from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, trained_tokenizer
+from seqpar.data.prepared.blend import BlendedSequences
+from seqpar.data.prepared.cache import prepared_in_cache
+from seqpar.data.prepared.windows import PreparedData, open_prepared
 from seqpar.errors import UserError
 
 Example = dict[str, np.ndarray]
@@ -31,7 +35,7 @@ Example = dict[str, np.ndarray]
 
 class PackedSequences:
     def __init__(self, stream: np.ndarray, seq_len: int):
-        self.stream = stream  # (N,) int32 token ids, documents separated by EOS
+        self.stream = stream  # (N,) token ids, documents separated by EOS: an array or a prepared TokenStream
         self.seq_len = seq_len
         self.positions = np.arange(seq_len, dtype=np.int64)
 
@@ -40,13 +44,17 @@ class PackedSequences:
 
     def get(self, index: int, epoch: int = 0) -> Example:
         s = index * self.seq_len
-        window = self.stream[s : s + self.seq_len + 1].astype(np.int64)
+        return self.example(self.stream[s : s + self.seq_len + 1])
+
+    def example(self, window: np.ndarray) -> Example:
+        """The example of a window of seq_len + 1 tokens (inputs and next-token labels)."""
+        window = window.astype(np.int64)
         return {"input_ids": window[:-1], "labels": window[1:], "position_ids": self.positions}
 
 
 class MLMSequences:
     def __init__(self, windows: np.ndarray, lengths: np.ndarray, tok, seed: int, probability: float):
-        self.windows = windows  # (N, L) int32, [CLS] ... [SEP] then [PAD]
+        self.windows = windows  # (N, L) int32, [CLS] ... [SEP] then [PAD]: an array or prepared FramedWindows
         self.lengths = lengths  # (N,) real tokens per window, [CLS] and [SEP] included
         self.seed = seed
         self.probability = probability
@@ -59,8 +67,12 @@ class MLMSequences:
         return len(self.windows)
 
     def get(self, index: int, epoch: int = 0) -> Example:
-        ids = self.windows[index].astype(np.int64)
-        attention_mask = (self.positions < self.lengths[index]).astype(np.int64)
+        return self.example(self.windows[index], int(self.lengths[index]), index, epoch)
+
+    def example(self, window: np.ndarray, length: int, index: int, epoch: int) -> Example:
+        """The example of a framed window with `length` real tokens, masked as window `index` of `epoch`."""
+        ids = window.astype(np.int64)
+        attention_mask = (self.positions < length).astype(np.int64)
         maskable = attention_mask.astype(bool) & ~np.isin(ids, self.special)
         rng = example_rng(self.seed, epoch, index)
         input_ids, labels = mlm_mask(ids, maskable, rng, self.mask_id, self.random_ids, self.probability)
@@ -114,84 +126,58 @@ def pack_windows(docs, seq_len: int, cls_id: int, sep_id: int, pad_id: int) -> t
 
 @dataclass
 class SequenceData:
-    train: PackedSequences | MLMSequences
-    val: PackedSequences | MLMSequences
+    train: PackedSequences | MLMSequences | BlendedSequences
+    val: PackedSequences | MLMSequences | BlendedSequences
     tokenizer: object
+    dataset_id: str | None = None  # a prepared dataset's id (its manifest's), recorded in checkpoints
 
 
 def build_sequences(cfg: Config) -> SequenceData:
-    """Load text, tokenize (with `datasets`; the token ids are cached, see `token_cache`), split by document and
-    make the training sequences."""
-    d, arch = cfg.data, cfg.model.arch
-    tok, parts = _tokenized_documents(cfg)
-    out = []
-    for docs in parts:
-        if arch == "gpt":
-            out.append(PackedSequences(pack_stream(docs, tok.eos_token_id), d.seq_len))
-        else:
-            windows, lengths = pack_windows(docs, d.seq_len, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id)
-            out.append(MLMSequences(windows, lengths, tok, cfg.trainer.seed, d.mlm_probability))
-    train, val = out
-    if len(train) < cfg.trainer.global_batch_size:
+    """The training and validation sequences, read in place from a prepared dataset: `data.path` (or a blend of
+    `data.sources`) for `data.source=prepared`, else the raw source prepared into the cache
+    (`seqpar.data.prepared.cache`)."""
+    d = cfg.data
+    if d.sources:
+        return checked(cfg, _blended(cfg))
+    data = open_prepared(Path(d.path) if d.source == "prepared" else prepared_in_cache(cfg), cfg.model.arch,
+                         cfg.model.vocab_size)
+    train, val = (_split(cfg, data, split) for split in ("train", "val"))
+    return checked(cfg, SequenceData(train, val, tokenizer=data.tokenizer, dataset_id=data.id))
+
+
+def _split(cfg: Config, data: PreparedData, split: str) -> PackedSequences | MLMSequences:
+    d = cfg.data
+    if cfg.model.arch == "gpt":
+        return PackedSequences(data.streams[split], d.seq_len)
+    windows = data.windows(split, d.seq_len)
+    return MLMSequences(windows, windows.lengths, data.tokenizer, cfg.trainer.seed, d.mlm_probability)
+
+
+def _blended(cfg: Config) -> SequenceData:
+    """`data.sources` blended by weight (`seqpar.data.prepared.blend`); they must share one tokenizer."""
+    sources = cfg.data.sources
+    opened = [open_prepared(Path(s.path), cfg.model.arch, cfg.model.vocab_size) for s in sources]
+    if len({o.manifest["tokenizer"]["digest"] for o in opened}) > 1:
+        raise UserError("data.sources", "were prepared with different tokenizers",
+                        f"prepare every source with one tokenizer, e.g. data.tokenizer={Path(sources[0].path) / 'tokenizer'}")
+    names = [Path(s.path).name or f"source{i}" for i, s in enumerate(sources)]
+    names = [n if names.count(n) == 1 else f"{n}.{i}" for i, n in enumerate(names)]
+    weights = [s.weight for s in sources]
+    train, val = (BlendedSequences([_split(cfg, o, split) for o in opened], weights, names, cfg.trainer.seed)
+                  for split in ("train", "val"))
+    key = json.dumps([[o.id, s.weight] for o, s in zip(opened, sources, strict=True)])
+    return SequenceData(train, val, tokenizer=opened[0].tokenizer, dataset_id=hashlib.sha1(key.encode()).hexdigest()[:16])
+
+
+def checked(cfg: Config, data: SequenceData) -> SequenceData:
+    """`data`, when it has a global batch of training sequences and a validation sequence."""
+    d = cfg.data
+    if not getattr(data.train, "streaming", False) and len(data.train) < cfg.trainer.global_batch_size:
         raise UserError(
             "trainer.global_batch_size",
-            f"({cfg.trainer.global_batch_size}) is more than the {len(train)} training sequences of length {d.seq_len}",
+            f"({cfg.trainer.global_batch_size}) is more than the {len(data.train)} training sequences of length {d.seq_len}",
             "use a smaller global batch or data.seq_len, or more data",
         )
-    if len(val) == 0:
+    if len(data.val) == 0:
         raise UserError("data.val_fraction", f"({d.val_fraction}) leaves no validation sequence", "raise it or add data")
-    return SequenceData(train=train, val=val, tokenizer=tok)
-
-
-def _tokenized_documents(cfg: Config):
-    """(tokenizer, [training documents, validation documents]): from the token cache when it holds this text
-    tokenized by this tokenizer, else through `datasets` (and then cached)."""
-    d, arch = cfg.data, cfg.model.arch
-
-    def tokenizer(corpus_id: str, texts):
-        if d.tokenizer:
-            return load_tokenizer_dir(d.tokenizer, arch)
-        return trained_tokenizer(arch, cfg.model.vocab_size, texts, cache_root(d), corpus_id)
-
-    entry = token_cache.entry_path(cfg)
-    meta = token_cache.read_meta(entry) if entry is not None and entry.is_file() else None
-    if meta is not None:
-        # Training a tokenizer anew (its cached file was removed) needs the text after all.
-        tok = tokenizer(meta["corpus_id"], lambda: iter(load_text_dataset(d)["text"]))
-        parts = token_cache.read_documents(entry) if token_cache.tokenizer_digest(tok) == meta["tokenizer"] else None
-        if parts is not None:
-            check_vocab(tok, cfg.model.vocab_size)
-            return tok, parts
-
-    ds = load_text_dataset(d)
-    corpus_id = corpus_fingerprint(ds, d)
-    tok = tokenizer(corpus_id, lambda: iter(ds["text"]))
-    check_vocab(tok, cfg.model.vocab_size)
-    split = ds.train_test_split(test_size=d.val_fraction, seed=0, shuffle=True)
-
-    def tokenize(batch):
-        return {"ids": tok(batch["text"], add_special_tokens=False)["input_ids"]}
-
-    num_proc = d.num_proc if d.num_proc > 1 else None
-    parts = [part.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc)["ids"]
-             for part in (split["train"], split["test"])]
-    if entry is not None:
-        token_cache.write(entry, parts, corpus_id, tok)
-    return tok, parts
-
-
-class BuiltSequences:
-    """The sequences built last and the settings they were built for: the jobs of a Hydra multirun run one after
-    another in one process and usually read the same sequences, so each reuses the previous job's."""
-
-    def __init__(self):
-        self.key: str | None = None
-        self.data: SequenceData | None = None
-
-    def get(self, cfg: Config) -> SequenceData:
-        """`build_sequences(cfg)`, or the sequences built last when they were built for the same settings."""
-        key = json.dumps([dataclasses.asdict(cfg.data), cfg.model.arch, cfg.model.vocab_size, cfg.trainer.seed,
-                          cfg.trainer.global_batch_size, os.environ.get("SEQPAR_CACHE")], sort_keys=True)
-        if self.data is None or self.key != key:
-            self.key, self.data = key, build_sequences(cfg)
-        return self.data
+    return data

@@ -1,4 +1,4 @@
-"""Tokenizers: trained locally with `tokenizers` and cached, or loaded from a local transformers directory.
+"""Tokenizers: trained locally with `tokenizers` (saved with the prepared data they made), or loaded from a local transformers directory.
 
 GPT gets a byte-level BPE with an `<|endoftext|>` document separator; BERT a lower-cased WordPiece with
 [PAD] [UNK] [CLS] [SEP] [MASK]. Both are returned as `transformers.PreTrainedTokenizerFast`, so a trained
@@ -7,8 +7,8 @@ tokenizer and a user's own directory behave the same and `save_pretrained` write
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,24 +57,17 @@ def _wrap(tok):
     )
 
 
-def trained_tokenizer(arch: str, vocab_size: int, texts_fn, cache_dir: Path, corpus_id: str):
-    """Train (or load from the cache) a tokenizer for `arch` with at most `vocab_size` tokens."""
-    from tokenizers import Tokenizer
+def train_tokenizer(arch: str, texts: Iterator[str], vocab_size: int):
+    """A tokenizer for `arch` trained on `texts` with at most `vocab_size` tokens (not cached)."""
+    return _wrap(_train(arch, texts, vocab_size))
 
-    path = cache_dir / "tokenizers" / f"{arch}-{vocab_size}-{corpus_id}.json"
-    if not path.exists():
-        from filelock import FileLock
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Training breaks ties differently from run to run: jobs that start together on a shared cache must not
-        # each train (and then read) their own. The first trains under the lock; the others wait and read it.
-        with FileLock(str(path) + ".lock"):
-            if not path.exists():
-                tok = _train(arch, texts_fn(), vocab_size)
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                tok.save(str(tmp))
-                os.replace(tmp, path)
-    return _wrap(Tokenizer.from_file(str(path)))
+def tokenizer_digest(tok) -> str | None:
+    """A digest of everything that decides a fast tokenizer's ids; None for a tokenizer without one (slow)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha1(backend.to_str().encode()).hexdigest()
 
 
 def load_tokenizer_dir(path: str, arch: str):

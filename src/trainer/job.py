@@ -3,7 +3,7 @@ trains as one of them."""
 
 from __future__ import annotations
 
-from seqpar.data.sequences import BuiltSequences
+from seqpar.data.build import BuiltSequences
 from seqpar.parallel.launch import launch, launched_rank, resolve_device, start_method
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.signals import StopSignal

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from seqpar.config import Config
+from seqpar.data.build import build_data
 from seqpar.data.loader import GlobalBatchLoader, eval_batches
 from seqpar.data.mlm import IGNORE_INDEX
-from seqpar.data.sequences import build_sequences
 from seqpar.data.tokenizer import vocab_checksum
 from seqpar.errors import UserError
 from seqpar.models import MODELS, build_model
@@ -108,9 +108,8 @@ class Trainer:
         reset_peak_mem(self.device)
         if t.threads:
             torch.set_num_threads(t.threads)
-        if data is None:
-            with mesh.rank_zero_first():
-                data = build_sequences(cfg)
+        if data is None:  # the first process to need raw text prepared prepares it; the others wait on a file lock
+            data = build_data(cfg)
         self.data = data
         check_same_data(self.data, mesh)
         self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism
@@ -129,9 +128,10 @@ class Trainer:
         self.flops_per_token = flops_per_token(build_model(cfg.model, "meta"), cfg.model, cfg.data.seq_len)  # whole
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)  # on torch's AdamW: DeepSpeed steps that one too
-        self.loader = GlobalBatchLoader(
-            self.data.train, t.global_batch_size, mesh.dp_rank, mesh.dp, seed=t.seed, shuffle=True
-        )
+        if getattr(self.data.train, "streaming", False):  # each dp rank reads its own part of the stream
+            self.loader = self.data.train.loader(t.global_batch_size, mesh.dp_rank, mesh.dp, t.seed)
+        else:
+            self.loader = GlobalBatchLoader(self.data.train, t.global_batch_size, mesh.dp_rank, mesh.dp, seed=t.seed)
         self.micro_batch_size = t.micro_batch_size or t.global_batch_size // mesh.dp
         # BERT's head at the target tokens only; under tp and pp the head's layers are sharded or staged whole.
         self.targets_only = cfg.model.arch == "bert" and mesh.tp == 1 and mesh.pp == 1
@@ -256,6 +256,10 @@ class Trainer:
             "tokens": self.step * self.tokens_per_step,
             "tokens_per_s": tokens_per_s,
         }
+        if hasattr(self.data.train, "sequences_by_source"):  # a blend: tokens read from each source so far
+            g = self.cfg.trainer.global_batch_size
+            for name, n in self.data.train.sequences_by_source(self.loader.epoch, self.loader.step * g).items():
+                rec[f"tokens/{name}"] = n * self.cfg.data.seq_len
         per_rank = self.mesh.gather_over_all(peak_mem_mib(self.device))
         rec["peak_mem_mib"] = max(per_rank)
         if len(per_rank) > 1:
@@ -282,6 +286,8 @@ class Trainer:
     def save_checkpoint(self, reason: str, progress: Progress) -> None:
         """Save; every rank learns of a failure together. A periodic save that fails is a warning (the run goes on
         and tries again at the next one); the last save before exiting failing ends the run."""
+        if hasattr(self.loader, "gather_positions"):  # a stream: every dp rank's position goes into meta.json
+            self.loader.gather_positions(self.mesh.gather_over_all)
         try:
             path = self.checkpoints.save(self.step, reason)
         except SaveFailed as e:

@@ -25,7 +25,8 @@ from ..conftest import CONFIG_DIR, ROOT, cli_env
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("install")]
 
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "src", "configs")
-SCRIPTS = {"seqpar-train": "seqpar.train:main", "seqpar-plan": "seqpar.plan.cli:main", "seqpar-export": "seqpar.export:main"}
+SCRIPTS = {"seqpar-train": "seqpar.train:main", "seqpar-plan": "seqpar.plan.cli:main", "seqpar-export": "seqpar.export:main",
+           "seqpar-prepare": "seqpar.prepare:main"}
 RUN = ["trainer.max_steps=2", "trainer.log_every=1", "trainer.eval_every=0", "trainer.eval_batches=1",
        "trainer.threads=1", "device=cpu", "logger.wandb.mode=disabled"]
 

@@ -37,21 +37,21 @@ def test_builtin_corpus_is_real_english_and_cached(cache_dir):
     assert path.stat().st_size > 1_500_000
 
 
-def test_builtin_corpus_id_follows_its_contents_not_its_file(tmp_path):
-    """Cached tokenizers are keyed by the corpus id: a rewritten file with the same text (another job on a shared
-    cache, a copied cache) keeps the id, so no job trains a second, different tokenizer for the same corpus."""
+def test_builtin_corpus_fingerprint_follows_its_contents_not_its_file(tmp_path):
+    """Prepared caches are keyed by the source's fingerprint: a rewritten built-in corpus file with the same text
+    (another job on a shared cache, a copied cache) keeps it, so no job prepares (and trains a tokenizer) again."""
     import os
 
-    from seqpar.data.corpus import corpus_fingerprint, load_text_dataset
+    from seqpar.data.prepared.sources import source_fingerprint
 
     cfg = DataConfig(cache_dir=str(tmp_path))
-    first = corpus_fingerprint(load_text_dataset(cfg), cfg)
+    first = source_fingerprint(cfg)
     path = builtin_corpus_file(cfg)
     text = path.read_bytes()
     path.unlink()
     path.write_bytes(text)
     os.utime(path, (1, 1))
-    assert corpus_fingerprint(load_text_dataset(cfg), cfg) == first
+    assert source_fingerprint(cfg) == first
 
 
 def test_gpt_tokenizer_round_trips(data):
@@ -192,55 +192,33 @@ def test_text_files_source_builds_sequences(tmp_path, cache_dir):
     assert len(d.train) > 4 and len(d.tokenizer) <= 300
 
 
-def test_token_cache_replaces_datasets_until_the_text_or_tokenizer_changes(tmp_path, monkeypatch):
-    """The second build of the same text reads the cached token ids without loading the text; an edited file or a
-    retrained tokenizer (same settings, different merges) is tokenized again."""
-    import shutil
-
-    import seqpar.data.corpus as corpus
+def test_raw_text_is_prepared_once_into_the_cache_until_it_changes(tmp_path, monkeypatch):
+    """The second build of the same text reads the prepared dataset in the cache without preparing again; an
+    edited file is prepared again, into another cache entry."""
+    import seqpar.data.prepared.cache as cache
 
     book = tmp_path / "book.txt"
     book.write_text("\n\n".join(f"Paragraph {i} tells of rings, keys and values passed along." for i in range(300)))
     cfg = Config(
         model=ModelConfig(arch="gpt", vocab_size=300, max_seq_len=32),
-        data=DataConfig(source="text_files", paths=[str(book)], seq_len=32, cache_dir=str(tmp_path / "cache")),
+        data=DataConfig(source="text_files", paths=[str(book)], seq_len=32, cache_dir=str(tmp_path / "cache"), num_proc=1),
         trainer=TrainerConfig(global_batch_size=4),
     )
     first = build_sequences(cfg)
-    assert len(list((tmp_path / "cache" / "sequences").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "cache" / "prepared").glob("gpt-*/manifest.json"))) == 1
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the text was loaded again")
+    def no_preparing(*args, **kwargs):
+        raise AssertionError("the text was prepared again")
 
     with monkeypatch.context() as m:
-        m.setattr(corpus, "load_text_dataset", no_loading)
+        m.setattr(cache, "prepare_dataset", no_preparing)
         again = build_sequences(cfg)
-    assert np.array_equal(again.train.stream, first.train.stream) and np.array_equal(again.val.stream, first.val.stream)
-
-    entry = next((tmp_path / "cache" / "sequences").glob("*.npz"))
-    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # damaged: made again, not an error
-    assert np.array_equal(build_sequences(cfg).train.stream, first.train.stream)
+    assert np.array_equal(again.train.stream[:], first.train.stream[:]) and again.dataset_id == first.dataset_id
 
     book.write_text(book.read_text() + "\n\nA last paragraph about sequence parallelism.")
     edited = build_sequences(cfg)
+    assert len(list((tmp_path / "cache" / "prepared").glob("gpt-*/manifest.json"))) == 2
     assert len(edited.train.stream) + len(edited.val.stream) > len(first.train.stream) + len(first.val.stream)
-
-    # Another tokenizer under the same cache file name: the cached ids were made by the old one and are not used.
-    from seqpar.data import token_cache
-
-    corpus_id = token_cache.read_meta(token_cache.entry_path(cfg))["corpus_id"]  # the edited text's tokenizer
-    tok_file = tmp_path / "cache" / "tokenizers" / f"gpt-300-{corpus_id}.json"
-    assert tok_file.is_file()
-    other = tmp_path / "other.txt"
-    other.write_text("\n\n".join(f"Entirely different words number {i}: zebra quartz fjord." for i in range(300)))
-    from seqpar.data.tokenizer import _train
-
-    _train("gpt", iter(other.read_text().split("\n\n")), 300).save(str(tok_file))
-    retrained = build_sequences(cfg)
-    assert not np.array_equal(retrained.train.stream, edited.train.stream)
-    shutil.rmtree(tmp_path / "cache" / "sequences")
-    fresh = build_sequences(cfg)  # through datasets with the new tokenizer
-    assert np.array_equal(retrained.train.stream, fresh.train.stream)
 
 
 def test_hf_dataset_source_loads_a_local_dataset(tmp_path, cache_dir):

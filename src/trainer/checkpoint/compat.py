@@ -81,7 +81,10 @@ def data_settings(cfg: Config) -> dict:
 def sequences_record(data) -> dict:
     """What the data settings made (`data`: the run's SequenceData): the tokenizer's vocabulary and the training
     set's size."""
-    return {"vocab_crc32": vocab_checksum(data.tokenizer), "train_sequences": len(data.train)}
+    record = {"vocab_crc32": vocab_checksum(data.tokenizer), "train_sequences": len(data.train)}
+    if getattr(data, "dataset_id", None):  # a prepared dataset: its manifest's id
+        record["dataset_id"] = data.dataset_id
+    return record
 
 
 def data_record(cfg: Config, data) -> dict:
@@ -121,3 +124,8 @@ def check_same_sequences(path: Path, meta: dict, record: dict) -> None:
         raise bad(path, f"was trained on {saved['train_sequences']} training sequences, this run's data makes "
                   f"{record['train_sequences']}: the text changed", "resume on the data the run was trained on, or "
                   "start fresh in a new hydra.run.dir")
+    here = record.get("dataset_id")
+    if "dataset_id" in saved and here is not None and saved["dataset_id"] != here:
+        raise bad(path, f"was trained on the prepared dataset {saved['dataset_id']}, this run's is {here} (other "
+                  "data, or the same text prepared again)", "resume on the prepared data the run was trained on "
+                  "(data.path), or start fresh in a new hydra.run.dir")

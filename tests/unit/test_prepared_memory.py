@@ -1,0 +1,82 @@
+"""Reading a prepared corpus needs memory for the batches, not for the corpus: iterating a corpus ten times larger
+takes no more anonymous (non file-backed) memory, since the tokens stay in the memory-mapped files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seqpar.config import Config, DataConfig, ModelConfig
+from seqpar.data.prepared.writer import prepare_dataset
+
+from ..conftest import ROOT
+
+WORDS = 1000
+
+# Opens the prepared corpus as training does and takes every global batch of an epoch, sampling the process's
+# anonymous resident memory (RssAnon: page-cache pages of the mapped files are not counted, they are reclaimable).
+ITERATE = """
+import json, sys
+from seqpar.config import Config, DataConfig, ModelConfig, TrainerConfig
+from seqpar.data.loader import GlobalBatchLoader
+from seqpar.data.sequences import build_sequences
+
+def anon_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+cfg = Config(model=ModelConfig(arch=sys.argv[2], vocab_size=1024, max_seq_len=64),
+             data=DataConfig(source="prepared", path=sys.argv[1], seq_len=64), trainer=TrainerConfig(global_batch_size=8))
+import transformers, torch  # imported before the baseline, as in training
+base = anon_kib()
+data = build_sequences(cfg)
+loader = GlobalBatchLoader(data.train, 8, seed=1)
+peak, tokens = 0, 0
+for _ in range(loader.steps_per_epoch):
+    tokens += int(next(loader)["input_ids"].numel())
+    peak = max(peak, anon_kib())
+print(json.dumps({"growth_kib": peak - base, "tokens": tokens, "windows": len(data.train)}))
+"""
+
+
+def word_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<|endoftext|>", "[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"] + [f"w{i}" for i in range(WORDS)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]").save_pretrained(path)
+
+
+def corpus(path: Path, paragraphs: int) -> None:
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for _ in range(paragraphs):
+            f.write(" ".join(f"w{i}" for i in rng.integers(0, WORDS, size=int(rng.integers(20, 400)))) + "\n\n")
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_iterating_a_ten_times_larger_corpus_takes_no_more_memory(tmp_path, arch):
+    word_tokenizer(tmp_path / "tok")
+    growth = {}
+    for name, paragraphs in (("small", 1_000), ("large", 10_000)):
+        corpus(tmp_path / f"{name}.txt", paragraphs)
+        cfg = Config(model=ModelConfig(arch=arch, vocab_size=1024, max_seq_len=64),
+                     data=DataConfig(source="text_files", paths=[str(tmp_path / f"{name}.txt")], seq_len=64, num_proc=1,
+                                     tokenizer=str(tmp_path / "tok")))
+        prepare_dataset(cfg, tmp_path / name)
+        proc = subprocess.run([sys.executable, "-c", ITERATE, str(tmp_path / name), arch], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        growth[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    small, large = growth["small"], growth["large"]
+    assert large["tokens"] > 9 * small["tokens"]  # every window was read: ~2M tokens, 8 MB as int32 in memory
+    assert large["growth_kib"] < small["growth_kib"] + 3 * 1024, growth
