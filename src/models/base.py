@@ -16,17 +16,24 @@ from seqpar.models.layout import ParallelLayout
 
 class LanguageModel(nn.Module):
     """A subclass defines `embed(input_ids, position_ids, token_type_ids, dropout_key)` -> (B, T, C), the blocks
-    `layers` (each `block(x, key_padding_mask, dropout_key)`), `head(x)` -> logits, and `forward`."""
+    `layers` (each `block(x, key_padding_mask, dropout_key, position_ids)`), `head(x)` -> logits, and `forward`.
+    `layout_for(cfg)` is its parallel layout for a config (the class's `layout` unless the config changes it: Llama's
+    tied or untied head); an instance's `layout` is its own config's."""
 
     arch: str  # the model.arch it implements
     layout: ParallelLayout
-    hf: HFInterop
+    hf: tuple[HFInterop, ...]  # the transformers classes it matches (models/hf.py)
     layers: nn.ModuleList
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.arch == self.arch, (cfg.arch, self.arch)
         self.config = cfg
+        self.layout = self.layout_for(cfg)
+
+    @classmethod
+    def layout_for(cls, cfg: ModelConfig) -> ParallelLayout:
+        return cls.layout
 
     def reset_parameters(self) -> None:
         init_parameters(self)
@@ -43,5 +50,5 @@ class LanguageModel(nn.Module):
         x = self.embed(input_ids, position_ids, token_type_ids, key)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.layers:
-            x = block(x, key_padding_mask, key)
+            x = block(x, key_padding_mask, key, position_ids)
         return x

@@ -62,7 +62,7 @@ class Stage(nn.Module):
             x = self.model.embed(x, position_ids, token_type_ids, key)
         mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.model.layers:
-            x = block(x, mask, key)
+            x = block(x, mask, key, position_ids)
         return self.model.head(x) if self.last else x
 
 

@@ -3,6 +3,7 @@ trains as one of them."""
 
 from __future__ import annotations
 
+from seqpar.config import data_view
 from seqpar.data.sequences import BuiltSequences
 from seqpar.parallel.launch import launch, launched_rank, resolve_device, start_method
 from seqpar.parallel.mesh import ParallelMesh
@@ -29,7 +30,7 @@ def launch_job(job: Job, built: BuiltSequences | None = None) -> None:
     world = cfg.parallel.world_size
     data = None
     if launched_rank() is None and (world == 1 or start_method(device.type) == "fork"):
-        data = (built or BuiltSequences()).get(cfg)
+        data = (built or BuiltSequences()).get(data_view(cfg))
         if cfg.trainer.save_final:  # rank 0 writes transformers' files: import its config classes once, here
             from transformers import BertConfig, GenerationConfig, GPT2Config  # noqa: F401
         if cfg.trainer.engine == "deepspeed":  # a second or more per rank when each imports it

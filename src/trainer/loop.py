@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seqpar.config import Config
+from seqpar.config import Config, data_view
 from seqpar.data.loader import GlobalBatchLoader, eval_batches
 from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.sequences import build_sequences
@@ -104,7 +104,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         if data is None:
             with mesh.rank_zero_first():
-                data = build_sequences(cfg)
+                data = build_sequences(data_view(cfg))
         self.data = data
         check_same_data(self.data, mesh)
         self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism
