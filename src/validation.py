@@ -115,7 +115,7 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
     _positive("data.seq_len", d.seq_len)
     if d.seq_len < 4:
         raise UserError("data.seq_len", f"is {d.seq_len}, too short to train on", "use data.seq_len >= 4")
-    if d.seq_len > m.max_seq_len:
+    if d.seq_len > m.max_seq_len and m.arch != "llama":  # Llama's rotary positions have no table to outgrow
         raise UserError(
             "data.seq_len",
             f"({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}), the model's learned positions",
