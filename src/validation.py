@@ -164,7 +164,8 @@ def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
                 raise UserError(
                     "parallel.tp",
                     f"({p.tp}) does not divide model.{name} ({value}); tensor parallelism shards it evenly",
-                    f"choose a parallel.tp that divides model.{name}",
+                    f"choose a parallel.tp that divides model.{name}"
+                    + (" (key/value heads are not replicated over tp ranks)" if name == "num_kv_heads" else ""),
                 )
     if p.sp > 1:
         parts = 2 * p.sp if m.causal else p.sp
