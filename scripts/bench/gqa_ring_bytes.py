@@ -48,7 +48,7 @@ def _rank(impl: str, seq_len: int, kv_heads: int, reps: int, out_path: str) -> N
     k, v = (torch.randn(1, kv_heads, c, HEAD_DIM, generator=g).requires_grad_() for _ in range(2))
     attn = sequence_attention(impl, dist.group.WORLD)
     times = []
-    for i in range(reps):
+    for _ in range(reps):
         counter[0] = 0
         dist.barrier()
         start = time.perf_counter()
