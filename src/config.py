@@ -7,10 +7,12 @@ The `DictConfig` from Hydra is converted to these dataclasses once (`seqpar.cli.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-ARCHS = ("gpt", "bert")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ARCHS = ("gpt", "bert", "llama")
+CAUSAL_ARCHS = ("gpt", "llama")  # decoders: causal attention, next-token targets
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("builtin", "text_files", "hf_dataset", "prepared")
@@ -28,7 +30,8 @@ ATTENTIONS = ("softmax", "linformer")
 
 @dataclass
 class ModelConfig:
-    """Architecture of a GPT (GPT-2: pre-LN, learned positions, tied head) or BERT (post-LN, MLM head) model."""
+    """Architecture of a GPT (GPT-2: pre-LN, learned positions, tied head), BERT (post-LN, MLM head) or Llama
+    (pre-RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention; Qwen2 with `qkv_bias`) model."""
 
     name: str = "gpt_tiny"
     arch: str = "gpt"
@@ -49,10 +52,23 @@ class ModelConfig:
     # linformer_k rows, so attention costs T * k instead of T^2; Wang et al. 2020, as the paper combines with sp)
     attention: str = "softmax"
     linformer_k: int = 256
+    # Llama only (GPT and BERT keep these defaults; validation refuses others there):
+    num_kv_heads: int | None = None  # key/value heads of grouped-query attention (None: num_heads); divides num_heads
+    rope_theta: float = 10000.0  # the base of the rotary position embedding's frequencies
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2); Llama has none
+    tie_embeddings: bool | None = None  # the output layer shares the token embedding (None: GPT/BERT yes, Llama no)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.tie_embeddings if self.tie_embeddings is not None else self.arch != "llama"
 
     @property
     def ffn_size(self) -> int:
@@ -60,7 +76,7 @@ class ModelConfig:
 
     @property
     def causal(self) -> bool:
-        return self.arch == "gpt"
+        return self.arch in CAUSAL_ARCHS
 
 
 @dataclass
@@ -193,3 +209,16 @@ class Config:
     device: str = "auto"
     run_dir: str | None = None  # set from Hydra's output directory
     experiment: str | None = None  # set from Hydra's choice of +experiment=<name>
+
+
+# The data each architecture trains on, as `seqpar.data` names it by `model.arch`: "gpt" is the causal-LM data
+# (byte-level BPE, a packed token stream, next-token targets), "bert" the MLM windows. Llama trains on GPT's.
+DATA_ARCH = {"gpt": "gpt", "bert": "bert", "llama": "gpt"}
+
+
+def data_view(cfg: Config) -> Config:
+    """`cfg` as `seqpar.data` reads it: `model.arch` replaced by the data it trains on (`DATA_ARCH`)."""
+    arch = DATA_ARCH.get(cfg.model.arch, cfg.model.arch)
+    if arch == cfg.model.arch:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=arch))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from seqpar.cli import compose, describe_hydra_error, fail, split_config_dir, with_config_dir
-from seqpar.config import Config, ModelConfig
+from seqpar.config import DATA_ARCH, Config, ModelConfig
 from seqpar.data.corpus import resolve_text_files
 from seqpar.data.prepared.windows import check_prepared
 from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir
@@ -73,9 +73,9 @@ def prepare(cfg: Config) -> Job:
         resolve_text_files(cfg.data.paths)
     if cfg.data.source == "prepared":
         for path in [s.path for s in cfg.data.sources] or [cfg.data.path]:
-            check_prepared(Path(path), cfg.model.arch, cfg.model.vocab_size)
+            check_prepared(Path(path), DATA_ARCH[cfg.model.arch], cfg.model.vocab_size)
     if cfg.data.tokenizer and cfg.data.source != "prepared":
-        check_vocab(load_tokenizer_dir(cfg.data.tokenizer, cfg.model.arch), cfg.model.vocab_size)
+        check_vocab(load_tokenizer_dir(cfg.data.tokenizer, DATA_ARCH[cfg.model.arch]), cfg.model.vocab_size)
     check_devices(cfg)
     check_launched_world(cfg.parallel.world_size)
     resume = None

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from seqpar.cli import compose, describe_hydra_error, fail, split_config_dir, with_config_dir
+from seqpar.config import data_view
 from seqpar.configs import CONFIG_DIR
 from seqpar.data.prepared.writer import prepare_dataset
 from seqpar.errors import UserError
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # Hydra/OmegaConf composition errors
         fail(describe_hydra_error(e))
     try:
-        manifest = prepare_dataset(cfg, Path(out))
+        manifest = prepare_dataset(data_view(cfg), Path(out))  # Llama prepares GPT data
     except UserError as e:
         fail(str(e))
     splits = manifest["splits"]

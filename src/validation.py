@@ -69,12 +69,40 @@ def validate_model(m: ModelConfig) -> None:
     _positive("model.init_std", m.init_std)
     _positive("model.type_vocab_size", m.type_vocab_size)
     _choice("model.attention", m.attention, ATTENTIONS)
+    validate_llama_fields(m)
     if m.attention == "linformer":
         if m.causal:
             raise UserError("model.attention", f"is linformer with model.arch={m.arch}; Linformer's projection mixes "
                               "every position of the sequence, which a causal model must not see",
                               "use model.attention=linformer with BERT (model=bert_*), or softmax")
         _positive("model.linformer_k", m.linformer_k)
+
+
+def validate_llama_fields(m: ModelConfig) -> None:
+    """Grouped-query attention, rotary positions and q/k/v biases are Llama's (model.arch=llama); GPT and BERT keep
+    their defaults."""
+    if m.arch != "llama":
+        defaults = ModelConfig()
+        for name in ("num_kv_heads", "rope_theta", "qkv_bias"):
+            if getattr(m, name) != getattr(defaults, name) and not (name == "num_kv_heads" and m.num_kv_heads == m.num_heads):
+                raise UserError(f"model.{name}", f"is {getattr(m, name)} with model.arch={m.arch}, which has no such "
+                                "setting (it is Llama's)", f"drop model.{name} or use model=llama_tiny (model.arch=llama)")
+        if m.tie_embeddings is False:
+            raise UserError("model.tie_embeddings", f"is false with model.arch={m.arch}, whose output layer is the "
+                            "token embedding", "drop model.tie_embeddings (only Llama can untie them)")
+        return
+    if m.num_kv_heads is not None:
+        _positive("model.num_kv_heads", m.num_kv_heads)
+        if m.num_heads % m.num_kv_heads:
+            raise UserError("model.num_kv_heads", f"({m.num_kv_heads}) does not divide model.num_heads ({m.num_heads}); "
+                            "each key/value head serves an equal group of query heads",
+                            "choose num_kv_heads dividing num_heads")
+    _positive("model.rope_theta", m.rope_theta)
+    if m.attention != "softmax":
+        raise UserError("model.attention", f"is {m.attention} with model.arch=llama", "use model.attention=softmax")
+    if m.head_dim % 2:
+        raise UserError("model.hidden_size", f"gives an odd head size ({m.head_dim}); rotary embeddings rotate pairs "
+                        "of features", "choose hidden_size / num_heads even")
 
 
 def validate_data(d: DataConfig, m: ModelConfig) -> None:
@@ -87,7 +115,7 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
     _positive("data.seq_len", d.seq_len)
     if d.seq_len < 4:
         raise UserError("data.seq_len", f"is {d.seq_len}, too short to train on", "use data.seq_len >= 4")
-    if d.seq_len > m.max_seq_len:
+    if d.seq_len > m.max_seq_len and m.arch != "llama":  # Llama's rotary positions have no table to outgrow
         raise UserError(
             "data.seq_len",
             f"({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}), the model's learned positions",
@@ -145,12 +173,16 @@ def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
                 "lower parallel.pp (interleaved_1f1b uses 2 stages per rank) or add layers",
             )
     if p.tp > 1:
-        for name, value in (("num_heads", m.num_heads), ("ffn_hidden_size", m.ffn_size), ("vocab_size", m.vocab_size)):
+        # Key/value heads are sharded like the query heads: replicating them where tp exceeds their count is not
+        # implemented, so tp must divide num_kv_heads too.
+        for name, value in (("num_heads", m.num_heads), ("num_kv_heads", m.kv_heads), ("ffn_hidden_size", m.ffn_size),
+                            ("vocab_size", m.vocab_size)):
             if value % p.tp:
                 raise UserError(
                     "parallel.tp",
                     f"({p.tp}) does not divide model.{name} ({value}); tensor parallelism shards it evenly",
-                    f"choose a parallel.tp that divides model.{name}",
+                    f"choose a parallel.tp that divides model.{name}"
+                    + (" (key/value heads are not replicated over tp ranks)" if name == "num_kv_heads" else ""),
                 )
     if p.sp > 1:
         parts = 2 * p.sp if m.causal else p.sp

@@ -7,13 +7,15 @@ import dataclasses
 import json
 import os
 
-from seqpar.config import Config
+from seqpar.config import Config, data_view
 from seqpar.data.sequences import SequenceData, build_sequences
 from seqpar.data.streaming import build_streaming
 
 
 def build_data(cfg: Config) -> SequenceData:
-    """Streamed (`data.streaming`) or read from a prepared dataset (`seqpar.data.sequences.build_sequences`)."""
+    """Streamed (`data.streaming`) or read from a prepared dataset (`seqpar.data.sequences.build_sequences`). The
+    data code sees the model as the kind of data it trains on (`config.data_view`: Llama reads GPT's)."""
+    cfg = data_view(cfg)
     return build_streaming(cfg) if cfg.data.streaming else build_sequences(cfg)
 
 

@@ -1,4 +1,4 @@
-"""Single-device GPT and BERT. Nothing here imports torch.distributed: parallelism is applied from outside."""
+"""Single-device GPT, BERT and Llama. Nothing here imports torch.distributed: parallelism is applied from outside."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from seqpar.config import ModelConfig
 from seqpar.models.attention import CoreAttention, sdpa_attention, set_core_attention, set_sequence_projection
 from seqpar.models.bert import BERT
 from seqpar.models.gpt import GPT
+from seqpar.models.llama import Llama
 
-__all__ = ["BERT", "GPT", "MODELS", "CoreAttention", "build_model", "sdpa_attention", "set_core_attention",
+__all__ = ["BERT", "GPT", "MODELS", "Llama", "CoreAttention", "build_model", "sdpa_attention", "set_core_attention",
            "set_sequence_projection"]
 
 
-MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT}  # model.arch -> the class (with its `layout`)
+MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bert": BERT, "llama": Llama}  # model.arch -> the class (with its `layout`)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:

@@ -3,6 +3,10 @@
 Models call `self.core_attention(q, k, v, ...)`; `set_core_attention(model, fn)` replaces it on every layer, which is
 how sequence-parallel attention (ring, rsa, ulysses) is swapped in without the model knowing. A replacement must
 accept the same arguments and return the same shape.
+
+Grouped-query attention: k and v may have fewer heads than q (H_kv dividing H); query head i uses key/value head
+i // (H / H_kv), as transformers' `repeat_kv` orders them. Implementations expand k and v to the query heads only
+where they compute (`repeat_kv`), so what they keep and send stays H_kv heads.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ class CoreAttention(Protocol):
     def __call__(
         self,
         q: torch.Tensor,  # (B, H, Tq, D)
-        k: torch.Tensor,  # (B, H, Tk, D)
-        v: torch.Tensor,  # (B, H, Tk, D)
+        k: torch.Tensor,  # (B, H_kv, Tk, D), H_kv dividing H
+        v: torch.Tensor,  # (B, H_kv, Tk, D)
         *,
         causal: bool,
         key_padding_mask: torch.Tensor | None,  # (B, Tk) bool, True = attend; None = no padding
@@ -44,7 +48,16 @@ def sdpa_attention(
         # A padded key is never attended to; causal + padding is folded into one boolean mask.
         mask = _allowed(q, k, causal, key_padding_mask)
         causal = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H_kv, T, D) keys or values -> (B, heads, T, D): each head repeated for its group of query heads (the
+    input itself when it has `heads` heads already)."""
+    if x.shape[1] == heads:
+        return x
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def _allowed(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -70,6 +83,7 @@ def masked_softmax_attention(
     probabilities by the caller's function: for a dropout whose mask must come from somewhere else than one draw
     over these heads (tensor parallelism: this rank's heads' part of the mask for all heads)."""
     scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scores = (q * scale) @ (k.transpose(-2, -1) * scale)
     mask = _allowed(q, k, causal, key_padding_mask)
     if mask is not None:

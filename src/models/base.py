@@ -18,18 +18,25 @@ from seqpar.models.layout import ParallelLayout
 
 class LanguageModel(nn.Module):
     """A subclass defines `embed(input_ids, position_ids, token_type_ids, dropout_key)` -> (B, T, C), the blocks
-    `layers` (each `block(x, key_padding_mask, dropout_key)`), `head_features(x)` -> (..., C), the output layer
-    named by its layout, and `forward` (whose `head_features_only=True` stops before the output layer)."""
+    `layers` (each `block(x, key_padding_mask, dropout_key, position_ids)`), `head_features(x)` -> (..., C), the
+    output layer named by its layout, and `forward` (whose `head_features_only=True` stops before the output layer).
+    `layout_for(cfg)` is its parallel layout for a config (the class's `layout` unless the config changes it: Llama's
+    tied or untied head); an instance's `layout` is its own config's."""
 
     arch: str  # the model.arch it implements
     layout: ParallelLayout
-    hf: HFInterop
+    hf: tuple[HFInterop, ...]  # the transformers classes it matches (models/hf.py)
     layers: nn.ModuleList
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.arch == self.arch, (cfg.arch, self.arch)
         self.config = cfg
+        self.layout = self.layout_for(cfg)
+
+    @classmethod
+    def layout_for(cls, cfg: ModelConfig) -> ParallelLayout:
+        return cls.layout
 
     def reset_parameters(self) -> None:
         init_parameters(self)
@@ -46,8 +53,21 @@ class LanguageModel(nn.Module):
         x = self.embed(input_ids, position_ids, token_type_ids, key)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.layers:
-            x = block(x, key_padding_mask, key)
+            x = block(x, key_padding_mask, key, position_ids)
         return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        position_ids: torch.Tensor,  # (B, T) or (T,): global positions (a sequence chunk knows where it sits)
+        attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token; None = no padding
+        token_type_ids: torch.Tensor | None = None,  # BERT's segments; accepted by every model for one convention
+        dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
+        head_features_only: bool = False,  # return the output layer's input (B, T, C) instead of the logits
+    ) -> torch.Tensor:  # logits (B, T, V)
+        """A decoder's forward (BERT's adds its target-token head)."""
+        x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed)
+        return self.head_features(x) if head_features_only else self.head(x)
 
     @property
     def output_layer(self) -> nn.Module:

@@ -1,5 +1,6 @@
-"""Hugging Face interop: each model with the transformers class it matches (GPT <-> GPT2LMHeadModel, BERT <->
-BertForMaskedLM), weights and configs, read from what the model declares (`cls.hf`, see `interop.py`).
+"""Hugging Face interop: each model with the transformers classes it matches (GPT <-> GPT2LMHeadModel, BERT <->
+BertForMaskedLM, Llama <-> LlamaForCausalLM and, with q/k/v biases, Qwen2ForCausalLM), weights and configs, read
+from what the model declares (`cls.hf`, see `interop.py`).
 
 `from_pretrained(dir_or_model)` returns (our model, its ModelConfig); `save_pretrained(model, dir)` writes a directory
 that `transformers` loads. Everything works offline on local directories (safetensors).
@@ -22,11 +23,13 @@ from seqpar.models import MODELS, build_model
 from seqpar.models.interop import HFInterop
 from seqpar.validation import validate_model
 
-_ARCH_OF = {cls.hf.model_type: arch for arch, cls in MODELS.items()}  # transformers' model_type -> model.arch
+# transformers' model_type -> (model.arch, its declaration)
+_BY_MODEL_TYPE = {hf.model_type: (arch, hf) for arch, cls in MODELS.items() for hf in cls.hf}
 
 
-def _interop(arch: str) -> HFInterop:
-    return MODELS[arch].hf
+def _interop(cfg: ModelConfig) -> HFInterop:
+    """The transformers class our model is written as: the first of its declarations that matches its config."""
+    return next(hf for hf in MODELS[cfg.arch].hf if hf.matches(cfg))
 
 
 # ----------------------------------------------------------------------------------------------------- configs
@@ -36,20 +39,20 @@ def _unsupported(what: str, fix: str) -> UserError:
 
 def config_from_hf(hf_config: Any, name: str = "hf") -> ModelConfig:
     """Our ModelConfig for a transformers config of a model we have (refusing options our models lack)."""
-    arch = _ARCH_OF.get(hf_config.model_type)
-    if arch is None:
+    if hf_config.model_type not in _BY_MODEL_TYPE:
         raise UserError("model.init_from", f"has model_type={hf_config.model_type!r}",
-                        f"use a {' or '.join(_ARCH_OF)} checkpoint")
-    hf = _interop(arch)
+                        f"use a {', '.join(_BY_MODEL_TYPE)} checkpoint")
+    arch, hf = _BY_MODEL_TYPE[hf_config.model_type]
     theirs = getattr(hf_config, hf.activation_field)
     act = hf.activations.get(theirs) if isinstance(theirs, str) else None
     if act is None:
-        raise _unsupported(f"{hf.activation_field}={theirs}", "use a gelu variant")
+        raise _unsupported(f"{hf.activation_field}={theirs}", f"use a checkpoint with {' or '.join(hf.activations)}")
     problem = hf.unsupported(hf_config)
     if problem is not None:
         raise _unsupported(*problem)
     values = {ours: getattr(hf_config, name_there) for ours, name_there in hf.fields.items()}
     values.update({k: v for k, v in hf.defaults(hf_config).items() if values.get(k) is None})
+    values.update(hf.config_values(hf_config))
     cfg = ModelConfig(name=name, arch=arch, activation=act, **values)
     validate_model(cfg)
     return cfg
@@ -59,11 +62,12 @@ def hf_config_from(cfg: ModelConfig) -> Any:
     """The transformers config (GPT2Config, BertConfig, ...) equal to our ModelConfig."""
     import transformers
 
-    hf = _interop(cfg.arch)
+    hf = _interop(cfg)
     kwargs = {theirs: getattr(cfg, ours) for ours, theirs in hf.fields.items()}
     kwargs[hf.activation_field] = hf.activation_out(cfg.activation)
     kwargs.update(hf.extra_config(cfg))
-    return getattr(transformers, hf.config_class)(**kwargs, tie_word_embeddings=True, torch_dtype="float32")
+    return getattr(transformers, hf.config_class)(**kwargs, tie_word_embeddings=cfg.tied_embeddings,
+                                                  torch_dtype="float32")
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
@@ -85,7 +89,8 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
 
 # ------------------------------------------------------------------------------------------------------ API
 def from_pretrained(path_or_model: str | os.PathLike | nn.Module, **overrides: Any) -> tuple[nn.Module, ModelConfig]:
-    """Our model (and config) with the weights of a transformers GPT2LMHeadModel/BertForMaskedLM.
+    """Our model (and config) with the weights of a transformers model we match (GPT2LMHeadModel, BertForMaskedLM,
+    LlamaForCausalLM, Qwen2ForCausalLM).
 
     `path_or_model` is a local checkpoint directory or a live transformers model. `overrides` replace config fields
     that do not change the weights' shapes (dropout, attn_dropout).
@@ -98,7 +103,7 @@ def from_pretrained(path_or_model: str | os.PathLike | nn.Module, **overrides: A
         import transformers
 
         model_type = json.loads((Path(path_or_model) / "config.json").read_text())["model_type"]
-        cls = getattr(transformers, _interop(_ARCH_OF[model_type]).model_class)
+        cls = getattr(transformers, _BY_MODEL_TYPE[model_type][1].model_class)
         hf_model = cls.from_pretrained(str(path_or_model), local_files_only=True)
         name = Path(path_or_model).name
     cfg = config_from_hf(hf_model.config, name=Path(str(name)).name or "hf")
@@ -106,7 +111,7 @@ def from_pretrained(path_or_model: str | os.PathLike | nn.Module, **overrides: A
         cfg = dataclasses.replace(cfg, **overrides)
     sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
     model = build_model(cfg)
-    model.load_state_dict(_interop(cfg.arch).from_hf(sd, cfg), strict=True)
+    model.load_state_dict(_interop(cfg).from_hf(sd, cfg), strict=True)
     return model, cfg
 
 
@@ -123,7 +128,7 @@ def _hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if not_exportable(cfg):
         raise ValueError(not_exportable(cfg))
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    return _interop(cfg.arch).to_hf(sd, cfg)
+    return _interop(cfg).to_hf(sd, cfg)
 
 
 def to_hf(model: nn.Module) -> nn.Module:
@@ -131,7 +136,7 @@ def to_hf(model: nn.Module) -> nn.Module:
     import transformers
 
     weights = _hf_state_dict(model)
-    hf_model = getattr(transformers, _interop(model.config.arch).model_class)(hf_config_from(model.config))
+    hf_model = getattr(transformers, _interop(model.config).model_class)(hf_config_from(model.config))
     missing, unexpected = hf_model.load_state_dict(weights, strict=False)
     # transformers may keep buffers (position_ids, token_type_ids) that carry no weights.
     missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))]
@@ -150,8 +155,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     from safetensors.torch import save_file
 
     cfg: ModelConfig = model.config
-    hf = _interop(cfg.arch)
-    tensors = {k: v.contiguous() for k, v in _hf_state_dict(model).items() if k not in hf.tied}
+    hf = _interop(cfg)
+    tied = hf.tied if cfg.tied_embeddings else ()
+    tensors = {k: v.contiguous() for k, v in _hf_state_dict(model).items() if k not in tied}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config_from(cfg)

@@ -1,7 +1,9 @@
 """What a model declares for transformers interop, as data beside it: `HFInterop`.
 
-Each model class carries `hf: HFInterop` (like its `layout`); `seqpar.models.hf` reads it to convert configs and
-weights both ways, so a model's transformers names live in its own folder.
+Each model class carries `hf`, a tuple of `HFInterop`s (like its `layout`): the transformers classes it matches
+(Llama: LlamaForCausalLM, and Qwen2ForCausalLM for its q/k/v-bias variant). `seqpar.models.hf` reads them to convert
+configs and weights both ways: a transformers config is read by the declaration of its model_type, and a model is
+written as the first declaration that `matches` its config. A model's transformers names live in its own folder.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ class HFInterop:
     unsupported: Callable[[Any], tuple[str, str] | None]  # (what, fix) for a transformers config we cannot hold
     from_hf: Callable[[StateDict, Any], StateDict]  # transformers' weights -> ours (cfg: our ModelConfig)
     to_hf: Callable[[StateDict, Any], StateDict]  # ours -> transformers'
-    tied: tuple[str, ...]  # transformers' names of tied weights, left out of its files
+    tied: tuple[str, ...]  # transformers' names of tied weights, left out of its files (when the model ties them)
     extra_config: Callable[[Any], dict[str, Any]] = field(default=lambda cfg: {})  # more transformers config values
     defaults: Callable[[Any], dict[str, Any]] = field(default=lambda hf_config: {})  # our values it may leave unset
+    # our config values read from its config other than as one attribute each (Llama's rope_theta, tied head)
+    config_values: Callable[[Any], dict[str, Any]] = field(default=lambda hf_config: {})
+    matches: Callable[[Any], bool] = field(default=lambda cfg: True)  # whether this class holds our config's model
     generates: bool = False  # transformers writes a generation_config.json for it
 
     def activation_out(self, ours: str) -> str:

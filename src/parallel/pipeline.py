@@ -6,8 +6,8 @@ more when they do not divide). The first stage also holds the embeddings, the la
 The model object on each rank is pruned in place: layers of other ranks become `nn.Identity` (so parameter names
 stay global) and embeddings / head are dropped where unused, so each rank allocates only its part.
 
-The tied weights (GPT's embedding and head, BERT's embedding and MLM decoder) live on the first and the last stage
-as two copies with equal initial values; `sync_tied_grads` sums their gradients over the pp group after backward,
+The tied weights (GPT's embedding and head, BERT's embedding and MLM decoder; none in an untied Llama) live on the
+first and the last stage as two copies with equal initial values; `sync_tied_grads` sums their gradients over the pp group after backward,
 so the copies stay equal. Per micro-batch the schedule passes hidden states between stages (send/recv) and the
 position ids, padding mask, token types and dropout seeds as keyword arguments to every stage; the loss of a micro-batch is its
 summed cross-entropy divided by the global target count, so gradients are not rescaled (`scale_grads=False`).
@@ -62,7 +62,7 @@ class Stage(nn.Module):
             x = self.model.embed(x, position_ids, token_type_ids, key)
         mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.model.layers:
-            x = block(x, mask, key)
+            x = block(x, mask, key, position_ids)
         if not self.last:
             return x
         return self.model.head_features(x) if self.head_features_only else self.model.head(x)
@@ -89,19 +89,20 @@ class Pipeline:
         for i in range(len(model.layers)):
             if i not in mine:
                 model.layers[i] = nn.Identity()
-        (head_name, embedding_name), = model.layout.tied.items()
-        tied_head = model.get_parameter(head_name)
+        # The tied embedding/head pair, if the model ties one (an untied model has nothing to keep in sync).
+        head_name, embedding_name = next(iter(model.layout.tied.items()), (None, None))
+        tied_head = model.get_parameter(head_name) if head_name else None
         for name in model.layout.embedding if not self.first else ():
             setattr(model, name, None)
         for name in model.layout.head if not self.last else ():
             setattr(model, name, None)
         self.tied = None  # this rank's copy of the tied embedding/head weight, if it holds one
-        if self.first:
+        if tied_head is not None and self.first:
             self.tied = model.get_parameter(embedding_name)
         elif self.last:
             self.tied = tied_head
-        self.tied_shape = tied_head.to_local().shape if hasattr(tied_head, "to_local") else tied_head.shape
-        self.tied_dtype = tied_head.dtype
+        self.tied_shape = tied_head.to_local().shape if hasattr(tied_head, "to_local") else getattr(tied_head, "shape", None)
+        self.tied_dtype = getattr(tied_head, "dtype", None)
         self.device = device
         stages = [
             PipelineStage(m, s, n_stages, device, group=group) for m, s in zip(self.modules, self.stage_ids, strict=True)
@@ -127,7 +128,7 @@ class Pipeline:
 
     def sync_tied_grads(self) -> None:
         """Sum the tied weight's gradient over its first- and last-stage copies (middle stages add zeros)."""
-        if self.pp == 1:
+        if self.pp == 1 or self.tied_shape is None:  # no pipeline, or no tied weights
             return
 
         if self.tied is not None and self.tied.grad is not None:

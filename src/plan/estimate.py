@@ -8,7 +8,8 @@ those that fit, by an estimated step time (the step's FLOPs at `tflops` per devi
 bubble, plus the communication at `gbps`), then by memory.
 
 The estimate counts what this code keeps, in fp32 (or bf16 activations under autocast), per token of a layer:
-LayerNorm inputs and outputs, q, k, v and the attention output, the MLP's two ffn-wide tensors (rsa and ulysses
+LayerNorm inputs and outputs, q, k, v (k and v with the key/value heads of grouped-query attention) and the
+attention output, the MLP's two ffn-wide tensors (SwiGLU's four) (rsa and ulysses
 add the copy of their output that o_proj reads, rsa its L/sp x L probabilities); the log-softmax and two
 gradients of its size per vocabulary entry (BERT without tp or pp: at the target tokens only); plus the runtime
 baseline, the one term that is not arithmetic: it comes from `seqpar.plan.baseline` (on GPU a CUDA context; on
@@ -28,6 +29,7 @@ from seqpar.config import Config, virtual_stages
 from seqpar.errors import UserError
 from seqpar.models import MODELS, build_model
 from seqpar.parallel.pipeline import layer_split
+from seqpar.parallel.sequence.ulysses import sent_kv_heads
 from seqpar.plan.baseline import runtime_baseline_mib
 from seqpar.trainer.loss import LINEAR_SLAB_ELEMENTS
 from seqpar.validation import validate_engine, validate_layout
@@ -79,7 +81,7 @@ def rank_params(counts: dict[str, int], cfg: Config, pp: int, tp: int) -> float:
     stages = pp * virtual_stages(cfg.parallel.pp_schedule) if pp > 1 else 1
     per_stage = [0.0] * pp
     split = layer_split(cfg.model.num_layers, stages)
-    layout = MODELS[cfg.model.arch].layout  # which parameters tp splits, which the head holds
+    layout = MODELS[cfg.model.arch].layout_for(cfg.model)  # which parameters tp splits, which the head holds
     for name, n in counts.items():
         if layout.tp_divides(name):
             n = n / tp
@@ -100,9 +102,12 @@ def activation_bytes_per_token_layer(cfg: Config, tp: int, sp: int, seq_len: int
     m = cfg.model
     h, f, a = m.hidden_size, m.ffn_size, m.num_heads
     width = 2 if cfg.trainer.precision == "bf16" else 4
-    # Replicated over tp: 2 LayerNorm inputs + 2 outputs; sharded by tp: q, k, v and the attention output (4h),
-    # the MLP's up output and activation output (2f).
-    per_token = 4 * h + (4 * h + 2 * f) / tp
+    kv = h * m.kv_heads / m.num_heads  # the width of k and of v (less than h under grouped-query attention)
+    # Llama's SwiGLU keeps four ffn-wide tensors (gate and up outputs, the activation, their product), GELU two.
+    mlp = 4 * f if m.arch == "llama" else 2 * f
+    # Replicated over tp: 2 LayerNorm (RMSNorm) inputs + 2 outputs; sharded by tp: q, k, v and the attention
+    # output (2h + 2kv; rotary positions keep only the rotated q and k), and the MLP's ffn-wide tensors.
+    per_token = 4 * h + (2 * h + 2 * kv + mlp) / tp
     if sp > 1 and impl in ("rsa", "ulysses"):
         per_token += h / tp  # their output is not in the projections' layout: o_proj reads a contiguous copy
     if m.dropout > 0:
@@ -176,8 +181,14 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     if tp > 1:
         comm += n_micro * layers * 4 * 2 * act_tensor * (tp - 1) / tp  # 2 all-reduces forward, 2 backward
     if sp > 1:
-        kv = 2 * act_tensor / tp
-        comm += n_micro * layers * {"ulysses": 4 * act_tensor / tp / sp * (sp - 1) * 2}.get(cfg.parallel.sp_impl, kv * (sp - 1) * 2)
+        # ring and rsa pass k and v (H_kv heads: GQA divides the bytes by heads / kv heads); ulysses moves q and the
+        # output whole and k, v with the key/value heads it sends (repeated to lcm(H_kv, sp) per rank's heads).
+        kv_frac = m.kv_heads / m.num_heads
+        if cfg.parallel.sp_impl == "ulysses":
+            sent = sent_kv_heads(m.kv_heads // tp, sp) / (m.num_heads // tp)
+            comm += n_micro * layers * (2 + 2 * sent) * act_tensor / tp / sp * (sp - 1) * 2
+        else:
+            comm += n_micro * layers * 2 * act_tensor * kv_frac / tp * (sp - 1) * 2
     if pp > 1:
         comm += n_micro * 2 * act_tensor
     if cfg.parallel.sp_impl == "rsa" and sp > 1 and m.attention == "softmax":

@@ -120,7 +120,8 @@ class Trainer:
         self.output_loss = None
         if t.fused_loss and not (t.engine == "deepspeed" and zero_stage(cfg) == 3):
             tp_group = mesh.group("tp") if mesh.tp > 1 else None
-            token_shards = MODELS[cfg.model.arch].layout.output_takes_token_shards(cfg.parallel.tp_shard_activations)
+            layout = MODELS[cfg.model.arch].layout_for(cfg.model)
+            token_shards = layout.output_takes_token_shards(cfg.parallel.tp_shard_activations)
             self.output_loss = lambda features, labels: output_loss_sum(self.model, features, labels, tp_group,
                                                                         token_shards)
         self.model, self.pipeline, self.reducer = build_rank_model(cfg, mesh, self.output_loss or loss_sum,

@@ -107,12 +107,17 @@ def _replace_index(ckpt: Path, data: bytes) -> None:
 # (id, scenario or None, overrides, the start of the error line after "error: ")
 CASES = [
     ("unknown key", None, ["trainer.learning_rate=1e-3"], "trainer.learning_rate is not a known setting"),
-    ("unknown model", None, ["model=llama"], "model 'llama' is not a known option; choose one of: "),
+    ("unknown model", None, ["model=mistral"], "model 'mistral' is not a known option; choose one of: "),
     ("wrong type", None, ["trainer.max_steps=ten"], "trainer.max_steps "),
     ("out of range lr", None, ["trainer.lr=-1"], "trainer.lr is -1.0, must be > 0"),
     ("out of range dropout", None, ["model.dropout=1.5"], "model.dropout is 1.5, must be in [0, 1.0)"),
     ("zero degree", None, ["parallel.tp=0"], "parallel.tp is 0, must be > 0"),
     ("tp not dividing heads", None, ["parallel.tp=3"], "parallel.tp (3) does not divide model.num_heads (4)"),
+    ("kv heads not dividing heads", None, ["model=llama_tiny", "model.num_kv_heads=3"],
+     "model.num_kv_heads (3) does not divide model.num_heads (4)"),
+    ("tp not dividing kv heads", None, ["model=llama_tiny", "parallel.tp=4"],
+     "parallel.tp (4) does not divide model.num_kv_heads (2)"),
+    ("Llama setting on GPT", None, ["model.num_kv_heads=2"], "model.num_kv_heads is 2 with model.arch=gpt"),
     ("sp not dividing the sequence", None, ["model=bert_tiny", "data.seq_len=100", "parallel.sp=3"],
      "data.seq_len (100) is not divisible by 3"),
     ("pp above layers", None, ["parallel.pp=8"], "parallel.pp (8) needs 8 pipeline stages"),

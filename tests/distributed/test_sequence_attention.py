@@ -1,5 +1,7 @@
 """Every sequence-parallel attention (ring, rsa, ulysses) over gloo processes against
-F.scaled_dot_product_attention on the whole sequence, forward and backward."""
+F.scaled_dot_product_attention on the whole sequence, forward and backward; also with grouped-query attention
+(fewer key/value heads than query heads, for ulysses fewer than sp), against SDPA with k and v repeated to the query
+heads."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from seqpar.models.attention import repeat_kv
 from seqpar.parallel.sequence import IMPLS, chunk_indices, shard_sequence
 
 from .spawn import spawn
@@ -22,15 +25,18 @@ def reference(q, k, v, causal, mask):
         attn_mask = mask[:, None, None, :]
         if causal:
             attn_mask = attn_mask & torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool).tril()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and mask is None)
+    heads = q.shape[1]  # k and v repeated to the query heads (their gradients sum over each group)
+    out = F.scaled_dot_product_attention(q, repeat_kv(k, heads), repeat_kv(v, heads), attn_mask=attn_mask,
+                                         is_causal=causal and mask is None)
     return out, q, k, v
 
 
-def _check_one(rank, world, impl, causal, padded, heads=None):
+def _check_one(rank, world, impl, causal, padded, heads=None, kv_heads=None):
     torch.manual_seed(0)
     seq_len = 2 * world * 5 if causal else world * 7  # not powers of two
     b, h, d = 2, heads or 2 * world, 8  # ulysses needs heads divisible by sp
-    q, k, v = (torch.randn(b, h, seq_len, d) for _ in range(3))
+    hk = kv_heads or h
+    q, k, v = torch.randn(b, h, seq_len, d), torch.randn(b, hk, seq_len, d), torch.randn(b, hk, seq_len, d)
     dout = torch.randn(b, h, seq_len, d)
     mask = None
     if padded:
@@ -66,17 +72,20 @@ def _check_all(rank, world):
     from seqpar.parallel.sequence import ring
 
     default = ring.LEAN_MIN_BYTES
-    # ring again: its memory-lean backward, also with 5 heads (head groups of 2, 2 and 1)
-    runs = [(impl, default, None) for impl in IMPLS] + [("ring", 0, None), ("ring", 0, 5)]
-    for impl, lean_min, heads in runs:
+    # ring again: its memory-lean backward, also with 5 heads (head groups of 2, 2 and 1). Grouped-query attention
+    # (kv heads): 2 key/value heads for 2 * sp query heads (fewer than sp for ulysses from sp = 3), and one.
+    runs = [(impl, default, None, None) for impl in IMPLS] + [("ring", 0, None, None), ("ring", 0, 5, None)]
+    runs += [(impl, default, None, 2) for impl in IMPLS] + [("ring", 0, None, 1), ("ring", 0, 10, 5),
+                                                            ("ulysses", default, None, 1)]
+    for impl, lean_min, heads, kv_heads in runs:
         ring.LEAN_MIN_BYTES = lean_min
         for causal in (False, True):
             for padded in (False, True):
                 try:
-                    _check_one(rank, world, impl, causal, padded, heads)
+                    _check_one(rank, world, impl, causal, padded, heads, kv_heads)
                 except AssertionError as e:
-                    raise AssertionError(f"{impl} (lean from {lean_min} B, heads {heads or 2 * world}) sp={world} "
-                                         f"causal={causal} padded={padded}: {e}") from None
+                    raise AssertionError(f"{impl} (lean from {lean_min} B, heads {heads or 2 * world}, kv heads "
+                                         f"{kv_heads}) sp={world} causal={causal} padded={padded}: {e}") from None
     ring.LEAN_MIN_BYTES = default
 
 

@@ -3,6 +3,8 @@ vocab-parallel cross-entropy against F.cross_entropy, and layout-independent ini
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,14 @@ from .spawn import spawn
 ATOL = 1e-5
 
 
+def _config(arch: str) -> ModelConfig:
+    """Two layers, 4 heads; Llama with 2 key/value heads (grouped-query attention) and an untied head."""
+    extra = {"num_kv_heads": 2, "activation": "silu", "qkv_bias": True} if arch == "llama" else {}
+    return ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, vocab_size=96, max_seq_len=16, **extra)
+
+
 def _check(rank, world, arch):
-    cfg = ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, vocab_size=96, max_seq_len=16)
+    cfg = _config(arch)
     torch.manual_seed(0)
     ref = build_model(cfg)
     torch.manual_seed(0)
@@ -31,14 +39,17 @@ def _check(rank, world, arch):
     full = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, full[name]), name
-    ((head, emb),) = model.layout.tied.items()
-    assert model.get_parameter(head) is model.get_parameter(emb), "the output layer is no longer tied"
+    for head, emb in model.layout.tied.items():
+        assert model.get_parameter(head) is model.get_parameter(emb), "the output layer is no longer tied"
 
     # Column-parallel q_proj gives this rank's slice of the outputs (its heads); row-parallel o_proj the full sum.
     x = torch.randn(2, 8, 32)
     attn, ref_attn = model.layers[0].attn, ref.layers[0].attn
     cols = slice(rank * 32 // world, (rank + 1) * 32 // world)
     torch.testing.assert_close(attn.q_proj(x), ref_attn.q_proj(x)[..., cols], atol=ATOL, rtol=0)
+    kv = ref_attn.k_proj.out_features  # key/value heads are sharded the same way (fewer of them under GQA)
+    kv_cols = slice(rank * kv // world, (rank + 1) * kv // world)
+    torch.testing.assert_close(attn.k_proj(x), ref_attn.k_proj(x)[..., kv_cols], atol=ATOL, rtol=0)
     y = torch.randn(2, 8, 32)
     torch.testing.assert_close(attn.o_proj(y[..., cols]), ref_attn.o_proj(y), atol=ATOL, rtol=0)
 
@@ -63,7 +74,7 @@ def _check(rank, world, arch):
     torch.testing.assert_close(norm, ref_norm, atol=ATOL, rtol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["gpt", "bert"])
+@pytest.mark.parametrize("arch", ["gpt", "bert", "llama"])
 def test_tensor_parallel_layers_loss_and_init(arch):
     spawn(_check, 2, arch)
 
@@ -78,10 +89,11 @@ def test_the_plan_without_activation_sharding_shards_only_the_matmuls():
 
 
 def test_layouts_name_real_modules_and_parameters():
-    for arch, cls in MODELS.items():
-        model = build_model(ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, vocab_size=96, max_seq_len=16))
+    configs = [_config(arch) for arch in MODELS] + [dataclasses.replace(_config("llama"), tie_embeddings=True)]
+    for cfg in configs:
+        arch, model = cfg.arch, build_model(cfg)
         names = {n for n, _ in model.named_modules()}
-        layout = cls.layout
+        layout = model.layout
         for pattern in layout.tp_plan:
             assert any(n == pattern.replace("*", "0") for n in names), (arch, pattern)
         for name in [*layout.embedding, *layout.head, *layout.token_sharded_outputs]:

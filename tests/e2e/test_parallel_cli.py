@@ -53,6 +53,20 @@ SWEEPS = {
 }
 
 
+# Llama (llama_tiny: 2 key/value heads for 4 query heads, an untied head) where it differs from GPT: each sp_impl with
+# fewer key/value heads than query heads (ulysses at sp=4 repeats them to the ranks), tp sharding the key/value
+# heads, pipeline stages without tied weights, and all three at once.
+LLAMA = "llama_tiny"
+LLAMA_SWEEPS = {
+    "sp": ["parallel.sp=4", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
+    "tp, tp x sp": ["parallel.tp=2", "parallel.sp=1,2", "trainer.micro_batch_size=4"],
+    "pp": ["parallel.pp=2", "parallel.pp_schedule=gpipe,1f1b", "parallel.microbatches=4"],
+    "dp x pp x tp": ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"],
+}
+CASES = [(name, MODELS, overrides) for name, overrides in SWEEPS.items()] + [
+    (f"{LLAMA} {name}", (LLAMA,), overrides) for name, overrides in LLAMA_SWEEPS.items()]
+
+
 def merged(*groups: list[str]) -> list[str]:
     """Overrides, a later group's value replacing an earlier one's for the same key (Hydra refuses duplicates)."""
     out: dict[str, str] = {}
@@ -99,14 +113,14 @@ def multirun(args, cache_dir, sweep_dir, weights=True) -> tuple[list[tuple[str, 
     return out, proc.stdout
 
 
-@pytest.mark.parametrize("sweep", list(SWEEPS))
-def test_layouts_match_single_process(tmp_path, cache_dir, reference, sweep):
-    """One multirun per family of layouts, over both models (GPT and BERT)."""
-    jobs, stdout = multirun([f"model={','.join(MODELS)}", *merged(STEPS, SWEEPS[sweep]), *NO_CHECKPOINT], cache_dir,
+@pytest.mark.parametrize("sweep,models,overrides", CASES, ids=[c[0] for c in CASES])
+def test_layouts_match_single_process(tmp_path, cache_dir, reference, sweep, models, overrides):
+    """One multirun per family of layouts, over both models (GPT and BERT), and Llama's own families."""
+    jobs, stdout = multirun([f"model={','.join(models)}", *merged(STEPS, overrides), *NO_CHECKPOINT], cache_dir,
                             tmp_path / "sweep")
-    model_overrides = [o for o in SWEEPS[sweep] if o.startswith("model.")]
-    expected = len(MODELS)
-    for arg in SWEEPS[sweep]:
+    model_overrides = [o for o in overrides if o.startswith("model.")]
+    expected = len(models)
+    for arg in overrides:
         expected *= len(arg.split("=", 1)[1].split(","))
     assert len(jobs) == expected
     assert stdout.count("step 5 | loss") == expected  # progress from rank 0 only

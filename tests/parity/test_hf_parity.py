@@ -152,3 +152,103 @@ def test_unsupported_checkpoint_is_refused(tmp_path):
         from_pretrained(tmp_path / "c")
     with pytest.raises(UserError, match="no config.json"):
         read_checkpoint_config(tmp_path)
+
+
+# Llama (model_type llama) and, with q/k/v biases, Qwen2: odd head counts, key/value groups and vocabularies.
+LLAMA_CONFIGS = [
+    # (layers, hidden, heads, kv heads, ffn, vocab, qkv_bias, tied)
+    (2, 48, 4, 2, 88, 512, False, False),
+    (3, 60, 5, 1, 70, 97, False, True),  # odd heads, one key/value head, odd vocab
+    (2, 42, 3, 3, 33, 1013, True, False),  # Qwen2, no grouping
+    (1, 60, 6, 2, 40, 101, True, True),  # Qwen2, groups of 3
+]
+LLAMA_IDS = [f"{'qwen2' if c[6] else 'llama'}-L{c[0]}-H{c[2]}-KV{c[3]}-V{c[5]}{'-tied' if c[7] else ''}"
+             for c in LLAMA_CONFIGS]
+
+
+def make_llama(layers, hidden, heads, kv_heads, ffn, vocab, qkv_bias, tied, seed=0):
+    cfg = ModelConfig(name="t", arch="llama", num_layers=layers, hidden_size=hidden, num_heads=heads,
+                      num_kv_heads=kv_heads, ffn_hidden_size=ffn, vocab_size=vocab, max_seq_len=40, activation="silu",
+                      layer_norm_eps=1e-6, rope_theta=500.0, qkv_bias=qkv_bias, tie_embeddings=tied)
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _llama_logits(model, ids):
+    with torch.no_grad():
+        return model(ids, torch.arange(ids.shape[1]))
+
+
+@pytest.mark.parametrize("spec", LLAMA_CONFIGS, ids=LLAMA_IDS)
+def test_llama_to_transformers(spec):
+    model = make_llama(*spec)
+    hf = to_hf(model)
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if spec[6] else "LlamaForCausalLM")
+    ids, _, _ = inputs(model.config)
+    with torch.no_grad():
+        assert (_llama_logits(model, ids) - hf(input_ids=ids).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("spec", LLAMA_CONFIGS, ids=LLAMA_IDS)
+def test_transformers_to_llama(spec):
+    import transformers
+
+    layers, hidden, heads, kv_heads, ffn, vocab, qkv_bias, tied = spec
+    name = "Qwen2" if qkv_bias else "Llama"
+    config = getattr(transformers, f"{name}Config")(
+        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=40, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=tied)
+    torch.manual_seed(3)
+    hf = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model, cfg = from_pretrained(hf)
+    model.eval()
+    assert (cfg.arch, cfg.num_heads, cfg.kv_heads, cfg.vocab_size, cfg.qkv_bias, cfg.tied_embeddings, cfg.rope_theta) == (
+        "llama", heads, kv_heads, vocab, qkv_bias, tied, 500.0)
+    ids, _, _ = inputs(cfg)
+    with torch.no_grad():
+        assert (_llama_logits(model, ids) - hf(input_ids=ids).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("spec", [LLAMA_CONFIGS[1], LLAMA_CONFIGS[2]], ids=[LLAMA_IDS[1], LLAMA_IDS[2]])
+def test_llama_directory_round_trip_and_files(tmp_path, spec):
+    """save_pretrained writes transformers' own files (an untied head's weight included, a tied one left out),
+    AutoModelForCausalLM loads them, and from_pretrained reads them back bit for bit."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = make_llama(*spec)
+    save_pretrained(model, tmp_path / "ours")
+    to_hf(model).save_pretrained(str(tmp_path / "theirs"))
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(p.name for p in (tmp_path / "theirs").iterdir())
+    assert json.loads((tmp_path / "ours" / "config.json").read_text()) == json.loads(
+        (tmp_path / "theirs" / "config.json").read_text())
+    with safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "theirs" / "model.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert ("lm_head.weight" in a.keys()) == (not spec[7])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", local_files_only=True).eval()
+    ids, _, _ = inputs(model.config)
+    with torch.no_grad():
+        assert (_llama_logits(model, ids) - hf(input_ids=ids).logits).abs().max().item() < TOL
+    back, cfg = from_pretrained(tmp_path / "ours")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2), k
+    assert read_checkpoint_config(tmp_path / "ours").kv_heads == spec[3]
+
+
+def test_scaled_rope_checkpoint_is_refused(tmp_path):
+    model = make_llama(*LLAMA_CONFIGS[0])
+    save_pretrained(model, tmp_path / "c")
+    conf = json.loads((tmp_path / "c" / "config.json").read_text())
+    conf["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    (tmp_path / "c" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match="model.init_from.*rope_type=linear"):
+        from_pretrained(tmp_path / "c")

@@ -53,8 +53,9 @@ def test_offloaded_checkpointing_moves_block_inputs_to_the_host_and_keeps_the_gr
     monkeypatch.setattr(parallelize, "save_on_cpu", recording)
     grads = {kind: _grads(m, batch) for kind, m in models.items()}
     hidden = (2, 24, 32)
-    # Each block's forward saves its hidden-state input (and BERT's padding mask) for the recomputation, nothing else.
-    per_block = [hidden, (2, 24)] if arch == "bert" else [hidden]
+    # Each block's forward saves its tensor inputs for the recomputation, nothing else: the hidden states, the
+    # positions (rotary models read them) and BERT's padding mask.
+    per_block = [hidden, (24,), (2, 24)] if arch == "bert" else [hidden, (24,)]
     assert sorted(packed) == sorted(per_block * cfg.num_layers)
     for kind in ("checkpoint", "offload"):
         assert grads[kind].keys() == grads["none"].keys()

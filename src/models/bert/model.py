@@ -28,7 +28,7 @@ class BertBlock(nn.Module):
         self.mlp_out_dropout = KeyedDropout(cfg.dropout, mlp_site)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                dropout_key: DropoutKey | None = None) -> torch.Tensor:
+                dropout_key: DropoutKey | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = self.ln_1(x + self.attn_out_dropout(self.attn(x, key_padding_mask), dropout_key))
         x = self.ln_2(x + self.mlp_out_dropout(self.mlp(x), dropout_key))
         return x  # (B, T, C)
@@ -51,7 +51,7 @@ class MLMHead(nn.Module):
 
 class BERT(LanguageModel):
     arch = "bert"
-    hf = HF  # transformers interop (hf.py)
+    hf = (HF,)  # transformers interop (hf.py)
     layout = ParallelLayout(
         tp_plan={"word_embeddings": "vocab_embedding_to_tokens", **BLOCK_TP_PLAN, "emb_ln": "token_norm",
                  "mlm_head": "gather_tokens", "mlm_head.decoder": "vocab_head"},

@@ -12,33 +12,20 @@ from torch import nn
 
 from seqpar.config import ModelConfig
 from seqpar.models.base import LanguageModel
-from seqpar.models.dropout import DropoutKey, KeyedDropout, block_sites
+from seqpar.models.dropout import KeyedDropout
 from seqpar.models.gpt.hf import HF
-from seqpar.models.layers import MLP, SelfAttention
+from seqpar.models.layers import MLP, PreNormBlock, SelfAttention
 from seqpar.models.layout import BLOCK_TP_PLAN, ParallelLayout
 
 
-class GPTBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attn = SelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
-        attn_site, mlp_site = block_sites(layer)
-        self.attn_out_dropout = KeyedDropout(cfg.dropout, attn_site)
-        self.mlp_out_dropout = KeyedDropout(cfg.dropout, mlp_site)
-
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                dropout_key: DropoutKey | None = None) -> torch.Tensor:
-        x = x + self.attn_out_dropout(self.attn(self.ln_1(x), key_padding_mask), dropout_key)
-        x = x + self.mlp_out_dropout(self.mlp(self.ln_2(x)), dropout_key)
-        return x  # (B, T, C)
+def gpt_block(cfg: ModelConfig, layer: int) -> PreNormBlock:
+    """GPT-2's block: LayerNorms, multi-head attention with biases, the GELU MLP."""
+    return PreNormBlock(cfg, layer, nn.LayerNorm, SelfAttention(cfg), MLP(cfg))
 
 
 class GPT(LanguageModel):
     arch = "gpt"
-    hf = HF  # transformers interop (hf.py)
+    hf = (HF,)  # transformers interop (hf.py)
     layout = ParallelLayout(
         tp_plan={"wte": "vocab_embedding_to_tokens", **BLOCK_TP_PLAN, "ln_f": "token_norm",
                  "lm_head": "vocab_head_from_tokens"},
@@ -54,7 +41,7 @@ class GPT(LanguageModel):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
         self.drop = KeyedDropout(cfg.dropout, site=0)
-        self.layers = nn.ModuleList(GPTBlock(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(gpt_block(cfg, i) for i in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
@@ -65,18 +52,6 @@ class GPT(LanguageModel):
             # GPT-2 scales the residual-branch output projections by 1/sqrt(2 * layers).
             return self.config.init_std / math.sqrt(2 * self.config.num_layers)
         return self.config.init_std
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # (B, T)
-        position_ids: torch.Tensor,  # (B, T) or (T,)
-        attention_mask: torch.Tensor | None = None,  # (B, T), 1 = real token; None = no padding
-        token_type_ids: torch.Tensor | None = None,  # unused by GPT; accepted for one calling convention
-        dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
-        head_features_only: bool = False,  # return the output layer's input (B, T, C) instead of the logits
-    ) -> torch.Tensor:  # logits (B, T, V)
-        x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed)
-        return self.head_features(x) if head_features_only else self.head(x)
 
     # The three parts of forward, so a pipeline stage can run the ones it holds.
     def embed(self, input_ids, position_ids, token_type_ids=None, dropout_key=None) -> torch.Tensor:  # (B, T) -> (B, T, C)

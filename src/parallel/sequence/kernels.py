@@ -12,6 +12,9 @@ picks, by device, dtype, head size and mask:
 These aten ops are private to torch: `seqpar.torch_compat` lists the arguments passed to each here and checks them
 at start-up. The CUDA kernels' calls are also exercised on the meta device (shapes, dtypes, argument order), so a machine
 without a GPU checks them too; their numbers are checked against the math kernel where a GPU is present.
+Grouped-query attention: k and v may have fewer heads than q; a block expands them to the query heads for its kernel
+call only (`repeat_kv`), and its key/value gradients are summed back over each head's group, so what travels and
+accumulates keeps the key/value heads.
 Masks are additive float biases: a (B, 1, 1, Tk) padding bias, plus a lower-triangular one when a block is both
 causal and padded.
 """
@@ -22,7 +25,15 @@ import math
 
 import torch
 
+from seqpar.models.attention import repeat_kv
+
 aten = torch.ops.aten
+
+
+def _grouped_sum(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """A key or value gradient over the query heads (B, H, T, D) summed over each key/value head's group."""
+    b, h, t, d = g.shape
+    return g if h == kv_heads else g.view(b, kv_heads, h // kv_heads, t, d).sum(2)
 
 
 def key_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -57,6 +68,7 @@ def _ampere_or_newer(device: torch.device) -> bool:
 
 def block_forward(q, k, v, causal: bool, bias):
     """(out, lse) of one block: out like q, lse (B, H, Tq) float32 natural log."""
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     if causal and bias is not None:
         bias, causal = _causal_bias(bias, q.shape[-2], k.shape[-2], q), False
     kernel = block_kernel(q, bias)
@@ -75,7 +87,14 @@ def block_forward(q, k, v, causal: bool, bias):
 
 
 def block_backward(dout, q, k, v, out, lse, causal: bool, bias):
-    """(dq, dk, dv) of one block given the *global* output and log-sum-exp of these queries."""
+    """(dq, dk, dv) of one block given the *global* output and log-sum-exp of these queries (dk, dv with k's
+    heads)."""
+    kv_heads = k.shape[1]
+    dq, dk, dv = _block_backward(dout, q, repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), out, lse, causal, bias)
+    return dq, _grouped_sum(dk, kv_heads), _grouped_sum(dv, kv_heads)
+
+
+def _block_backward(dout, q, k, v, out, lse, causal: bool, bias):
     if causal and bias is not None:
         bias, causal = _causal_bias(bias, q.shape[-2], k.shape[-2], q), False
     kernel = block_kernel(q, bias)

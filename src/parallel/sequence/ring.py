@@ -8,6 +8,10 @@ is used) or one that only the second half of the local queries sees (only those 
 work is skipped. Backward recomputes per block from the saved output and log-sum-exp; the key/value gradients
 travel around the ring with their block and arrive home after sp exchanges.
 
+Grouped-query attention: keys and values travel with their own H_kv heads, (B, H_kv, c, D), and are expanded to
+the query heads only inside a block's kernel call (`kernels.block_forward`), so a ring step moves H / H_kv times
+fewer bytes than with a key/value head per query head; their gradient accumulators are H_kv heads too.
+
 Communication: forward, sp - 1 ring exchanges of the (k, v) chunk plus one all-gather of the padding masks;
 backward, sp - 1 exchanges of (k, v) and sp exchanges of their fp32 gradient accumulators.
 
@@ -57,11 +61,12 @@ GRAD_HEAD_GROUPS = 4  # a block's gradients are computed this many head groups a
 LEAN_MIN_BYTES = 1 * 2**20
 
 
-def _head_groups(heads: int) -> list[slice]:
-    """Head slices for the lean backward: the kernel's dq/dk/dv temporaries are a group's, not the block's, and
-    keys and values travel a group at a time."""
-    size = -(-heads // GRAD_HEAD_GROUPS)
-    return [slice(h, min(h + size, heads)) for h in range(0, heads, size)]
+def _head_groups(kv_heads: int, heads: int) -> list[tuple[slice, slice]]:
+    """(key/value heads, their query heads) of each head group for the lean backward: the kernel's dq/dk/dv
+    temporaries are a group's, not the block's, and keys and values travel a group at a time."""
+    size, rep = -(-kv_heads // GRAD_HEAD_GROUPS), heads // kv_heads
+    return [(slice(h, min(h + size, kv_heads)), slice(h * rep, min(h + size, kv_heads) * rep))
+            for h in range(0, kv_heads, size)]
 
 
 def _accumulators(blk_out: torch.Tensor, blk_lse: torch.Tensor, mask: torch.Tensor | None):
@@ -158,8 +163,8 @@ def _lean_backward(dout, q, k, v, out, lse, masks, causal, group):
     kv_ring, dkv_ring = RingExchange(group, tag=0), RingExchange(group, tag=1)
     n, r = kv_ring.size, kv_ring.rank
     t = q.shape[-2]
-    groups = _head_groups(q.shape[1])
-    block = [(k[:, h], v[:, h]) for h in groups]  # our own block's groups are views; they go out as dense copies
+    groups = _head_groups(k.shape[1], q.shape[1])
+    block = [(k[:, h], v[:, h]) for h, _ in groups]  # our own block's groups are views; they go out as dense copies
     dq = dk = dv = None
     for i in range(n):
         src = (r - i) % n
@@ -170,26 +175,26 @@ def _lean_backward(dout, q, k, v, out, lse, masks, causal, group):
             kv_ring.start(k, v)
             dq, dk, dv = (x.float() for x in block_backward(dout, q, k, v, out, lse, blk_causal, bias))
             kb, vb = kv_ring.wait()
-            block = [(kb[:, h], vb[:, h]) for h in groups]
+            block = [(kb[:, h], vb[:, h]) for h, _ in groups]
             del kb, vb
         else:
             if dq is None:  # x's strides, so the gradients return without a copy
                 dq, dk, dv = (torch.empty_like(x, dtype=torch.float32) for x in (q, k, v))
             arrived = []
-            for j, h in enumerate(groups):
+            for j, (h, hq) in enumerate(groups):
                 kg, vg = block[j]
                 block[j] = None  # alive only until sent
                 if i < n - 1:
                     if j:
                         arrived.append(kv_ring.wait())  # the previous group has gone on and the next block's came
                     kv_ring.start(kg, vg)
-                g = block_backward(dout[:, h, qs], q[:, h, qs], kg[:, :, ks], vg[:, :, ks], out[:, h, qs],
-                                   lse[:, h, qs].contiguous(), blk_causal, bias)
+                g = block_backward(dout[:, hq, qs], q[:, hq, qs], kg[:, :, ks], vg[:, :, ks], out[:, hq, qs],
+                                   lse[:, hq, qs].contiguous(), blk_causal, bias)
                 del kg, vg
                 if i == 0:  # our own block covers every local query and key
-                    dq[:, h], dk[:, h], dv[:, h] = g
+                    dq[:, hq], dk[:, h], dv[:, h] = g
                 else:
-                    dq[:, h, qs] += g[0]
+                    dq[:, hq, qs] += g[0]
                     dk[:, h, ks] += g[1]
                     dv[:, h, ks] += g[2]
                 del g

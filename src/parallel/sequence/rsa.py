@@ -19,6 +19,10 @@ rowsum(dO * O) (sum_j P_ij dO_i . V_j = dO_i . O_i), from the output kept in fp3
 the same rules (scores in the input dtype, softmax and its backward in fp32, probabilities and dS stored in the
 input dtype) at the cost of an fp32 copy where the dtype changes.
 
+Grouped-query attention: keys and values keep their H_kv heads on the ring (and their gradient accumulators too);
+the matmuls broadcast each over its group of H / H_kv query heads ((B, H_kv, H/H_kv, ...) views), so no expanded
+copy exists and a ring step moves H / H_kv times fewer bytes.
+
 Causal attention expects the zigzag layout of the other implementations (it masks by global position).
 """
 
@@ -43,6 +47,11 @@ def _bias(masks: list[torch.Tensor | None], q_pos: torch.Tensor, positions: list
     return allowed
 
 
+def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, ...) -> (B, H_kv, H/H_kv, ...): query heads by the key/value head they share (a view)."""
+    return x.view(x.shape[0], kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
+
+
 def _softmax_(s: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim computed in fp32: into `s`'s own buffer when `s` is fp32, else a new tensor."""
     if s.dtype == torch.float32:
@@ -60,11 +69,13 @@ class _RSAFn(torch.autograd.Function):
         masks = all_gather_list(key_mask, group) if key_mask is not None else [None] * n
         positions = [chunk_indices(c * n, n, j, causal).to(q.device) for j in range(n)]
 
+        hk = k.shape[1]
         q = q * scale  # scaled once here (c x D), not each score block; dK needs it scaled too
         s = torch.empty(b, h, c, n * c, dtype=q.dtype, device=q.device)  # this rank's rows of the score matrix
 
-        def scores(src, k_src):
-            torch.matmul(q, k_src.transpose(-1, -2), out=s[..., src * c : (src + 1) * c])
+        def scores(src, k_src):  # (B, H_kv, G, c, D) @ (B, H_kv, 1, D, c) -> this block's (B, H_kv, G, c, c)
+            torch.matmul(_grouped(q, hk), k_src.transpose(-1, -2)[:, :, None],
+                         out=_grouped(s[..., src * c : (src + 1) * c], hk))
 
         ring_pass(k, group, scores)
         allowed = _bias(masks, positions[r], positions, causal)
@@ -79,7 +90,7 @@ class _RSAFn(torch.autograd.Function):
         out = torch.zeros(b, h, c, d, dtype=torch.float32, device=q.device)
 
         def weighted_values(src, v_src):
-            out.add_(p[..., src * c : (src + 1) * c] @ v_src)
+            _grouped(out, hk).add_(_grouped(p[..., src * c : (src + 1) * c], hk) @ v_src[:, :, None])
 
         ring_pass(v, group, weighted_values)
         ctx.save_for_backward(q, k, v, p, out)
@@ -90,6 +101,7 @@ class _RSAFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, p, out = ctx.saved_tensors  # q is scaled by 1/sqrt(D)
         group, scale, c = ctx.group, ctx.scale, ctx.c
+        hk = k.shape[1]
         dout = dout.contiguous()
         rowsum = (dout.float() * out).sum(-1, keepdim=True)  # = rowsum(dP * P), (B, H, c, 1)
         dp = torch.empty(p.shape, dtype=torch.float32, device=p.device)
@@ -97,11 +109,13 @@ class _RSAFn(torch.autograd.Function):
         def grad_values(src, v_src):
             cols = slice(src * c, (src + 1) * c)
             dp_j = dp[..., cols]
+            v_t = v_src.transpose(-1, -2)[:, :, None]  # (B, H_kv, 1, D, c): shared by its query heads
             if dout.dtype == dp.dtype:
-                torch.matmul(dout, v_src.transpose(-1, -2), out=dp_j)
+                torch.matmul(_grouped(dout, hk), v_t, out=_grouped(dp_j, hk))
             else:
-                dp_j.copy_(dout @ v_src.transpose(-1, -2))
-            dv_j = p[..., cols].transpose(-1, -2) @ dout  # dV_src from our queries
+                _grouped(dp_j, hk).copy_(_grouped(dout, hk) @ v_t)
+            # dV_src from our queries, summed over each key/value head's query heads
+            dv_j = (_grouped(p[..., cols], hk).transpose(-1, -2) @ _grouped(dout, hk)).sum(2)
             dp_j.sub_(rowsum).mul_(p[..., cols])  # softmax backward, in place: dS_j
             return dv_j
 
@@ -112,8 +126,9 @@ class _RSAFn(torch.autograd.Function):
 
         def grad_keys(src, k_src):
             cols = slice(src * c, (src + 1) * c)
-            dq.add_(ds[..., cols] @ k_src, alpha=scale)
-            return ds[..., cols].transpose(-1, -2) @ q  # dK_src from our queries (q already scaled)
+            ds_j = _grouped(ds[..., cols], hk)
+            _grouped(dq, hk).add_(ds_j @ k_src[:, :, None], alpha=scale)
+            return (ds_j.transpose(-1, -2) @ _grouped(q, hk)).sum(2)  # dK_src from our queries (q already scaled)
 
         dk = ring_pass(k, group, grad_keys, grad=True)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

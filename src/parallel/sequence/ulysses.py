@@ -4,16 +4,23 @@ An all-to-all turns this rank's (B, H, L/n, D) chunk of q, k and v into (B, H/n,
 H/n of the heads. Attention then runs locally with the fused single-device kernel, and a second all-to-all returns
 the output to sequence sharding. Communication: forward three all-to-alls in (q, k, v, stacked) and one out;
 backward the mirror images (`seqpar.parallel.comm.seq_to_heads`), plus one all-gather of the padding masks.
-Needs the (local) head count divisible by sp. Under the zigzag layout the gathered sequence is put back in
+Needs the (local) head count divisible by sp.
+
+Grouped-query attention: key/value heads go to the ranks of their query heads. When sp does not divide the H_kv
+key/value heads (fewer heads than ranks, as LoongTrain handles it), each is first repeated to lcm(H_kv, sp) heads,
+so every rank receives whole key/value heads for its query heads: k and v then move lcm(H_kv, sp) / H_kv times
+their size (at most sp heads each; the repeats' gradients are summed back by autograd). Under the zigzag layout the gathered sequence is put back in
 natural order before the causal kernel runs, and returned to zigzag order after.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-from seqpar.models.attention import sdpa_attention
+from seqpar.models.attention import repeat_kv, sdpa_attention
 from seqpar.parallel.comm import all_gather_list, heads_to_seq, seq_to_heads
 from seqpar.parallel.sequence.chunks import chunk_indices
 
@@ -27,18 +34,26 @@ class UlyssesAttention:
         b, h, c, d = q.shape
         if h % n:
             raise ValueError(f"ulysses needs the head count ({h} on this rank) divisible by sp ({n})")
+        hk = sent_kv_heads(k.shape[1], n)
+        k, v = repeat_kv(k, hk), repeat_kv(v, hk)
         # Head group j of q, k and v goes to rank j in one all-to-all: order the heads (group, q/k/v, head).
-        qkv = torch.stack([q, k, v], dim=1).view(b, 3, n, h // n, c, d).transpose(1, 2).reshape(b, 3 * h, c, d)
-        qkv = seq_to_heads(qkv, self.group).view(b, 3, h // n, n * c, d)  # whole sequence, our heads
+        qkv = torch.cat([x.reshape(b, n, x.shape[1] // n, c, d) for x in (q, k, v)], dim=2).view(b, -1, c, d)
+        qkv = seq_to_heads(qkv, self.group)  # whole sequence, our heads: h/n query heads, then hk/n keys and values
+        q, k, v = qkv.split([h // n, hk // n, hk // n], dim=1)
         mask = None
         if key_padding_mask is not None:
             mask = torch.cat(all_gather_list(key_padding_mask.bool(), self.group), dim=1)  # rank order
         order = None
         if causal:  # gathered rank order -> natural order of positions
             order = torch.cat([chunk_indices(n * c, n, j, zigzag=True) for j in range(n)]).to(q.device)
-            qkv = qkv[..., order.argsort(), :]
+            q, k, v = (x[..., order.argsort(), :] for x in (q, k, v))
             mask = mask[:, order.argsort()] if mask is not None else None
-        y = sdpa_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], causal=causal, key_padding_mask=mask, dropout_p=dropout_p)
+        y = sdpa_attention(q, k, v, causal=causal, key_padding_mask=mask, dropout_p=dropout_p)
         if order is not None:
             y = y[..., order, :]
         return heads_to_seq(y.contiguous(), self.group)
+
+
+def sent_kv_heads(kv_heads: int, sp: int) -> int:
+    """Key/value heads ulysses sends: H_kv when sp divides them, else each repeated to lcm(H_kv, sp) heads."""
+    return math.lcm(kv_heads, sp)

@@ -13,7 +13,8 @@ from seqpar.trainer.checkpoint.files import bad
 
 # The architecture a checkpoint's tensors belong to (dropout, name and init_from may differ on resume).
 ARCH_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size", "vocab_size", "max_seq_len",
-               "activation", "type_vocab_size", "attention", "linformer_k")
+               "activation", "type_vocab_size", "attention", "linformer_k", "num_kv_heads", "rope_theta", "qkv_bias",
+               "tie_embeddings")
 LAYOUT_FIELDS = ("dp", "pp", "tp", "sp", "sp_impl", "pp_schedule", "microbatches")
 
 
