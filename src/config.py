@@ -159,6 +159,9 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     # true: recompute each block in backward; offload: also keep the block inputs it saves in host memory
     activation_checkpointing: bool | str = False
+    # Each MLP a tile of tokens at a time in training (recomputed tile by tile in backward): true (tiles of
+    # hidden_size tokens), or the tokens per tile
+    tiled_mlp: bool | int = False
     # The output layer and the loss a slab of tokens at a time, never the whole logits (trainer/loss.py)
     fused_loss: bool = True
     log_every: int = 10

@@ -283,6 +283,11 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig) -> None:
     _positive("trainer.eps", t.eps)
     _positive("trainer.grad_clip", t.grad_clip, zero_ok=True)
     _choice("trainer.precision", t.precision, PRECISIONS)
+    if not isinstance(t.tiled_mlp, bool):
+        _positive("trainer.tiled_mlp", t.tiled_mlp)
+    if t.tiled_mlp and p.tp_shard_activations and p.tp > 1:
+        raise UserError("trainer.tiled_mlp", "is set with parallel.tp_shard_activations, whose MLP output is cut into "
+                        "token shards (a tile's shard is not the sequence's)", "drop one of the two")
     if not isinstance(t.activation_checkpointing, bool):
         _choice("trainer.activation_checkpointing", t.activation_checkpointing, ("offload",))
     _positive("trainer.log_every", t.log_every)

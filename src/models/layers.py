@@ -102,18 +102,56 @@ class SelfAttention(nn.Module):
         return self.o_proj(y)
 
 
-class MLP(nn.Module):
+class _TiledMLP(torch.autograd.Function):
+    """An MLP a tile of tokens at a time (ALST's TiledMLP): forward keeps only the input; backward recomputes each
+    tile with autograd, runs its backward (the weights' gradients accumulate as it goes) and keeps its input's
+    gradient. The ffn-wide intermediate exists for one tile at a time, in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx, x, mlp, tile: int):
+        ctx.mlp, ctx.tile = mlp, tile
+        ctx.autocast = torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type)
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.cat([mlp.untiled(part) for part in x.split(tile, dim=1)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        grads = []
+        for part, g in zip(x.split(ctx.tile, dim=1), grad.split(ctx.tile, dim=1), strict=True):
+            part = part.detach().requires_grad_()
+            with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+                out = ctx.mlp.untiled(part)
+            torch.autograd.backward(out, g)
+            grads.append(part.grad)
+        return torch.cat(grads, dim=1), None, None
+
+
+class Tileable(nn.Module):
+    """An MLP that runs `tile_tokens` tokens at a time while autograd records (`set_mlp_tiling`); same numbers."""
+
+    tile_tokens: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if self.tile_tokens and torch.is_grad_enabled() and x.shape[1] > self.tile_tokens:
+            return _TiledMLP.apply(x, self, self.tile_tokens)
+        return self.untiled(x)
+
+
+class MLP(Tileable):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.up = nn.Linear(cfg.hidden_size, cfg.ffn_size)
         self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size)
         self.act = activation_fn(cfg.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def untiled(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(Tileable):
     """The gated MLP of Llama (SwiGLU with `silu`): down(act(gate(x)) * up(x)), no biases."""
 
     def __init__(self, cfg: ModelConfig):
@@ -123,8 +161,15 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
         self.act = activation_fn(cfg.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def untiled(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def set_mlp_tiling(model: nn.Module, tile_tokens: int | None) -> None:
+    """Run every MLP of `model` `tile_tokens` tokens (of each sequence) at a time in training; None: whole."""
+    for module in model.modules():
+        if isinstance(module, Tileable):
+            module.tile_tokens = tile_tokens
 
 
 class PreNormBlock(nn.Module):
@@ -143,7 +188,7 @@ class PreNormBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 dropout_key: DropoutKey | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn_out_dropout(self.attn(self.ln_1(x), key_padding_mask, position_ids), dropout_key)
+        x = x + self.attn_out_dropout(self.attn(self.ln_1(x), key_padding_mask, position_ids=position_ids), dropout_key)
         x = x + self.mlp_out_dropout(self.mlp(self.ln_2(x)), dropout_key)
         return x  # (B, T, C)
 

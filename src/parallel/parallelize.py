@@ -4,7 +4,9 @@
    (Linformer models: the projection of keys and values, summed over the sp group, instead);
 2. tensor parallelism: shard attention heads, the MLP and the vocabulary over the tp group with the plan the model
    declares (`tensor.py`), and with `parallel.tp_shard_activations` the LayerNorm/dropout regions by tokens;
-3. activation checkpointing (`trainer.activation_checkpointing`): each block recomputed in backward;
+3. tiled MLPs (`trainer.tiled_mlp`: each MLP a tile of tokens at a time, its intermediate never whole) and
+   activation checkpointing (`trainer.activation_checkpointing`): each block recomputed in backward, its saved
+   inputs in host memory with `offload`;
 4. pipeline parallelism: cut into stages (`pipeline.py`), the model pruned to this rank's layers;
 5. materialisation: allocate what the rank holds on its device and fill it from the whole tensors' values (the
    seeded initialisation `seqpar.models.layers.initial_value`, or a checkpoint's tensors), one parameter at a
@@ -27,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from seqpar.config import Config
 from seqpar.models import set_core_attention, set_sequence_projection
+from seqpar.models.layers import set_mlp_tiling
 from seqpar.parallel.data_parallel import GradientReducer
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.pipeline import Pipeline
@@ -50,6 +53,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config, value_of: Val
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh.device_mesh["tp"], cfg.model.attn_dropout,
                               shard_activations=cfg.parallel.tp_shard_activations)
+    if cfg.trainer.tiled_mlp:  # by default hidden_size tokens a tile: its intermediate is then ~ffn x hidden
+        t = cfg.trainer.tiled_mlp
+        set_mlp_tiling(model, cfg.model.hidden_size if t is True else t)
     if cfg.trainer.activation_checkpointing:
         apply_activation_checkpointing(model, offload=cfg.trainer.activation_checkpointing == "offload")
     pipeline = None

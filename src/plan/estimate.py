@@ -105,6 +105,8 @@ def activation_bytes_per_token_layer(cfg: Config, tp: int, sp: int, seq_len: int
     kv = h * m.kv_heads / m.num_heads  # the width of k and of v (less than h under grouped-query attention)
     # Llama's SwiGLU keeps four ffn-wide tensors (gate and up outputs, the activation, their product), GELU two.
     mlp = 4 * f if m.arch == "llama" else 2 * f
+    if cfg.trainer.tiled_mlp:  # the MLP keeps only its input (ln_2's output, counted below); one tile's are transient
+        mlp = 0
     # Replicated over tp: 2 LayerNorm (RMSNorm) inputs + 2 outputs; sharded by tp: q, k, v and the attention
     # output (2h + 2kv; rotary positions keep only the rotated q and k), and the MLP's ffn-wide tensors.
     per_token = 4 * h + (2 * h + 2 * kv + mlp) / tp

@@ -85,6 +85,7 @@ BAD = [
     (["trainer.micro_batch_size=5"], "trainer.micro_batch_size"),
     (["trainer.precision=fp8"], "trainer.precision"),
     (["trainer.activation_checkpointing=sometimes"], "trainer.activation_checkpointing"),
+    (["trainer.tiled_mlp=true", "parallel.tp=2", "parallel.tp_shard_activations=true"], "trainer.tiled_mlp"),
     (["trainer.grad_clip=-1"], "trainer.grad_clip"),
     (["trainer.beta2=1.0"], "trainer.beta2"),
     (["trainer.log_every=0"], "trainer.log_every"),

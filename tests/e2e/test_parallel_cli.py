@@ -37,7 +37,8 @@ SWEEPS = {
     "sp": ["parallel.sp=4", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],  # sp=2: below
     "dp": ["parallel.dp=2", "trainer.micro_batch_size=4"],
     "dp x sp": ["parallel.dp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
-    "tp, dp x tp": ["parallel.dp=1,2", "parallel.tp=2", "trainer.micro_batch_size=4"],
+    # with MLPs run 48 tokens at a time (tiles of 48, 48 and 32 of 128)
+    "tp, dp x tp": ["parallel.dp=1,2", "parallel.tp=2", "trainer.micro_batch_size=4", "trainer.tiled_mlp=48"],
     # rsa/ulysses under tp: the same hook; with activation checkpointing whose block inputs wait in host memory
     "tp x sp": ["parallel.tp=2", "parallel.sp=2", "trainer.micro_batch_size=4", "trainer.activation_checkpointing=offload"],
     # Megatron's activation sharding inside tp (LayerNorm/dropout regions hold T/tp tokens), under sp (alone: in
