@@ -16,7 +16,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("builtin", "text_files", "hf_dataset", "prepared")
-SP_IMPLS = ("ring", "rsa", "ulysses")
+SP_IMPLS = ("ring", "rsa", "ulysses", "hybrid")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
@@ -130,6 +130,7 @@ class ParallelConfig(MeshShape):
     """The mesh's degrees and how each parallelism runs."""
 
     sp_impl: str = "ring"
+    ulysses: int | None = None  # sp_impl=hybrid: the Ulysses groups' size (all-to-all inside, ring across them)
     pp_schedule: str = "1f1b"
     microbatches: int = 4  # pipeline micro-batches per step (pp > 1)
     # Megatron's activation sharding inside tensor parallelism (its "sequence parallel", not our sp): LayerNorm,

@@ -199,6 +199,20 @@ def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
                 f"({p.sp}) does not divide the {m.num_heads // p.tp} attention heads per rank, as ulysses needs",
                 "choose sp dividing model.num_heads / parallel.tp, or parallel.sp_impl=ring",
             )
+    if p.ulysses is not None and p.sp_impl != "hybrid":
+        raise UserError("parallel.ulysses", f"is set with parallel.sp_impl={p.sp_impl}",
+                        "add parallel.sp_impl=hybrid (Ulysses groups inside a ring) or drop parallel.ulysses")
+    if p.sp_impl == "hybrid":
+        if p.ulysses is None:
+            raise UserError("parallel.ulysses", "is not set for parallel.sp_impl=hybrid",
+                            "pass parallel.ulysses=U, the ranks of each all-to-all group (those of a node)")
+        _positive("parallel.ulysses", p.ulysses)
+        if p.sp > 1 and p.sp % p.ulysses:
+            raise UserError("parallel.ulysses", f"({p.ulysses}) does not divide parallel.sp ({p.sp})",
+                            "choose a Ulysses group size that divides sp")
+        if (m.num_heads // p.tp) % p.ulysses:
+            raise UserError("parallel.ulysses", f"({p.ulysses}) does not divide the {m.num_heads // p.tp} attention "
+                            "heads per rank", "choose parallel.ulysses dividing model.num_heads / parallel.tp")
 
 
 def validate_parallel(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:

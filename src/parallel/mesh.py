@@ -31,6 +31,7 @@ class ParallelMesh(MeshShape):
     rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     device_mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
+    ulysses: int = 1  # two-level sp: the Ulysses groups' size (the sp chunk layout depends on it)
 
     @classmethod
     def from_config(cls, p: ParallelConfig, device: torch.device) -> ParallelMesh:
@@ -49,9 +50,17 @@ class ParallelMesh(MeshShape):
                 f"dp*pp*tp*sp = {p.dp}*{p.pp}*{p.tp}*{p.sp} = {p.world_size} but {world} processes are running",
                 f"choose degrees whose product is {world}, or launch {p.world_size} processes",
             )
-        mesh = init_device_mesh(device.type, (p.dp, p.pp, p.sp, p.tp), mesh_dim_names=AXES)
-        flatten_axes(mesh, ("dp", "sp"), "dp_sp")
-        return cls(dp=p.dp, pp=p.pp, tp=p.tp, sp=p.sp, rank=dist.get_rank(), device=device, device_mesh=mesh)
+        hybrid = p.sp_impl == "hybrid" and p.sp > 1
+        if hybrid:  # sp = ring x ulysses, Ulysses groups of adjacent ranks (within a node)
+            shape, names = (p.dp, p.pp, p.sp // p.ulysses, p.ulysses, p.tp), ("dp", "pp", "sp_ring", "sp_ulysses", "tp")
+            mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+            flatten_axes(mesh, ("sp_ring", "sp_ulysses"), "sp")
+            flatten_axes(mesh, ("dp", "sp_ring", "sp_ulysses"), "dp_sp")
+        else:
+            mesh = init_device_mesh(device.type, (p.dp, p.pp, p.sp, p.tp), mesh_dim_names=AXES)
+            flatten_axes(mesh, ("dp", "sp"), "dp_sp")
+        return cls(dp=p.dp, pp=p.pp, tp=p.tp, sp=p.sp, rank=dist.get_rank(), device=device, device_mesh=mesh,
+                   ulysses=p.ulysses if hybrid else 1)
 
     def local_rank(self, axis: str) -> int:
         """This process's index along `axis` (dp, pp, sp, tp or dp_sp)."""

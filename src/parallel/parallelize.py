@@ -49,7 +49,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: Config, value_of: Val
     if mesh.sp > 1 and cfg.model.attention == "linformer":  # projected keys summed over sp, local attention
         set_sequence_projection(model, SequenceParallelProjection(mesh.group("sp")))
     elif mesh.sp > 1:
-        set_core_attention(model, sequence_attention(cfg.parallel.sp_impl, mesh.group("sp")))
+        hybrid = cfg.parallel.sp_impl == "hybrid"
+        group = mesh.group("sp_ulysses" if hybrid else "sp")
+        set_core_attention(model, sequence_attention(cfg.parallel.sp_impl, group, mesh.group("sp_ring") if hybrid else None))
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh.device_mesh["tp"], cfg.model.attn_dropout,
                               shard_activations=cfg.parallel.tp_shard_activations)

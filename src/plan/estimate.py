@@ -110,7 +110,7 @@ def activation_bytes_per_token_layer(cfg: Config, tp: int, sp: int, seq_len: int
     # Replicated over tp: 2 LayerNorm (RMSNorm) inputs + 2 outputs; sharded by tp: q, k, v and the attention
     # output (2h + 2kv; rotary positions keep only the rotated q and k), and the MLP's ffn-wide tensors.
     per_token = 4 * h + (2 * h + 2 * kv + mlp) / tp
-    if sp > 1 and impl in ("rsa", "ulysses"):
+    if sp > 1 and impl in ("rsa", "ulysses", "hybrid"):
         per_token += h / tp  # their output is not in the projections' layout: o_proj reads a contiguous copy
     if m.dropout > 0:
         per_token += 2 * h / 4  # two hidden dropout masks (1 byte per element, counted as a quarter float)
@@ -189,6 +189,11 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
         if cfg.parallel.sp_impl == "ulysses":
             sent = sent_kv_heads(m.kv_heads // tp, sp) / (m.num_heads // tp)
             comm += n_micro * layers * (2 + 2 * sent) * act_tensor / tp / sp * (sp - 1) * 2
+        elif cfg.parallel.sp_impl == "hybrid":  # all-to-alls inside the Ulysses groups, a ring of sp / U across them
+            u = cfg.parallel.ulysses or 1
+            sent = sent_kv_heads(m.kv_heads // tp, u) / (m.num_heads // tp)
+            comm += n_micro * layers * (2 + 2 * sent) * act_tensor / tp / sp * (u - 1) * 2
+            comm += n_micro * layers * 2 * act_tensor * sent / tp * (sp // u - 1) * 2
         else:
             comm += n_micro * layers * 2 * act_tensor * kv_frac / tp * (sp - 1) * 2
     if pp > 1:

@@ -177,7 +177,7 @@ class Trainer:
         """This rank's part of its data-parallel share: its sequence chunk when sp > 1."""
         if self.mesh.sp == 1:
             return batch
-        return shard_batch(batch, self.mesh.sp, self.mesh.local_rank("sp"), zigzag=self.cfg.model.causal)
+        return shard_batch(batch, self.mesh.sp, self.mesh.local_rank("sp"), self.cfg.model.causal, self.mesh.ulysses)
 
     def forward_loss(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed loss of a micro-batch (call inside `self.loss_context()`)."""

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from seqpar.models.attention import repeat_kv
-from seqpar.parallel.sequence import IMPLS, chunk_indices, shard_sequence
+from seqpar.parallel.sequence import IMPLS, chunk_indices, sequence_attention, shard_sequence
 
 from .spawn import spawn
 
@@ -31,7 +31,7 @@ def reference(q, k, v, causal, mask):
     return out, q, k, v
 
 
-def _check_one(rank, world, impl, causal, padded, heads=None, kv_heads=None):
+def _check_one(rank, world, impl, causal, padded, heads=None, kv_heads=None, attn=None, ulysses=1):
     torch.manual_seed(0)
     seq_len = 2 * world * 5 if causal else world * 7  # not powers of two
     b, h, d = 2, heads or 2 * world, 8  # ulysses needs heads divisible by sp
@@ -46,14 +46,14 @@ def _check_one(rank, world, impl, causal, padded, heads=None, kv_heads=None):
     out, rq, rk, rv = reference(q, k, v, causal, mask)
     out.backward(dout)
 
-    idx = chunk_indices(seq_len, world, rank, zigzag=causal)
-    local = [shard_sequence(x, world, rank, causal, dim=2).clone().requires_grad_() for x in (q, k, v)]
+    idx = chunk_indices(seq_len, world, rank, causal, ulysses)
+    local = [shard_sequence(x, world, rank, causal, 2, ulysses).clone().requires_grad_() for x in (q, k, v)]
     inputs = local
     if padded:  # also the model's layout: (B, H, T, D) views of (B, T, H, D) memory
         local = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in local]
         inputs = [x.transpose(1, 2) for x in local]
-    local_mask = shard_sequence(mask, world, rank, causal, dim=1) if padded else None
-    attn = IMPLS[impl](dist.group.WORLD)
+    local_mask = shard_sequence(mask, world, rank, causal, 1, ulysses) if padded else None
+    attn = attn or IMPLS[impl](dist.group.WORLD)
     y = attn(*inputs, causal=causal, key_padding_mask=local_mask, dropout_p=0.0)
     grad_out = dout[:, :, idx]
     if padded:  # the output gradient as a model passes it: a (B, H, T, D) view of (B, T, H, D) memory
@@ -93,6 +93,44 @@ def _check_all(rank, world):
 def test_sequence_parallel_attention_matches_sdpa(world):
     """ring, rsa and ulysses x causal/bidirectional x with/without padding, in one job per sp degree."""
     spawn(_check_all, world, timeout=240)
+
+
+def _check_hybrid(rank, world):
+    """sp = 4 as 2 Ulysses groups of 2 in a ring of 2, as one group of 4 (a ring of one) and as 4 groups of one."""
+    for ulysses in (2, 4, 1):
+        ring_size = world // ulysses
+        groups = {}
+        for u in range(ulysses):  # every rank creates every group, in the same order
+            g = dist.new_group([j * ulysses + u for j in range(ring_size)])
+            if rank % ulysses == u:
+                groups["ring"] = g
+        for j in range(ring_size):
+            g = dist.new_group(list(range(j * ulysses, (j + 1) * ulysses)))
+            if rank // ulysses == j:
+                groups["ulysses"] = g
+        attn = sequence_attention("hybrid", groups["ulysses"], groups["ring"])
+        for kv_heads in (None, 2, 1):
+            for causal in (False, True):
+                for padded in (False, True):
+                    try:
+                        _check_one(rank, world, "hybrid", causal, padded, None, kv_heads, attn, ulysses)
+                    except AssertionError as e:
+                        raise AssertionError(f"hybrid ulysses={ulysses} kv heads {kv_heads} causal={causal} "
+                                             f"padded={padded}: {e}") from None
+
+
+def test_two_level_sequence_parallel_attention_matches_sdpa():
+    spawn(_check_hybrid, 4, timeout=240)
+
+
+def test_hybrid_chunk_layout_gives_each_ulysses_group_a_ring_zigzag_pair():
+    # sp = 4, ulysses = 2: ring chunks of 16 tokens are [0..3] [4..7] [8..11] [12..15] (2R = 4 of them, 4 tokens
+    # each, halves of 2): group 0 (ranks 0, 1) holds ring chunks 0 and 3, group 1 (ranks 2, 3) chunks 1 and 2.
+    assert chunk_indices(16, 4, 0, True, ulysses=2).tolist() == [0, 1, 12, 13]
+    assert chunk_indices(16, 4, 1, True, ulysses=2).tolist() == [2, 3, 14, 15]
+    assert chunk_indices(16, 4, 2, True, ulysses=2).tolist() == [4, 5, 8, 9]
+    assert chunk_indices(16, 4, 3, True, ulysses=2).tolist() == [6, 7, 10, 11]
+    assert chunk_indices(16, 4, 1, True, ulysses=1).tolist() == chunk_indices(16, 4, 1, True).tolist()
 
 
 def test_chunk_layouts():

@@ -36,6 +36,8 @@ MODELS = ("gpt_tiny", "bert_tiny")
 SWEEPS = {
     "sp": ["parallel.sp=4", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],  # sp=2: below
     "dp": ["parallel.dp=2", "trainer.micro_batch_size=4"],
+    # two-level sp: all-to-all in 2 groups of 2 ranks, ring attention across the 2 groups
+    "hybrid sp": ["parallel.sp=4", "parallel.sp_impl=hybrid", "parallel.ulysses=2", "trainer.micro_batch_size=4"],
     "dp x sp": ["parallel.dp=2", "parallel.sp=2", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
     # with MLPs run 48 tokens at a time (tiles of 48, 48 and 32 of 128)
     "tp, dp x tp": ["parallel.dp=1,2", "parallel.tp=2", "trainer.micro_batch_size=4", "trainer.tiled_mlp=48"],
@@ -60,6 +62,7 @@ SWEEPS = {
 LLAMA = "llama_tiny"
 LLAMA_SWEEPS = {
     "sp": ["parallel.sp=4", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],
+    "hybrid sp": ["parallel.sp=4", "parallel.sp_impl=hybrid", "parallel.ulysses=2", "trainer.micro_batch_size=4"],
     "tp, tp x sp": ["parallel.tp=2", "parallel.sp=1,2", "trainer.micro_batch_size=4"],
     "pp": ["parallel.pp=2", "parallel.pp_schedule=gpipe,1f1b", "parallel.microbatches=4"],
     "dp x pp x tp": ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"],

@@ -15,16 +15,20 @@ Each is a core-attention function (`seqpar.models.attention.CoreAttention`) taki
 from __future__ import annotations
 
 from seqpar.parallel.sequence.chunks import chunk_indices, shard_batch, shard_sequence
+from seqpar.parallel.sequence.hybrid import HybridAttention
 from seqpar.parallel.sequence.ring import RingAttention
 from seqpar.parallel.sequence.rsa import RingSelfAttention
 from seqpar.parallel.sequence.ulysses import UlyssesAttention
 
 IMPLS = {"ring": RingAttention, "rsa": RingSelfAttention, "ulysses": UlyssesAttention}
 
-__all__ = ["IMPLS", "RingAttention", "RingSelfAttention", "UlyssesAttention", "chunk_indices", "sequence_attention",
-           "shard_batch", "shard_sequence"]
+__all__ = ["IMPLS", "HybridAttention", "RingAttention", "RingSelfAttention", "UlyssesAttention", "chunk_indices",
+           "sequence_attention", "shard_batch", "shard_sequence"]
 
 
-def sequence_attention(impl: str, group):
-    """The core-attention function of `parallel.sp_impl` = `impl` over the sp process group `group`."""
+def sequence_attention(impl: str, group, ring_group=None):
+    """The core-attention function of `parallel.sp_impl` = `impl` over the sp process group `group` (hybrid: `group`
+    is the Ulysses group and `ring_group` the ring's)."""
+    if impl == "hybrid":
+        return HybridAttention(group, ring_group)
     return IMPLS[impl](group)

@@ -31,18 +31,8 @@ class UlyssesAttention:
 
     def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float):
         n = dist.get_world_size(self.group)
-        b, h, c, d = q.shape
-        if h % n:
-            raise ValueError(f"ulysses needs the head count ({h} on this rank) divisible by sp ({n})")
-        hk = sent_kv_heads(k.shape[1], n)
-        k, v = repeat_kv(k, hk), repeat_kv(v, hk)
-        # Head group j of q, k and v goes to rank j in one all-to-all: order the heads (group, q/k/v, head).
-        qkv = torch.cat([x.reshape(b, n, x.shape[1] // n, c, d) for x in (q, k, v)], dim=2).view(b, -1, c, d)
-        qkv = seq_to_heads(qkv, self.group)  # whole sequence, our heads: h/n query heads, then hk/n keys and values
-        q, k, v = qkv.split([h // n, hk // n, hk // n], dim=1)
-        mask = None
-        if key_padding_mask is not None:
-            mask = torch.cat(all_gather_list(key_padding_mask.bool(), self.group), dim=1)  # rank order
+        c = q.shape[2]
+        q, k, v, mask = to_heads(q, k, v, key_padding_mask, self.group)
         order = None
         if causal:  # gathered rank order -> natural order of positions
             order = torch.cat([chunk_indices(n * c, n, j, zigzag=True) for j in range(n)]).to(q.device)
@@ -52,6 +42,26 @@ class UlyssesAttention:
         if order is not None:
             y = y[..., order, :]
         return heads_to_seq(y.contiguous(), self.group)
+
+
+def to_heads(q, k, v, key_padding_mask, group):
+    """This rank's (B, H, c, D) chunks of q, k, v (k, v: H_kv heads) -> the group's n chunks in rank order,
+    (B, H/n, n*c, D), for this rank's heads (key/value heads repeated first where n does not divide them), and
+    the padding mask of those n chunks."""
+    n = dist.get_world_size(group)
+    b, h, c, d = q.shape
+    if h % n:
+        raise ValueError(f"ulysses needs the head count ({h} on this rank) divisible by its group ({n})")
+    hk = sent_kv_heads(k.shape[1], n)
+    k, v = repeat_kv(k, hk), repeat_kv(v, hk)
+    # Head group j of q, k and v goes to rank j in one all-to-all: order the heads (group, q/k/v, head).
+    qkv = torch.cat([x.reshape(b, n, x.shape[1] // n, c, d) for x in (q, k, v)], dim=2).view(b, -1, c, d)
+    qkv = seq_to_heads(qkv, group)  # whole sequence, our heads: h/n query heads, then hk/n keys and values
+    q, k, v = qkv.split([h // n, hk // n, hk // n], dim=1)
+    mask = None
+    if key_padding_mask is not None:
+        mask = torch.cat(all_gather_list(key_padding_mask.bool(), group), dim=1)  # rank order
+    return q, k, v, mask
 
 
 def sent_kv_heads(kv_heads: int, sp: int) -> int:
