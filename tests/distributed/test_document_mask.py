@@ -17,7 +17,8 @@ from seqpar.config import ModelConfig
 from seqpar.data.sequences import PackedSequences, pack_stream
 from seqpar.models import build_model, set_core_attention
 from seqpar.models.hf import to_hf
-from seqpar.parallel.sequence import IMPLS, chunk_indices, sequence_attention, shard_batch
+from seqpar.parallel.sequence import IMPLS, chunk_indices, sequence_attention, shard_batch, shard_sequence
+from seqpar.parallel.sequence.ring import document_pieces
 
 from .spawn import spawn
 
@@ -98,3 +99,61 @@ def test_sequence_parallel_equals_each_document_alone_in_transformers(world):
     """ring, rsa and ulysses on this rank's zigzag chunk, Llama and GPT, against the oracle's losses there."""
     for arch in ("llama", "gpt"):
         spawn(_sequence_parallel, world, arch, timeout=180)
+
+
+# --------------------------------------------------------------------------- ring skips what no document spans
+def _short_documents(seq_len: int, length: int) -> torch.Tensor:
+    """(2, seq_len) ids of documents of `length` tokens, the second row shifted by 2 so documents straddle chunks
+    differently."""
+    pos = torch.arange(seq_len)
+    return torch.stack([pos // length, (pos + 2) // length])
+
+
+@pytest.mark.parametrize("sp,length", [(4, 5), (3, 7), (2, 3)])
+def test_ring_computes_exactly_the_chunk_pairs_that_share_a_document(sp, length):
+    """`document_pieces` keeps a zigzag chunk pair iff some row has a document in both chunks, and its trimmed
+    pieces cover every (query, key) pair that causal document masking allows."""
+    seq_len = 2 * sp * 8
+    docs = _short_documents(seq_len, length)
+    chunks = [shard_sequence(docs, sp, r, True) for r in range(sp)]
+    position = [chunk_indices(seq_len, sp, r, zigzag=True) for r in range(sp)]
+    covered = torch.zeros(seq_len, seq_len, dtype=torch.bool)
+    kept = 0
+    for r in range(sp):
+        for src in range(sp):
+            for qs, ks, _ in document_pieces(r, src, True, chunks):
+                covered[position[r][qs][:, None], position[src][ks][None, :]] = True
+                kept += 1
+    allowed = ((docs[:, :, None] == docs[:, None, :]) & torch.ones(seq_len, seq_len, dtype=torch.bool).tril()).any(0)
+    assert not (allowed & ~covered).any()  # nothing a document needs is skipped
+    c = seq_len // (2 * sp)
+    blocks = {(i, j) for i in range(2 * sp) for j in range(i + 1)
+              if (docs[:, i * c:(i + 1) * c, None] == docs[:, None, j * c:(j + 1) * c]).any()}
+    # documents shorter than a chunk: the 2sp diagonal pairs and at most the 2sp - 1 neighbours, of the sp(2sp + 1)
+    # causal chunk pairs
+    assert kept == len(blocks) <= 4 * sp - 1
+    assert covered.sum() < allowed.numel() / 2  # under the causal half of the scores that ring without documents computes
+
+
+def _count_kernel_calls(rank, world):
+    from seqpar.parallel.sequence import ring
+
+    calls = []
+    forward = ring.block_forward
+    ring.block_forward = lambda q, *a: calls.append(q.shape[-2]) or forward(q, *a)
+    seq_len, h, d = 2 * world * 8, 2, 8
+    docs = _short_documents(seq_len, 5)
+    local = [shard_sequence(docs, world, r, True) for r in range(world)]
+    q = torch.randn(2, h, seq_len // world, d)
+    attn = IMPLS["ring"](dist.group.WORLD)
+    attn(q, q, q, causal=True, key_padding_mask=None, dropout_p=0.0, document_ids=local[rank])
+    planned = sum(len(document_pieces(rank, src, True, local)) for src in range(world))
+    assert len(calls) == planned < 2 * world, (calls, planned)  # fewer than the blocks' 2 chunk pairs each
+    calls.clear()
+    attn(q, q, q, causal=True, key_padding_mask=None, dropout_p=0.0, document_ids=None)
+    assert len(calls) == world  # without documents: one call per block
+    ring.block_forward = forward
+
+
+def test_ring_calls_its_kernel_only_for_the_planned_pieces():
+    spawn(_count_kernel_calls, 4, timeout=120)
