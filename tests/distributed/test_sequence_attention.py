@@ -113,19 +113,21 @@ def _check_all(rank, world):
 def _check_documents(rank, world):
     from seqpar.parallel.sequence import ring
 
-    default = ring.LEAN_MIN_BYTES
-    # every impl; ring also with its lean backward and grouped-query attention; with padding too
-    runs = [(impl, default, None, False) for impl in IMPLS] + [("ring", 0, None, False), ("ring", 0, 2, True),
-                                                              ("rsa", default, 2, True), ("ulysses", default, 2, True)]
-    for impl, lean_min, kv_heads, padded in runs:
-        ring.LEAN_MIN_BYTES = lean_min
+    default, tile = ring.LEAN_MIN_BYTES, ring.DOCUMENT_TILE
+    # every impl; ring also with its lean backward, tiles smaller than its chunks (2 tokens) and grouped-query
+    # attention; with padding too
+    runs = [(impl, default, tile, None, False) for impl in IMPLS] + [
+        ("ring", 0, tile, None, False), ("ring", default, 2, None, False), ("ring", 0, 2, 2, True),
+        ("rsa", default, tile, 2, True), ("ulysses", default, tile, 2, True)]
+    for impl, lean_min, doc_tile, kv_heads, padded in runs:
+        ring.LEAN_MIN_BYTES, ring.DOCUMENT_TILE = lean_min, doc_tile
         for causal in (True, False):
             try:
                 _check_one(rank, world, impl, causal, padded, kv_heads=kv_heads, documents=True)
             except AssertionError as e:
-                raise AssertionError(f"documents: {impl} (lean from {lean_min} B, kv heads {kv_heads}) sp={world} "
-                                     f"causal={causal} padded={padded}: {e}") from None
-    ring.LEAN_MIN_BYTES = default
+                raise AssertionError(f"documents: {impl} (lean from {lean_min} B, tiles {doc_tile}, kv heads "
+                                     f"{kv_heads}) sp={world} causal={causal} padded={padded}: {e}") from None
+    ring.LEAN_MIN_BYTES, ring.DOCUMENT_TILE = default, tile
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -9,10 +9,11 @@ work is skipped. Backward recomputes per block from the saved output and log-sum
 travel around the ring with their block and arrive home after sp exchanges.
 
 Document masking (`document_ids`): every rank's chunk of document ids is all-gathered once per call (B x L ints),
-and each block is cut into its zigzag chunk pairs (`document_pieces`): a pair whose query and key chunks share no
-document (from each chunk's first and last id: ids grow along the sequence) is skipped, and a pair that does is
-trimmed to the queries and keys of the documents they share before its kernel runs with a (B, 1, Tq, Tk) "same
-document" bias (diagonal pairs keep the causal kernel). Skipped and trimmed work is compute only: the key/value
+and each block is cut into its zigzag chunk pairs and those into tiles of `DOCUMENT_TILE` queries and keys
+(`document_pieces`): a tile pair whose queries and keys share no document (from the tiles' first and last ids: ids
+grow along the sequence) is skipped, and one that does is trimmed to the queries and keys of the documents they
+share before its kernel runs with a (B, 1, Tq, Tk) "same document" bias (none when one document fills it; tiles on
+the diagonal keep the causal kernel). Skipped and trimmed work is compute only: the key/value
 blocks still travel the whole ring. Which pairs remain depends on the data, so the zigzag balance holds for the work
 causality leaves, and documents shorter than a chunk remove most of it on every rank alike.
 
@@ -76,6 +77,19 @@ def _chunk_pairs(rank: int, src: int, causal: bool, t: int) -> list[tuple[slice,
     return [(second, first, False), (second, second, False)]
 
 
+def _tiles(part: slice, tile: int) -> list[slice]:
+    return [slice(i, min(i + tile, part.stop)) for i in range(part.start, part.stop, tile)]
+
+
+def _tile_pairs(qs: slice, ks: slice, diagonal: bool, tile: int) -> list[tuple[slice, slice, bool]]:
+    """A chunk pair cut into tiles of `tile` queries and keys; of a diagonal (causal) pair only the tiles on and
+    below the diagonal, those on it causal."""
+    if not diagonal:
+        return [(qt, kt, False) for qt in _tiles(qs, tile) for kt in _tiles(ks, tile)]
+    tiles = _tiles(qs, tile)
+    return [(qt, kt, i == j) for i, qt in enumerate(tiles) for j, kt in enumerate(tiles[: i + 1])]
+
+
 def _shared(q_ids: torch.Tensor, k_ids: torch.Tensor, qs: slice, ks: slice) -> tuple[slice, slice] | None:
     """The query and key slices of the documents that the queries `q_ids[:, qs]` and the keys `k_ids[:, ks]` (rows
     of ids that never decrease) have in common, in any batch row; None when they share none."""
@@ -92,24 +106,32 @@ def _shared(q_ids: torch.Tensor, k_ids: torch.Tensor, qs: slice, ks: slice) -> t
             slice(ks.start + int(k_lo.min()), ks.start + int(k_hi.max())))
 
 
-def document_pieces(rank: int, src: int, causal: bool, doc_ids: list[torch.Tensor]) -> list[tuple[slice, slice, bool]]:
+# With document masking a chunk pair is computed in tiles of this many queries and keys, so that the work skipped
+# follows the documents more closely than whole chunks (fewer masked pairs computed) for a few more kernel calls.
+DOCUMENT_TILE = 512
+
+
+def document_pieces(rank: int, src: int, causal: bool, doc_ids: list[torch.Tensor],
+                    tile: int | None = None) -> list[tuple[slice, slice, bool]]:
     """(query slice, key slice, causal kernel?) of the kernel calls that block `src` needs at `rank` with document
     masking, given every rank's (B, t) chunk of document ids (`doc_ids`, zigzag order when causal): the block's
-    chunk pairs (`_chunk_pairs`) that share a document, each trimmed to the documents they share (a diagonal pair
-    stays whole, its queries and keys being the same tokens)."""
+    chunk pairs (`_chunk_pairs`) cut into tiles of `tile` (`DOCUMENT_TILE`) queries and keys, those that share a
+    document, each trimmed to the documents they share (a diagonal tile stays whole, its queries and keys being the
+    same tokens)."""
     t = doc_ids[rank].shape[-1]
     pieces = []
-    for qs, ks, diagonal in _chunk_pairs(rank, src, causal, t):
-        shared = _shared(doc_ids[rank], doc_ids[src], qs, ks)
-        if shared is not None:
-            pieces.append((qs, ks, True) if diagonal else (*shared, False))
+    for chunk_q, chunk_k, diagonal in _chunk_pairs(rank, src, causal, t):
+        for qs, ks, on_diagonal in _tile_pairs(chunk_q, chunk_k, diagonal, tile or DOCUMENT_TILE):
+            shared = _shared(doc_ids[rank], doc_ids[src], qs, ks)
+            if shared is not None:
+                pieces.append((qs, ks, True) if on_diagonal else (*shared, False))
     return pieces
 
 
 def _pieces(r: int, src: int, causal: bool, t: int, masks, docs, dtype) -> list[Piece]:
     """The kernel calls of block `src` at rank `r`: without documents the one of `_block_slices` with its padding
     bias; with documents (`docs`: every rank's ids, on the host) `document_pieces` with their "same document" bias
-    (and padding), and the queries that have no key in a piece."""
+    (and padding) unless all their queries and keys are of one document, and the queries that have no key."""
     if docs is None:
         qs, ks, blk_causal = _block_slices(r, src, causal, t)
         m = masks[src][:, ks] if masks[src] is not None else None
@@ -117,6 +139,10 @@ def _pieces(r: int, src: int, causal: bool, t: int, masks, docs, dtype) -> list[
         return [(qs, ks, blk_causal, key_bias(m, dtype), empty)]
     out = []
     for qs, ks, blk_causal in document_pieces(r, src, causal, docs.ids):
+        q_ids, k_ids = docs.ids[r][:, qs], docs.ids[src][:, ks]
+        if masks[src] is None and bool((q_ids[:, 0] == k_ids[:, -1]).all() and (q_ids[:, -1] == k_ids[:, 0]).all()):
+            out.append((qs, ks, blk_causal, None, None))  # one document throughout: no mask to apply
+            continue
         allowed = (docs.local[r][:, qs, None] == docs.local[src][:, None, ks])[:, None]  # (B, 1, Tq, Tk)
         if masks[src] is not None:
             allowed = allowed & masks[src][:, None, None, ks]
