@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 
 import torch
 import torch.distributed as dist
-from memlib import run_ranks
+from memlib import fastest_step, run_ranks
 
 FLOPS_PER_PAIR = 4 * 3.5  # per head dim: QK^T and PV forward (2 x 2), backward 2.5 times forward
 
@@ -91,25 +90,13 @@ def _step(lengths, masked: bool, heads: int, head_dim: int):
     return step
 
 
-def _timed(step, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        t = torch.tensor([time.perf_counter() - start])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times.append(t.item())
-    return min(times)
-
-
 def _rank(lengths, heads: int, head_dim: int, reps: int, out_path: str) -> None:
     torch.set_num_threads(1)
     sp = dist.get_world_size()
     _step([64] * (8 * sp), True, heads, head_dim)()  # warm-up at a short length: kernels, autograd, buffers
     row = {}
     for masked in (False, True):
-        row["masked_s" if masked else "full_s"] = _timed(_step(lengths, masked, heads, head_dim), reps)
+        row["masked_s" if masked else "full_s"] = fastest_step(_step(lengths, masked, heads, head_dim), reps)
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(row, f)
