@@ -109,6 +109,11 @@ class DataConfig:
     cache_dir: str | None = None  # None: $SEQPAR_CACHE or ~/.cache/seqpar
     num_proc: int | None = None  # tokenizing processes when preparing data (None: one per core)
     shard_tokens: int = 100_000_000  # prepare: training tokens per shard file (about 200 MB as uint16)
+    # GPT/Llama: attention never crosses a document boundary of the packed stream (documents end at their
+    # end-of-text token). None: on for Llama, off for GPT (`document_settings`).
+    document_mask: bool | None = None
+    # restart (positions count from 0 at each document) | continue (window positions). None: restart when masking.
+    document_positions: str | None = None
 
 
 @dataclass
@@ -220,9 +225,21 @@ class Config:
 DATA_ARCH = {"gpt": "gpt", "bert": "bert", "llama": "gpt"}
 
 
+DOCUMENT_POSITIONS = ("restart", "continue")
+
+
+def document_settings(d: DataConfig, m: ModelConfig) -> tuple[bool, str]:
+    """(data.document_mask, data.document_positions) with their defaults resolved for `m`'s architecture: masking
+    on for Llama (off for GPT and BERT), positions restarting at each document when masking."""
+    mask = d.document_mask if d.document_mask is not None else m.arch == "llama"
+    positions = d.document_positions or ("restart" if mask else "continue")
+    return mask, positions
+
+
 def data_view(cfg: Config) -> Config:
-    """`cfg` as `seqpar.data` reads it: `model.arch` replaced by the data it trains on (`DATA_ARCH`)."""
+    """`cfg` as `seqpar.data` reads it: the document settings resolved (`document_settings`) and `model.arch`
+    replaced by the data it trains on (`DATA_ARCH`)."""
+    mask, positions = document_settings(cfg.data, cfg.model)
+    data = dataclasses.replace(cfg.data, document_mask=mask, document_positions=positions)
     arch = DATA_ARCH.get(cfg.model.arch, cfg.model.arch)
-    if arch == cfg.model.arch:
-        return cfg
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch=arch))
+    return dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, arch=arch))

@@ -15,6 +15,7 @@ from seqpar.config import (
     ATTENTIONS,
     DATA_SOURCES,
     DEVICES,
+    DOCUMENT_POSITIONS,
     ENGINES,
     PP_SCHEDULES,
     PRECISIONS,
@@ -141,6 +142,20 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
     elif d.source == "prepared" and not d.path:
         raise UserError("data.path", "is not set for data.source=prepared",
                         "pass data.path=<the --out directory of python -m seqpar.prepare> (or data.sources=[...])")
+    validate_documents(d, m)
+
+
+def validate_documents(d: DataConfig, m: ModelConfig) -> None:
+    """Document masking and positions: for the packed token stream of GPT and Llama only."""
+    if d.document_positions is not None:
+        _choice("data.document_positions", d.document_positions, DOCUMENT_POSITIONS)
+    if d.document_mask and m.attention != "softmax":
+        raise UserError("data.document_mask", f"is true with model.attention={m.attention}, whose projected keys "
+                        "mix positions of every document", "use model.attention=softmax or data.document_mask=false")
+    if not m.causal and (d.document_mask or d.document_positions is not None):
+        name = "data.document_mask" if d.document_mask else "data.document_positions"
+        raise UserError(name, f"is set with model.arch={m.arch}, whose windows are packed and padded, not cut from "
+                        "a stream of documents", f"drop {name} (GPT and Llama only)")
 
 
 def validate_auto(p: ParallelConfig) -> None:

@@ -49,6 +49,19 @@ def measure_step(step, out_path: str) -> None:
             json.dump({"peak_mib": result[0].item(), "seconds": result[1].item()}, f)
 
 
+def fastest_step(step, reps: int) -> float:
+    """The fastest of `reps` (at least one) runs of `step` on every rank, each the slowest rank's time."""
+    times = []
+    for _ in range(max(reps, 1)):
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        t = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(t.item())
+    return min(times)
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 600.0) -> dict:
     """`fn(*args, out_path)` on `world` local gloo ranks; returns what rank 0 wrote."""
     from seqpar.parallel.launch import launch_local

@@ -101,8 +101,8 @@ def _colossalai_rsa(group):
     # fp32, the layer's defaults (fusion asked for, no scale of its own): torch's softmax on CPU
     softmax = FusedScaleMaskSoftmax(False, False, AttnMaskType.padding, True, None, False, None)
 
-    def fn(q, k, v, *, causal, key_padding_mask, dropout_p):
-        if causal or key_padding_mask is not None or dropout_p:
+    def fn(q, k, v, *, causal, key_padding_mask, dropout_p, document_ids=None):
+        if causal or key_padding_mask is not None or dropout_p or document_ids is not None:
             raise ValueError("colossalai-rsa is measured bidirectional, without padding or dropout")
         b, h, c, d = q.shape
         q3, k3, v3 = (x.contiguous().view(b * h, c, d) for x in (q, k, v))  # the layer's contiguous copies

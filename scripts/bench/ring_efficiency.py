@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import peers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from memlib import fixed_mmap_threshold, measure_step, run_ranks
+from memlib import fastest_step, fixed_mmap_threshold, measure_step, run_ranks
 
 HEADS, HEAD_DIM = 12, 64
 IMPLS = ("ring", "rsa", "ulysses", *peers.PEERS)
@@ -115,28 +114,16 @@ def _ring_parts(seq_len: int, causal: bool):
     return compute, communicate
 
 
-def _timed(step, reps: int) -> float:
-    times = []
-    for _ in range(max(reps, 1)):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        t = torch.tensor([time.perf_counter() - start])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times.append(t.item())
-    return min(times)
-
-
 def _rank(impl: str, seq_len: int, causal: bool, threads: int, reps: int, out_path: str) -> None:
     fixed_mmap_threshold()
     torch.set_num_threads(threads)
     _step(impl, 512 * dist.get_world_size(), causal)()  # warm-up at a short length: kernels, autograd, buffers
     step = _step(impl, seq_len, causal)
     measure_step(step, out_path)  # peak memory and time of the first step (rank 0 writes them)
-    row = {"seconds": _timed(step, reps - 1)} if reps > 1 else {}
+    row = {"seconds": fastest_step(step, reps - 1)} if reps > 1 else {}
     if impl == "ring" and dist.get_world_size() > 1 and not causal:
         compute, communicate = _ring_parts(seq_len, causal)
-        row["compute_s"], row["comm_s"] = _timed(compute, reps), _timed(communicate, reps)
+        row["compute_s"], row["comm_s"] = fastest_step(compute, reps), fastest_step(communicate, reps)
     if dist.get_rank() == 0:
         with open(out_path) as f:
             first = json.load(f)

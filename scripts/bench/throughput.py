@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Training-step throughput of our single-process GPT / BERT against transformers' GPT2LMHeadModel /
-BertForMaskedLM at the same configuration, batch and sequence length.
+"""Training-step throughput of our single-process GPT / BERT / Llama against transformers' GPT2LMHeadModel /
+BertForMaskedLM / LlamaForCausalLM at the same configuration, batch and sequence length.
 
 A step is forward, loss, backward and an AdamW update. Ours runs as the trainer runs it (`build_model`,
-`model_loss_sum`, `build_optimizer`: fused AdamW, and BERT's MLM head at the target tokens only); transformers'
-model gets its own loss (`labels=`) and `torch.optim.AdamW` with the same hyper-parameters. FLOP rates count the
+`model_loss_sum`, `build_optimizer`: fused AdamW, BERT's MLM head at the target tokens only, and the fused output
+layer and loss (`trainer.fused_loss`) where the trainer uses it); transformers' model gets its own loss (`labels=`) and `torch.optim.AdamW` with the same hyper-parameters. FLOP rates count the
 usual model FLOPs (6 per weight per token, the head at every token, plus attention) for both. The two alternate
 step by step in one process, after warm-up steps, so that both see the same machine state; the report gives the
 median step time of each, their ratio, the model FLOP rate and that rate as a fraction of the machine's fp32
@@ -12,6 +12,7 @@ matmul rate, measured in the same run on square matrices with the same thread co
 
     python scripts/bench/throughput.py --model gpt2_small --batch 2 --seq 512
     python scripts/bench/throughput.py --model bert_base --batch 2 --seq 512 --json out.json
+    python scripts/bench/throughput.py --model llama_125m --batch 2 --seq 512
 
 Dropout is the model config's (gpt2_small and bert_base: 0.1 hidden, 0 on attention probabilities); pass
 --dropout to change both models' hidden dropout. Ours draws its masks per token from the sequences' dropout seeds,
@@ -47,7 +48,7 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tokens; GPT: next-token labels; BERT: 15% of positions are targets (the rest -100)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g)
-    if cfg.arch == "gpt":
+    if cfg.causal:  # GPT, Llama
         return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
     ids = ids[:, :-1]
     labels = torch.where(torch.rand(batch, seq, generator=g) < 0.15, ids, torch.full_like(ids, -100))
@@ -59,18 +60,21 @@ def ours(cfg, tcfg):
     instead of the per-token keyed masks (what a model called without `dropout_seed` does)."""
     from seqpar.models import build_model
     from seqpar.trainer.loop import model_loss_sum
+    from seqpar.trainer.loss import output_loss_sum
     from seqpar.trainer.optim import build_optimizer
 
     torch.manual_seed(0)
     model = build_model(cfg.model).train()
     opt = build_optimizer(model, tcfg)
     targets_only = cfg.model.arch == "bert"  # as the trainer runs BERT without tp/pp: the head at targets only
+    output_loss = (lambda features, labels: output_loss_sum(model, features, labels)) if tcfg.fused_loss else None
 
     def step(b, keyed_dropout: bool = True):
         micro = {**b, "position_ids": torch.arange(b["input_ids"].shape[1])}
         if keyed_dropout:
             micro["dropout_seed"] = torch.arange(b["input_ids"].shape[0])
-        loss = model_loss_sum(model, micro, torch.device("cpu"), targets_only) / (b["labels"] != -100).sum()
+        loss = model_loss_sum(model, micro, torch.device("cpu"), targets_only, output_loss)
+        loss = loss / (b["labels"] != -100).sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -80,19 +84,18 @@ def ours(cfg, tcfg):
 
 
 def transformers_model(cfg, tcfg):
-    from transformers import BertForMaskedLM, GPT2LMHeadModel
-
-    from seqpar.models.hf import hf_config_from
+    """transformers' model of the same config (the class our model declares, `seqpar.models.hf.to_hf`) and its step."""
+    from seqpar.models import build_model
+    from seqpar.models.hf import to_hf
 
     torch.manual_seed(0)
-    hf_cfg = hf_config_from(cfg.model)
-    model = (GPT2LMHeadModel if cfg.model.arch == "gpt" else BertForMaskedLM)(hf_cfg).train()
+    model = to_hf(build_model(cfg.model)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
                             weight_decay=tcfg.weight_decay)
-    gpt = cfg.model.arch == "gpt"
+    causal = cfg.model.causal
 
     def step(b):
-        if gpt:  # GPT2LMHeadModel shifts labels itself: give it the inputs as labels
+        if causal:  # GPT2LMHeadModel and LlamaForCausalLM shift labels themselves: give them the inputs as labels
             loss = model(input_ids=b["input_ids"], labels=b["input_ids"]).loss
         else:
             loss = model(input_ids=b["input_ids"], labels=b["labels"]).loss
@@ -145,7 +148,7 @@ def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gpt2_small", help="a configs/model name (gpt or bert architecture)")
+    ap.add_argument("--model", default="gpt2_small", help="a configs/model name (gpt, bert or llama architecture)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5, help="timed steps of each (after --warmup)")

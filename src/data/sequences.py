@@ -1,7 +1,10 @@
 """Training sequences made from tokenized documents, with everything computed on the whole sequence.
 
 - GPT (`PackedSequences`): documents joined by the end-of-text token into one stream, cut into windows of `seq_len`
-  tokens; the labels are the next tokens of the stream, so the last position of a window has a target too.
+  tokens; the labels are the next tokens of the stream, so the last position of a window has a target too. With
+  `data.document_mask` each example also carries `document_ids`, the index within the window of the document each
+  token belongs to, so attention can stay inside documents; `data.document_positions=restart` counts positions
+  from 0 at each document (`document_layout`).
 - BERT (`MLMSequences`): documents packed greedily into windows of `seq_len - 2` tokens (a document longer than
   that is split), framed by [CLS] ... [SEP] and padded, with an attention mask; MLM corruption is applied when an
   example is read (`mlm.py`), deterministic from (seed, epoch, index).
@@ -33,11 +36,30 @@ from seqpar.errors import UserError
 Example = dict[str, np.ndarray]
 
 
+def document_layout(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(document_ids, positions) of a window's input tokens, documents separated by `eos_id`.
+
+    The end-of-text token belongs to the document it ends: it sees that document only, as in the document run
+    alone with its end-of-text token last, and its target (the next document's first token, the stream's next
+    token) is kept, so every token of a window keeps its target and a document's first token is still learned,
+    predicted from a document's end. A window starting inside a document gives that part document 0 and positions
+    from 0, as one run over the part alone would."""
+    ends = inputs == eos_id
+    ids = np.zeros(len(inputs), dtype=np.int64)
+    np.cumsum(ends[:-1], out=ids[1:])  # a new document starts after each end-of-text token
+    starts = np.flatnonzero(np.r_[True, ends[:-1]])  # the first position of each document
+    positions = np.arange(len(inputs), dtype=np.int64) - starts[ids]
+    return ids, positions
+
+
 class PackedSequences:
-    def __init__(self, stream: np.ndarray, seq_len: int):
+    def __init__(self, stream: np.ndarray, seq_len: int, eos_id: int | None = None, mask_documents: bool = False,
+                 restart_positions: bool = False):
         self.stream = stream  # (N,) token ids, documents separated by EOS: an array or a prepared TokenStream
         self.seq_len = seq_len
         self.positions = np.arange(seq_len, dtype=np.int64)
+        assert eos_id is not None or not (mask_documents or restart_positions), "documents need the EOS id"
+        self.eos_id, self.mask_documents, self.restart_positions = eos_id, mask_documents, restart_positions
 
     def __len__(self) -> int:
         return max(0, (len(self.stream) - 1) // self.seq_len)
@@ -49,7 +71,21 @@ class PackedSequences:
     def example(self, window: np.ndarray) -> Example:
         """The example of a window of seq_len + 1 tokens (inputs and next-token labels)."""
         window = window.astype(np.int64)
-        return {"input_ids": window[:-1], "labels": window[1:], "position_ids": self.positions}
+        example = {"input_ids": window[:-1], "labels": window[1:], "position_ids": self.positions}
+        if self.mask_documents or self.restart_positions:
+            ids, positions = document_layout(window[:-1], self.eos_id)
+            if self.mask_documents:
+                example["document_ids"] = ids
+            if self.restart_positions:
+                example["position_ids"] = positions
+        return example
+
+
+def packed_sequences(cfg: Config, stream: np.ndarray, tokenizer) -> PackedSequences:
+    """The GPT sequences of `stream` with the run's document settings (`cfg` as `config.data_view` gives it)."""
+    d = cfg.data
+    return PackedSequences(stream, d.seq_len, tokenizer.eos_token_id, mask_documents=bool(d.document_mask),
+                           restart_positions=d.document_positions == "restart")
 
 
 class MLMSequences:
@@ -148,7 +184,7 @@ def build_sequences(cfg: Config) -> SequenceData:
 def _split(cfg: Config, data: PreparedData, split: str) -> PackedSequences | MLMSequences:
     d = cfg.data
     if cfg.model.arch == "gpt":
-        return PackedSequences(data.streams[split], d.seq_len)
+        return packed_sequences(cfg, data.streams[split], data.tokenizer)
     windows = data.windows(split, d.seq_len)
     return MLMSequences(windows, windows.lengths, data.tokenizer, cfg.trainer.seed, d.mlm_probability)
 

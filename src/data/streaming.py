@@ -32,7 +32,7 @@ from seqpar.data.loader import collate, dropout_seed
 from seqpar.data.prepared.encode import BATCH_CHARS, batches, encode_batch, make_tokenizer
 from seqpar.data.prepared.sources import documents
 from seqpar.data.prepared.writer import is_validation, settings
-from seqpar.data.sequences import MLMSequences, PackedSequences, SequenceData, checked
+from seqpar.data.sequences import MLMSequences, PackedSequences, SequenceData, checked, packed_sequences
 from seqpar.data.tokenizer import load_tokenizer_dir
 from seqpar.errors import UserError
 
@@ -132,7 +132,7 @@ class StreamingLoader:
         self._made = 0  # windows made this epoch by this rank (the MLM mask index)
         self._shape = (MLMSequences(np.zeros((0, cfg.data.seq_len), np.int32), np.zeros(0, np.int64), tokenizer, seed,
                                     cfg.data.mlm_probability) if cfg.model.arch == "bert"
-                       else PackedSequences(np.zeros(0, np.int32), cfg.data.seq_len))
+                       else packed_sequences(cfg, np.zeros(0, np.int32), tokenizer))
 
     def _example(self, window: np.ndarray, length: int) -> dict:
         if isinstance(self._shape, PackedSequences):
@@ -234,7 +234,7 @@ def build_streaming(cfg: Config) -> SequenceData:
     if cfg.model.arch == "gpt":
         stream = (np.concatenate([w[:seq_len] for w, _, _ in windows] + [windows[-1][0][seq_len:]]) if windows
                   else np.zeros(0))
-        val = PackedSequences(stream.astype(np.int32), seq_len)
+        val = packed_sequences(cfg, stream.astype(np.int32), tok)
     else:
         framed = np.full((len(windows), seq_len), tok.pad_token_id, dtype=np.int32)
         lengths = np.zeros(len(windows), dtype=np.int64)

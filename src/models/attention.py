@@ -4,6 +4,11 @@ Models call `self.core_attention(q, k, v, ...)`; `set_core_attention(model, fn)`
 how sequence-parallel attention (ring, rsa, ulysses) is swapped in without the model knowing. A replacement must
 accept the same arguments and return the same shape.
 
+Document masking (`data.document_mask`): `document_ids` (B, T) gives the document of each token (queries and keys
+are the same tokens in self-attention; under sequence parallelism this rank's chunk of them); a query attends only
+to keys of its own document, on top of the causal and padding masks. Implementations honour it by the documents'
+tokens, with no padding of documents: SDPA with a block-diagonal boolean mask, the sp implementations per block.
+
 Grouped-query attention: k and v may have fewer heads than q (H_kv dividing H); query head i uses key/value head
 i // (H / H_kv), as transformers' `repeat_kv` orders them. Implementations expand k and v to the query heads only
 where they compute (`repeat_kv`), so what they keep and send stays H_kv heads.
@@ -30,6 +35,7 @@ class CoreAttention(Protocol):
         causal: bool,
         key_padding_mask: torch.Tensor | None,  # (B, Tk) bool, True = attend; None = no padding
         dropout_p: float,
+        document_ids: torch.Tensor | None,  # (B, T) int: each token's document; None = one document
     ) -> torch.Tensor: ...  # (B, H, Tq, D)
 
 
@@ -41,12 +47,14 @@ def sdpa_attention(
     causal: bool,
     key_padding_mask: torch.Tensor | None,
     dropout_p: float,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single-device attention with PyTorch's fused kernels (flash / memory-efficient where they apply)."""
     mask = None
-    if key_padding_mask is not None:
-        # A padded key is never attended to; causal + padding is folded into one boolean mask.
-        mask = _allowed(q, k, causal, key_padding_mask)
+    if key_padding_mask is not None or document_ids is not None:
+        # A padded key, or one of another document, is never attended to; causal + padding + documents are folded
+        # into one boolean mask (block-diagonal with documents).
+        mask = _allowed(q, k, causal, key_padding_mask, document_ids)
         causal = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
                                           enable_gqa=k.shape[1] != q.shape[1])
@@ -60,9 +68,13 @@ def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def _allowed(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+def _allowed(q: torch.Tensor, k: torch.Tensor, causal: bool, key_padding_mask: torch.Tensor | None,
+             document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """The boolean (.., Tq, Tk) mask of allowed query-key pairs (True = attend), or None when all are."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, Tk)
+    if document_ids is not None:
+        same = (document_ids[:, :, None] == document_ids[:, None, :])[:, None]  # (B, 1, T, T)
+        mask = same if mask is None else mask & same
     if causal:
         tril = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
         mask = tril if mask is None else mask & tril
@@ -77,6 +89,7 @@ def masked_softmax_attention(
     causal: bool,
     key_padding_mask: torch.Tensor | None,
     dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with the probabilities in memory, the same arithmetic as PyTorch's math SDPA kernel (scale split
     over q and k, masked scores at -inf, rows with no allowed key give 0), and `dropout` applied to the
@@ -85,7 +98,7 @@ def masked_softmax_attention(
     scale = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scores = (q * scale) @ (k.transpose(-2, -1) * scale)
-    mask = _allowed(q, k, causal, key_padding_mask)
+    mask = _allowed(q, k, causal, key_padding_mask, document_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

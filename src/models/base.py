@@ -18,7 +18,7 @@ from seqpar.models.layout import ParallelLayout
 
 class LanguageModel(nn.Module):
     """A subclass defines `embed(input_ids, position_ids, token_type_ids, dropout_key)` -> (B, T, C), the blocks
-    `layers` (each `block(x, key_padding_mask, dropout_key, position_ids)`), `head_features(x)` -> (..., C), the
+    `layers` (each `block(x, key_padding_mask, dropout_key, position_ids, document_ids)`), `head_features(x)` -> (..., C), the
     output layer named by its layout, and `forward` (whose `head_features_only=True` stops before the output layer).
     `layout_for(cfg)` is its parallel layout for a config (the class's `layout` unless the config changes it: Llama's
     tied or untied head); an instance's `layout` is its own config's."""
@@ -47,13 +47,14 @@ class LanguageModel(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       attention_mask: torch.Tensor | None, token_type_ids: torch.Tensor | None,
-                      dropout_seed: torch.Tensor | None) -> torch.Tensor:
-        """The embedding and every block: (B, T) token ids -> (B, T, C)."""
+                      dropout_seed: torch.Tensor | None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding and every block: (B, T) token ids -> (B, T, C); with `document_ids`, attention stays
+        inside each token's document."""
         key = DropoutKey(dropout_seed, position_ids) if dropout_seed is not None else None
         x = self.embed(input_ids, position_ids, token_type_ids, key)
         key_padding_mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.layers:
-            x = block(x, key_padding_mask, key, position_ids)
+            x = block(x, key_padding_mask, key, position_ids, document_ids)
         return x
 
     def forward(
@@ -64,9 +65,10 @@ class LanguageModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,  # BERT's segments; accepted by every model for one convention
         dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
         head_features_only: bool = False,  # return the output layer's input (B, T, C) instead of the logits
+        document_ids: torch.Tensor | None = None,  # (B, T) int: each token's document (data.document_mask)
     ) -> torch.Tensor:  # logits (B, T, V)
         """A decoder's forward (BERT's adds its target-token head)."""
-        x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed)
+        x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed, document_ids)
         return self.head_features(x) if head_features_only else self.head(x)
 
     @property

@@ -75,7 +75,7 @@ class SelfAttention(nn.Module):
             self.sequence_projection = project_sequence
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
         # (B, T, C) -> (B, H, T, D) (k, v: H_kv heads); the head count is read from the weight so a sharded layer
         # sees its own heads.
@@ -97,6 +97,7 @@ class SelfAttention(nn.Module):
             causal=self.causal,
             key_padding_mask=key_padding_mask,
             dropout_p=self.attn_dropout if self.training else 0.0,
+            document_ids=document_ids,
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, C)
         return self.o_proj(y)
@@ -187,8 +188,11 @@ class PreNormBlock(nn.Module):
         self.mlp_out_dropout = KeyedDropout(cfg.dropout, mlp_site)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                dropout_key: DropoutKey | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn_out_dropout(self.attn(self.ln_1(x), key_padding_mask, position_ids=position_ids), dropout_key)
+                dropout_key: DropoutKey | None = None, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # positions and documents as keywords: tensor parallelism's input preparation sees (x, key_padding_mask)
+        attn = self.attn(self.ln_1(x), key_padding_mask, position_ids=position_ids, document_ids=document_ids)
+        x = x + self.attn_out_dropout(attn, dropout_key)
         x = x + self.mlp_out_dropout(self.mlp(self.ln_2(x)), dropout_key)
         return x  # (B, T, C)
 

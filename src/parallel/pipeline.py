@@ -9,7 +9,7 @@ stay global) and embeddings / head are dropped where unused, so each rank alloca
 The tied weights (GPT's embedding and head, BERT's embedding and MLM decoder; none in an untied Llama) live on the
 first and the last stage as two copies with equal initial values; `sync_tied_grads` sums their gradients over the pp group after backward,
 so the copies stay equal. Per micro-batch the schedule passes hidden states between stages (send/recv) and the
-position ids, padding mask, token types and dropout seeds as keyword arguments to every stage; the loss of a micro-batch is its
+position ids, padding mask, token types, dropout seeds and document ids as keyword arguments to every stage; the loss of a micro-batch is its
 summed cross-entropy divided by the global target count, so gradients are not rescaled (`scale_grads=False`).
 
 Communication: per micro-batch and stage boundary one send/recv of the (B, T/sp, C) activations forward and one of
@@ -56,13 +56,13 @@ class Stage(nn.Module):
             setattr(shell, name, None)
         self.model = shell
 
-    def forward(self, x, position_ids, attention_mask=None, token_type_ids=None, dropout_seed=None):
+    def forward(self, x, position_ids, attention_mask=None, token_type_ids=None, dropout_seed=None, document_ids=None):
         key = DropoutKey(dropout_seed, position_ids) if dropout_seed is not None else None
         if self.first:
             x = self.model.embed(x, position_ids, token_type_ids, key)
         mask = attention_mask.bool() if attention_mask is not None else None
         for block in self.model.layers:
-            x = block(x, mask, key, position_ids)
+            x = block(x, mask, key, position_ids, document_ids)
         if not self.last:
             return x
         return self.model.head_features(x) if self.head_features_only else self.model.head(x)

@@ -138,11 +138,12 @@ class HeadShardedDropoutAttention:
     def __init__(self, rank: int, size: int):
         self.rank, self.size = rank, size
 
-    def __call__(self, q, k, v, *, causal, key_padding_mask, dropout_p):
+    def __call__(self, q, k, v, *, causal, key_padding_mask, dropout_p, document_ids=None):
         keep = None
         if dropout_p > 0:
             keep = lambda probs: probs * _mask_slice(tuple(probs.shape), 1, self.rank, self.size, dropout_p, probs)  # noqa: E731
-        return masked_softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout=keep)
+        return masked_softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout=keep,
+                                        document_ids=document_ids)
 
 
 def loss_context(tp: int):

@@ -56,7 +56,7 @@ from seqpar.trainer.optim import build_optimizer, build_scheduler
 from seqpar.trainer.progress import Progress
 from seqpar.trainer.weights import build_rank_model, full_tensor, gather_model
 
-MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids", "dropout_seed")
+MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids", "dropout_seed", "document_ids")
 
 
 class TrainingAborted(RuntimeError):

@@ -58,7 +58,9 @@ SWEEPS = {
 
 # Llama (llama_tiny: 2 key/value heads for 4 query heads, an untied head) where it differs from GPT: each sp_impl with
 # fewer key/value heads than query heads (ulysses at sp=4 repeats them to the ranks), tp sharding the key/value
-# heads, pipeline stages without tied weights, and all three at once.
+# heads, pipeline stages without tied weights, and all three at once. All with document masking, Llama's default
+# (data.document_mask: the built-in corpus puts about two documents in each 128-token window): document ids cut
+# into sp chunks, ring skipping chunk pairs, passed to every pipeline stage and to tp's sharded heads.
 LLAMA = "llama_tiny"
 LLAMA_SWEEPS = {
     "sp": ["parallel.sp=4", "parallel.sp_impl=ring,rsa,ulysses", "trainer.micro_batch_size=4"],

@@ -5,11 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from seqpar.config import Config, DataConfig, ModelConfig, TrainerConfig
+from seqpar.config import Config, DataConfig, ModelConfig, TrainerConfig, data_view
 from seqpar.data.corpus import builtin_corpus_file, builtin_documents, resolve_text_files
 from seqpar.data.loader import GlobalBatchLoader
 from seqpar.data.mlm import IGNORE_INDEX, example_rng, mlm_mask
-from seqpar.data.sequences import MLMSequences, PackedSequences, build_sequences, pack_stream, pack_windows
+from seqpar.data.sequences import (
+    MLMSequences,
+    PackedSequences,
+    build_sequences,
+    document_layout,
+    pack_stream,
+    pack_windows,
+)
 from seqpar.errors import UserError
 
 TEXT = "Return the number of items in a container.\n\nThe ring passes keys and values, chunk by chunk."
@@ -68,6 +75,32 @@ def test_bert_tokenizer_has_specials(data):
     enc = tok(TEXT)["input_ids"]
     assert enc[0] == tok.cls_token_id and enc[-1] == tok.sep_token_id
     assert tok.unk_token_id not in enc
+
+
+def test_document_ids_and_positions_restart_after_each_end_of_text():
+    # a window starting inside a document: 7 8 <eos> | 1 <eos> | 4 5 6 <eos> | 9
+    ids, positions = document_layout(np.array([7, 8, 0, 1, 0, 4, 5, 6, 0, 9]), eos_id=0)
+    assert ids.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]  # the end-of-text token belongs to the document it ends
+    assert positions.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3, 0]
+
+
+def test_packed_examples_carry_document_ids_with_document_masking():
+    stream = pack_stream([[5, 6, 7], [8], [9, 10, 11, 12]], eos_id=0)  # 5 6 7 0 8 0 9 10 11 12 0
+    masked = PackedSequences(stream, 8, eos_id=0, mask_documents=True, restart_positions=True).get(0)
+    assert masked["document_ids"].tolist() == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert masked["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 0, 1]
+    assert masked["labels"].tolist() == stream[1:9].tolist()  # every token keeps its target
+    continued = PackedSequences(stream, 8, eos_id=0, mask_documents=True).get(0)
+    assert continued["position_ids"].tolist() == list(range(8))
+    assert "document_ids" not in PackedSequences(stream, 8).get(0)
+
+
+@pytest.mark.parametrize("arch,mask,positions", [("llama", True, "restart"), ("gpt", False, "continue")])
+def test_document_masking_defaults_on_for_llama(arch, mask, positions):
+    d = data_view(Config(model=ModelConfig(arch=arch))).data
+    assert (d.document_mask, d.document_positions) == (mask, positions)
+    d = data_view(Config(model=ModelConfig(arch=arch), data=DataConfig(document_mask=not mask))).data
+    assert (d.document_mask, d.document_positions) == (not mask, "restart" if not mask else "continue")
 
 
 def test_gpt_packing_labels_are_next_tokens():

@@ -54,9 +54,10 @@ def test_core_attention_is_swappable(arch):
     model = build_model(tiny(arch)).eval()
     calls = []
 
-    def spy(q, k, v, *, causal, key_padding_mask, dropout_p):
+    def spy(q, k, v, *, causal, key_padding_mask, dropout_p, document_ids):
         calls.append((tuple(q.shape), causal))
-        return sdpa_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+        return sdpa_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                              document_ids=document_ids)
 
     ids = torch.randint(0, 67, (2, 10))
     before = model(ids, torch.arange(10))

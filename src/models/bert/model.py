@@ -19,17 +19,19 @@ from seqpar.models.layout import BLOCK_TP_PLAN, ParallelLayout
 class BertBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        attn_site, mlp_site = block_sites(layer)
         self.attn = SelfAttention(cfg)
+        self.attn_out_dropout = KeyedDropout(cfg.dropout, attn_site)
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        attn_site, mlp_site = block_sites(layer)
-        self.attn_out_dropout = KeyedDropout(cfg.dropout, attn_site)
         self.mlp_out_dropout = KeyedDropout(cfg.dropout, mlp_site)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                dropout_key: DropoutKey | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.ln_1(x + self.attn_out_dropout(self.attn(x, key_padding_mask), dropout_key))
+                dropout_key: DropoutKey | None = None, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        attn = self.attn(x, key_padding_mask, document_ids=document_ids)  # (BERT's positions are embedded)
+        x = self.ln_1(x + self.attn_out_dropout(attn, dropout_key))
         x = self.ln_2(x + self.mlp_out_dropout(self.mlp(x), dropout_key))
         return x  # (B, T, C)
 
@@ -83,8 +85,9 @@ class BERT(LanguageModel):
         prediction_mask: torch.Tensor | None = None,  # (B, T) bool: run the MLM head only at these positions
         dropout_seed: torch.Tensor | None = None,  # (B,) int64: masks from (seed, position), see dropout.py
         head_features_only: bool = False,  # return the output layer's input (..., C) instead of the logits
+        document_ids: torch.Tensor | None = None,  # (B, T): attention within documents (validation refuses it)
     ) -> torch.Tensor:  # logits (B, T, V), or (N, V) for the N positions of prediction_mask in row-major order
-        x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed)
+        x = self.hidden_states(input_ids, position_ids, attention_mask, token_type_ids, dropout_seed, document_ids)
         if prediction_mask is not None:
             # Only the masked tokens (about 15%) are predicted in training: the head's vocabulary-wide matmuls and
             # the loss's log-softmax need not run at the others.

@@ -28,9 +28,10 @@ class HybridAttention:
         self.ulysses_group = ulysses_group
         self.ring = RingAttention(ring_group)
 
-    def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float):
+    def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float,
+                 document_ids: torch.Tensor | None = None):
         u, c = dist.get_world_size(self.ulysses_group), q.shape[2]
-        q, k, v, mask = to_heads(q, k, v, key_padding_mask, self.ulysses_group)
+        q, k, v, mask, docs = to_heads(q, k, v, key_padding_mask, document_ids, self.ulysses_group)
         order = None
         if causal:  # rank order [a_0 b_0 a_1 b_1 ...] -> the ring's zigzag pair [a_0 a_1 ... b_0 b_1 ...]
             half = c // 2
@@ -38,8 +39,9 @@ class HybridAttention:
                               + [torch.arange(j * c + half, (j + 1) * c) for j in range(u)]).to(q.device)
             q, k, v = (x[..., order, :] for x in (q, k, v))
             mask = mask[:, order] if mask is not None else None
+            docs = docs[:, order] if docs is not None else None
         y = self.ring(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, key_padding_mask=mask,
-                      dropout_p=dropout_p)
+                      dropout_p=dropout_p, document_ids=docs)
         if order is not None:
             y = y[..., order.argsort(), :]
         return heads_to_seq(y.contiguous(), self.ulysses_group)

@@ -15,8 +15,9 @@ without a GPU checks them too; their numbers are checked against the math kernel
 Grouped-query attention: k and v may have fewer heads than q; a block expands them to the query heads for its kernel
 call only (`repeat_kv`), and its key/value gradients are summed back over each head's group, so what travels and
 accumulates keeps the key/value heads.
-Masks are additive float biases: a (B, 1, 1, Tk) padding bias, plus a lower-triangular one when a block is both
-causal and padded.
+Masks are additive float biases: a (B, 1, 1, Tk) padding bias or a (B, 1, Tq, Tk) document bias; a block that is
+both causal and masked gets a lower-triangular bias added, except on CPU, whose kernel takes the causal flag and
+a bias together (and skips the tiles above the diagonal).
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def _ampere_or_newer(device: torch.device) -> bool:
 def block_forward(q, k, v, causal: bool, bias):
     """(out, lse) of one block: out like q, lse (B, H, Tq) float32 natural log."""
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    if causal and bias is not None:
-        bias, causal = _causal_bias(bias, q.shape[-2], k.shape[-2], q), False
     kernel = block_kernel(q, bias)
+    if causal and bias is not None and kernel != "cpu":
+        bias, causal = _causal_bias(bias, q.shape[-2], k.shape[-2], q), False
     if kernel == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias)
         return out, lse
@@ -95,9 +96,9 @@ def block_backward(dout, q, k, v, out, lse, causal: bool, bias):
 
 
 def _block_backward(dout, q, k, v, out, lse, causal: bool, bias):
-    if causal and bias is not None:
-        bias, causal = _causal_bias(bias, q.shape[-2], k.shape[-2], q), False
     kernel = block_kernel(q, bias)
+    if causal and bias is not None and kernel != "cpu":
+        bias, causal = _causal_bias(bias, q.shape[-2], k.shape[-2], q), False
     if kernel == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias

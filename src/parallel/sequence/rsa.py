@@ -10,7 +10,8 @@ The c x L probabilities are kept for backward: memory grows with L^2 / n, which 
 Backward: ring-pass the values again for dP_j = dO_r V_j^T, while dV_j = P_j^T dO_r travels with V_j back to its
 owner; softmax backward dS = P * (dP - rowsum(dP * P)); ring-pass the keys for dQ_r = sum_j dS_j K_j / sqrt(D), while
 dK_j = dS_j^T Q_r / sqrt(D) travels home. Communication: forward 2(n-1) exchanges; backward 2(n-1) for K and V and
-2n for their gradient accumulators (see `seqpar.parallel.comm.ring_pass`), plus one all-gather of padding masks.
+2n for their gradient accumulators (see `seqpar.parallel.comm.ring_pass`), plus one all-gather of padding masks
+(and one of document ids with document masking, which masks the c x L scores where documents differ).
 
 Memory, in c x L score blocks (fp32): one in forward (the scores, masked and turned into probabilities in place,
 then kept for backward) and one more in backward (dP, written block by block by the matmuls and turned into dS in
@@ -36,14 +37,19 @@ from seqpar.parallel.comm import all_gather_list, ring_pass
 from seqpar.parallel.sequence.chunks import chunk_indices
 
 
-def _bias(masks: list[torch.Tensor | None], q_pos: torch.Tensor, positions: list[torch.Tensor], causal: bool):
-    """Boolean (B or 1, 1, c, L) "may attend" mask with key columns in rank order, or None."""
+def _bias(masks: list[torch.Tensor | None], q_pos: torch.Tensor, positions: list[torch.Tensor], causal: bool,
+          docs: list[torch.Tensor] | None = None, q_docs: torch.Tensor | None = None):
+    """Boolean (B or 1, 1, c, L) "may attend" mask with key columns in rank order, or None. `docs`: every rank's
+    (B, c) document ids, `q_docs` this rank's (a query attends to keys of its document only)."""
     allowed = None
     if causal:
         allowed = (q_pos[:, None] >= torch.cat(positions)[None, :])[None, None]
     if masks[0] is not None:
         keys = torch.cat(masks, dim=1)[:, None, None, :]
         allowed = keys if allowed is None else allowed & keys
+    if docs is not None:
+        same = (q_docs[:, :, None] == torch.cat(docs, dim=1)[:, None, :])[:, None]  # (B, 1, c, L)
+        allowed = same if allowed is None else allowed & same
     return allowed
 
 
@@ -61,12 +67,13 @@ def _softmax_(s: torch.Tensor) -> torch.Tensor:
 
 class _RSAFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, causal: bool, group):
+    def forward(ctx, q, k, v, key_mask, doc_ids, causal: bool, group):
         b, h, c, d = q.shape
         n = torch.distributed.get_world_size(group)
         r = torch.distributed.get_rank(group)
         scale = 1.0 / math.sqrt(d)
         masks = all_gather_list(key_mask, group) if key_mask is not None else [None] * n
+        docs = all_gather_list(doc_ids, group) if doc_ids is not None else None
         positions = [chunk_indices(c * n, n, j, causal).to(q.device) for j in range(n)]
 
         hk = k.shape[1]
@@ -78,7 +85,7 @@ class _RSAFn(torch.autograd.Function):
                          out=_grouped(s[..., src * c : (src + 1) * c], hk))
 
         ring_pass(k, group, scores)
-        allowed = _bias(masks, positions[r], positions, causal)
+        allowed = _bias(masks, positions[r], positions, causal, docs, doc_ids)
         if allowed is not None:
             s.masked_fill_(~allowed, float("-inf"))
         p = _softmax_(s)
@@ -131,7 +138,7 @@ class _RSAFn(torch.autograd.Function):
             return (ds_j.transpose(-1, -2) @ _grouped(q, hk)).sum(2)  # dK_src from our queries (q already scaled)
 
         dk = ring_pass(k, group, grad_keys, grad=True)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 class RingSelfAttention:
@@ -140,8 +147,9 @@ class RingSelfAttention:
     def __init__(self, group):
         self.group = group
 
-    def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float):
+    def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float,
+                 document_ids: torch.Tensor | None = None):
         if dropout_p:
             raise ValueError("Ring Self-Attention here has no attention dropout; set model.attn_dropout=0")
         mask = key_padding_mask.bool() if key_padding_mask is not None else None
-        return _RSAFn.apply(q, k, v, mask, causal, self.group)
+        return _RSAFn.apply(q, k, v, mask, document_ids, causal, self.group)

@@ -3,7 +3,8 @@
 An all-to-all turns this rank's (B, H, L/n, D) chunk of q, k and v into (B, H/n, L, D): the whole sequence for
 H/n of the heads. Attention then runs locally with the fused single-device kernel, and a second all-to-all returns
 the output to sequence sharding. Communication: forward three all-to-alls in (q, k, v, stacked) and one out;
-backward the mirror images (`seqpar.parallel.comm.seq_to_heads`), plus one all-gather of the padding masks.
+backward the mirror images (`seqpar.parallel.comm.seq_to_heads`), plus one all-gather of the padding masks (and
+one of the document ids with document masking: the whole sequence's block-diagonal mask, as on one process).
 Needs the (local) head count divisible by sp.
 
 Grouped-query attention: key/value heads go to the ranks of their query heads. When sp does not divide the H_kv
@@ -29,25 +30,27 @@ class UlyssesAttention:
     def __init__(self, group):
         self.group = group
 
-    def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float):
+    def __call__(self, q, k, v, *, causal: bool, key_padding_mask: torch.Tensor | None, dropout_p: float,
+                 document_ids: torch.Tensor | None = None):
         n = dist.get_world_size(self.group)
         c = q.shape[2]
-        q, k, v, mask = to_heads(q, k, v, key_padding_mask, self.group)
+        q, k, v, mask, docs = to_heads(q, k, v, key_padding_mask, document_ids, self.group)
         order = None
         if causal:  # gathered rank order -> natural order of positions
             order = torch.cat([chunk_indices(n * c, n, j, zigzag=True) for j in range(n)]).to(q.device)
             q, k, v = (x[..., order.argsort(), :] for x in (q, k, v))
             mask = mask[:, order.argsort()] if mask is not None else None
-        y = sdpa_attention(q, k, v, causal=causal, key_padding_mask=mask, dropout_p=dropout_p)
+            docs = docs[:, order.argsort()] if docs is not None else None
+        y = sdpa_attention(q, k, v, causal=causal, key_padding_mask=mask, dropout_p=dropout_p, document_ids=docs)
         if order is not None:
             y = y[..., order, :]
         return heads_to_seq(y.contiguous(), self.group)
 
 
-def to_heads(q, k, v, key_padding_mask, group):
+def to_heads(q, k, v, key_padding_mask, document_ids, group):
     """This rank's (B, H, c, D) chunks of q, k, v (k, v: H_kv heads) -> the group's n chunks in rank order,
     (B, H/n, n*c, D), for this rank's heads (key/value heads repeated first where n does not divide them), and
-    the padding mask of those n chunks."""
+    the padding mask and document ids of those n chunks."""
     n = dist.get_world_size(group)
     b, h, c, d = q.shape
     if h % n:
@@ -61,7 +64,8 @@ def to_heads(q, k, v, key_padding_mask, group):
     mask = None
     if key_padding_mask is not None:
         mask = torch.cat(all_gather_list(key_padding_mask.bool(), group), dim=1)  # rank order
-    return q, k, v, mask
+    docs = torch.cat(all_gather_list(document_ids, group), dim=1) if document_ids is not None else None
+    return q, k, v, mask, docs
 
 
 def sent_kv_heads(kv_heads: int, sp: int) -> int:
