@@ -159,12 +159,12 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     head_tokens = tokens * (cfg.data.mlm_probability if m.arch == "bert" else 1.0)  # BERT predicts its targets only
     if t.fused_loss:
         # The output layer and the loss a slab at a time (seqpar.trainer.loss.linear_loss_sum): the slab's fp32
-        # logits, turned into their gradient in place (and, under bf16, its bf16 copy), the weight's fp32 gradient
-        # (computed in forward and held until backward) and a slab's share of it, and the features' gradient;
-        # under bf16, the weight's bf16 copy.
+        # logits, turned into their gradient in place (and, under bf16, its bf16 copy), a slab's share of the
+        # weight's gradient (the gradient itself, computed in forward, is the one `grads` counts) and the
+        # features' gradient; under bf16, the weight's bf16 copy.
         bf16 = t.precision == "bf16"
         rows = min(head_tokens, max(1, LINEAR_SLAB_ELEMENTS.get(device, LINEAR_SLAB_ELEMENTS["cuda"]) // vocab))
-        logits = (rows * vocab * (6 if bf16 else 4) + 2 * vocab * m.hidden_size * 4
+        logits = (rows * vocab * (6 if bf16 else 4) + vocab * m.hidden_size * 4
                   + head_tokens * m.hidden_size * (2 if bf16 else 4) + (vocab * m.hidden_size * 2 if bf16 else 0))
     else:
         # The logits, whose memory the loss (seqpar.trainer.loss) reuses for their gradient; under tp, torch's
