@@ -2,8 +2,9 @@
 """Prepared data at real scale: prepare throughput and memory, and each rank's memory, start-up time and batch
 loading when training reads corpora of 10 MiB, 100 MiB and 1 GiB of text.
 
-    python scripts/bench/data_scale.py --work /tmp/databench --plot docs/data_scale.png --json /tmp/databench/out.json
+    python scripts/bench/data_scale.py --work /tmp/databench --plot docs/img/data_scale.png --json /tmp/databench/out.json
     python scripts/bench/data_scale.py --work /tmp/databench-quick --sizes 2 8 --repeats 1   # a quick check
+    python scripts/bench/data_scale.py --work /tmp/databench --alternate-only   # prepare against tokenizers only
 
 In one run it
 1. builds the corpora under --work: the standard library's `*.py` files (pydoc_data's help topics included)
@@ -11,18 +12,21 @@ In one run it
    (reused when already there);
 2. trains one tokenizer per architecture (seqpar's, `model.vocab_size` 4096) on the first --tokenizer-mib MiB, so
    every prepare below is given it (`data.tokenizer=`) and measures tokenization only;
-3. measures the `tokenizers` library's own `encode_batch` (and `encode_batch_fast`) with each tokenizer on the
-   first --sample-mib MiB of the same documents, with the library's thread pool on all cores, before and after the
-   prepares (the machine may be shared): their mean is the rate a prepare is compared against;
+3. compares a prepare with the `tokenizers` library's own `encode_batch` (and `encode_batch_fast`, the library's
+   thread pool on all cores, batches of the prepare's size) on the same text: --rounds rounds of the library then
+   a prepare of one --alternate-mib MiB corpus, back to back, since the load of a shared machine moves by several
+   times within minutes; the library's rate is also measured on the first --sample-mib MiB of the largest corpus
+   before and after the prepares of step 4;
 4. runs `python -m seqpar.prepare` per corpus and architecture (`data=text_files data.sample_by=paragraph`),
    recording the wall time, the text rate (over the wall time, and the prepare's own rate line, which leaves out
    start-up), the largest process's peak resident set (`wait4`'s ru_maxrss) and the peak of the summed
-   proportional set size (Pss) of the prepare's processes, sampled every 0.25 s;
+   proportional set size (Pss) of the prepare's processes, sampled every 0.25 s (--reuse-prepared: an earlier
+   run's datasets and numbers);
 5. trains `gpt_tiny` and `bert_tiny` at `parallel.sp=2` on each prepared corpus for --steps steps (--repeats
-   times), reading `peak_mem_mib_per_rank` of the last step from metrics.jsonl (the resident high-water mark,
-   mapped file pages included), the peak RssAnon and RssFile of the process with the largest resident set (a rank;
-   sampled every 0.1 s from outside), and
-   the wall time from starting `train.py` to its first metrics record;
+   times, interleaved across corpora), reading `peak_mem_mib_per_rank` of the last step from metrics.jsonl (the
+   resident high-water mark, mapped file pages included), the peak RssAnon and RssFile of the process with the
+   largest resident set (a rank; sampled every 0.1 s from outside) and the wall time from starting `train.py` to
+   its first metrics record; and, in this process, the time to open each dataset and take a first batch;
 6. times `next(loader)` on the largest GPT corpus shaped for gpt2_small (`data.seq_len=1024`) against a gpt2_small
    training step at the same batch (`scripts/bench/throughput.py`'s step, as the trainer runs it).
 
@@ -270,11 +274,30 @@ def prepare(corpus: Path, arch: str, tokenizer: Path, out: Path, work: Path, num
     text = corpus_bytes(corpus) / MIB
     row = {"arch": arch, "corpus_mib": text, "seconds": seconds, "mib_per_s": text / seconds,
             "own_mib_per_s": own_rate, "maxrss_mib": usage["maxrss_mib"], "tree_pss_mib": watch.tree_pss_kib / 1024,
-            "processes": len(watch.peaks), "documents": manifest["source"]["documents"],
+            "processes": len(watch.peaks),
+           "process_peak_rss_mib": sorted((p.get("VmRSS", 0) / 1024 for p in watch.peaks.values()), reverse=True), "documents": manifest["source"]["documents"],
             "tokens": sum(s["tokens"] for s in manifest["splits"].values()), "shards": len(manifest["shards"]),
             "disk_mib": sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / MIB}
     record.write_text(json.dumps(row, indent=2) + "\n")
     return row
+
+
+def alternated(corpus: Path, arch: str, tokenizer: Path, work: Path, rounds: int, num_proc: int | None) -> dict:
+    """The prepare's rate against `encode_batch`'s on the same text, measured back to back `rounds` times
+    (encode_batch, then the prepare): on a shared machine the load moves by several times within minutes, so only
+    neighbouring measurements are compared. Rates: the prepare's own line (its start-up left out, as it is from
+    the library's) over `encode_batch` and `encode_batch_fast` on all the corpus's documents."""
+    pairs = []
+    mib = corpus_bytes(corpus) / MIB + 1
+    for _ in range(rounds):
+        probe = tokenizers_rate(corpus, tokenizer, mib)
+        row = prepare(corpus, arch, tokenizer, work / f"prepared-alternated-{arch}", work, num_proc)
+        pairs.append({"encode_batch": probe["encode_batch"]["mib_per_s"],
+                      "encode_batch_fast": probe["encode_batch_fast"]["mib_per_s"],
+                      "prepare": row["own_mib_per_s"], "prepare_wall": row["mib_per_s"], "tree_pss_mib": row["tree_pss_mib"],
+                      "ratio": row["own_mib_per_s"] / probe["encode_batch"]["mib_per_s"]})
+    return {"arch": arch, "corpus_mib": mib - 1, "rounds": pairs,
+            "median_ratio": statistics.median(p["ratio"] for p in pairs)}
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -415,6 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reuse-prepared", action="store_true",
                     help="take the prepared data and its prepare's numbers from an earlier run in --work, if there")
     ap.add_argument("--num-proc", type=int, default=None, help="data.num_proc of the prepares (default: theirs)")
+    ap.add_argument("--alternate-mib", type=float, default=32,
+                    help="corpus of the prepare-against-encode_batch rounds (0: none)")
+    ap.add_argument("--rounds", type=int, default=3, help="encode_batch / prepare rounds, back to back")
+    ap.add_argument("--alternate-only", action="store_true", help="only the encode_batch / prepare rounds")
     ap.add_argument("--tokenizer-mib", type=float, default=10, help="text the tokenizers are trained on")
     ap.add_argument("--sample-mib", type=float, default=32, help="text of the tokenizers' own throughput test")
     ap.add_argument("--steps", type=int, default=4, help="training steps per run")
@@ -436,6 +463,19 @@ def main(argv: list[str] | None = None) -> None:
 
     corpora = {s: build_corpus(work / f"corpus-{s:g}", s) for s in sizes}
     tokenizers = train_tokenizers(corpora[sizes[0]], work, args.tokenizer_mib)
+    if args.alternate_mib:
+        small = build_corpus(work / f"corpus-{args.alternate_mib:g}", args.alternate_mib)
+        result["alternated"] = [alternated(small, arch, tokenizers[arch], work, args.rounds, args.num_proc)
+                                for arch in args.archs]
+        table(["tokenizer", "corpus", "round", "encode_batch MiB/s", "encode_batch_fast MiB/s",
+               "prepare MiB/s (its line; wall)", "prepare / encode_batch", "prepare peak Pss MiB"],
+              [[a["arch"], f"{a['corpus_mib']:.0f} MiB", i + 1, f"{r['encode_batch']:.2f}", f"{r['encode_batch_fast']:.2f}",
+                f"{r['prepare']:.2f}; {r['prepare_wall']:.2f}", f"{r['ratio']:.0%}", f"{r['tree_pss_mib']:.0f}"]
+               for a in result["alternated"] for i, r in enumerate(a["rounds"])])
+        if args.alternate_only:
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            return
     result["tokenizers"] = [{arch: tokenizers_rate(corpora[sizes[-1]], tokenizers[arch], args.sample_mib)
                              for arch in args.archs}]
 
@@ -479,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"trained {MODELS[arch]} on {label[s]}: first step {runs[arch, s][-1]['first_step_s']:.2f} s, "
                   f"peak {runs[arch, s][-1]['peak_mem_mib']:.0f} MiB", flush=True)
     summary = []
+    for arch, s in list(prepared)[:1]:
+        open_data(prepared[arch, s], arch)  # the first opening in this process pays one-time imports: not timed
     for (arch, s), data in prepared.items():
         mine = runs[arch, s]
         row = {"arch": arch, "size_mib": s, "corpus_mib": corpus_bytes(corpora[s]) / MIB, **open_data(data, arch),
