@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     result["train"] = summary
     print()
     table(["model", "corpus", "training windows", "start to first step s (median, range)", "open + first batch s",
-           "peak_mem_mib per rank (median)", "peak RssAnon MiB", "peak RssFile MiB", "losses equal across runs"],
+           "peak_mem_mib per rank, first run (max of ranks, median)", "peak RssAnon MiB", "peak RssFile MiB", "losses equal across runs"],
           [[MODELS[r["arch"]], label[r["size_mib"]], f"{r['windows']:,}",
             f"{r['first_step_s']:.2f} ({r['first_step_range'][0]:.2f}-{r['first_step_range'][1]:.2f})",
             f"{r['open_first_batch_s']:.3f}",
