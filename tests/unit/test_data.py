@@ -7,7 +7,7 @@ import pytest
 
 from seqpar.config import Config, DataConfig, ModelConfig, TrainerConfig, data_view
 from seqpar.data.corpus import builtin_corpus_file, builtin_documents, resolve_text_files
-from seqpar.data.loader import GlobalBatchLoader
+from seqpar.data.loader import GlobalBatchLoader, permutation
 from seqpar.data.mlm import IGNORE_INDEX, example_rng, mlm_mask
 from seqpar.data.sequences import (
     MLMSequences,
@@ -196,6 +196,13 @@ def test_loader_is_deterministic_and_resumes(data):
     with pytest.raises(ValueError, match="seed"):
         GlobalBatchLoader(seqs, 8, seed=12).load_state_dict(state)
     assert not np.array_equal(next(GlobalBatchLoader(seqs, 8, seed=12))["input_ids"], first[0]["input_ids"])
+
+
+@pytest.mark.parametrize("n", [1, 9, 1000, 54_321])
+def test_loader_order_is_numpys_permutation_in_four_byte_indices(n):
+    """The order of checkpoints written before the loader stored int32 indices: resuming one continues alike."""
+    order = permutation(n, np.random.default_rng([11, 3]))
+    assert order.dtype == np.int32 and order.tolist() == np.random.default_rng([11, 3]).permutation(n).tolist()
 
 
 def test_text_files_are_checked(tmp_path):

@@ -166,6 +166,23 @@ def test_an_interrupted_prepare_resumes_where_it_stopped(corpus, prepared, tmp_p
         assert f.read_bytes() == (out / f.name).read_bytes(), f.name
 
 
+def test_worker_processes_write_what_one_process_writes(corpus, prepared, tmp_path):
+    """Batches encoded by a pool of workers come back in document order: the same bytes as encoding in-process,
+    so a corpus gives the same dataset (and id, and so the same windows and losses) whatever data.num_proc."""
+    tokenizer = tmp_path / "tok"
+    open_prepared(prepared["gpt"], "gpt", 512).tokenizer.save_pretrained(tokenizer)
+    made = {}
+    for num_proc in (1, 2):
+        out = tmp_path / f"num_proc{num_proc}"
+        cfg = config(corpus, tokenizer=str(tokenizer), shard_tokens=4000)  # 8,000-character batches, several shards
+        cfg.data.num_proc = num_proc
+        made[num_proc] = (out, prepare_dataset(cfg, out))
+    (one, m1), (two, m2) = made[1], made[2]
+    assert len(m1["shards"]) > 3 and m1["id"] == m2["id"] and m1["shards"] == m2["shards"]
+    for f in sorted(one.glob("*.bin")) + sorted(one.glob("*.idx")):
+        assert f.read_bytes() == (two / f.name).read_bytes(), f.name
+
+
 def _one_line(excinfo) -> str:
     text = str(excinfo.value)
     assert "\n" not in text

@@ -41,14 +41,31 @@ def pack_bounds(lengths: Iterable[int], body: int) -> np.ndarray:
     return np.frombuffer(bounds, dtype=np.int64).copy()
 
 
+class WindowLengths:
+    """Real tokens per window ([CLS] and [SEP] included), computed from the window boundaries when indexed: an array
+    of them would hold 8 bytes per window of the corpus in every rank's memory."""
+
+    def __init__(self, bounds: np.ndarray):
+        self.bounds = bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.bounds[i + 1] - self.bounds[i]) + 2
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return (np.diff(self.bounds) + 2).astype(dtype or np.int64)
+
+
 class FramedWindows:
     """BERT windows, (windows, seq_len) as an array would be: row i is [CLS] body_i [SEP] then [PAD]s, read from the
-    stream when indexed. `lengths`: real tokens per window, [CLS] and [SEP] included."""
+    stream when indexed. `lengths`: real tokens per window, [CLS] and [SEP] included (`WindowLengths`)."""
 
     def __init__(self, stream: TokenStream, bounds: np.ndarray, seq_len: int, cls_id: int, sep_id: int, pad_id: int):
         self.stream, self.bounds, self.seq_len = stream, bounds, seq_len
         self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
-        self.lengths = np.diff(bounds) + 2
+        self.lengths = WindowLengths(bounds)
         self.shape = (len(bounds) - 1, seq_len)
 
     def __len__(self) -> int:
