@@ -92,20 +92,25 @@ def corpus(path: Path, paragraphs: int) -> None:
             f.write(" ".join(f"w{i}" for i in rng.integers(0, WORDS, size=int(rng.integers(20, 400)))) + "\n\n")
 
 
+def _prepare_and_measure(tmp_path, name: str, arch: str, script: str, **data) -> dict:
+    """Prepare `<name>.txt` with the word tokenizer, then run `script` on it in a fresh process; its last JSON line."""
+    cfg = Config(model=ModelConfig(arch=arch, vocab_size=1024, max_seq_len=64),
+                 data=DataConfig(source="text_files", paths=[str(tmp_path / f"{name}.txt")], num_proc=1,
+                                 tokenizer=str(tmp_path / "tok"), **data))
+    prepare_dataset(cfg, tmp_path / name)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / name), arch], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("arch", ["gpt", "bert"])
 def test_iterating_a_ten_times_larger_corpus_takes_no_more_memory(tmp_path, arch):
     word_tokenizer(tmp_path / "tok")
     growth = {}
     for name, paragraphs in (("small", 1_000), ("large", 10_000)):
         corpus(tmp_path / f"{name}.txt", paragraphs)
-        cfg = Config(model=ModelConfig(arch=arch, vocab_size=1024, max_seq_len=64),
-                     data=DataConfig(source="text_files", paths=[str(tmp_path / f"{name}.txt")], seq_len=64, num_proc=1,
-                                     tokenizer=str(tmp_path / "tok")))
-        prepare_dataset(cfg, tmp_path / name)
-        proc = subprocess.run([sys.executable, "-c", ITERATE, str(tmp_path / name), arch], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        growth[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        growth[name] = _prepare_and_measure(tmp_path, name, arch, ITERATE, seq_len=64)
     small, large = growth["small"], growth["large"]
     assert large["tokens"] > 9 * small["tokens"]  # every window was read: ~2M tokens, 8 MB as int32 in memory
     assert large["growth_kib"] < small["growth_kib"] + 3 * 1024, growth
@@ -121,14 +126,7 @@ def test_opening_a_corpus_of_ten_times_the_documents_adds_nothing_to_the_high_wa
     for name, lines in (("small", 60_000), ("large", 600_000)):
         words = rng.integers(0, WORDS, size=(lines, 2))
         (tmp_path / f"{name}.txt").write_text("".join(f"w{a} w{b}\n" for a, b in words))
-        cfg = Config(model=ModelConfig(arch=arch, vocab_size=1024, max_seq_len=64),
-                     data=DataConfig(source="text_files", paths=[str(tmp_path / f"{name}.txt")], sample_by="line",
-                                     seq_len=32, num_proc=1, tokenizer=str(tmp_path / "tok")))
-        prepare_dataset(cfg, tmp_path / name)
-        proc = subprocess.run([sys.executable, "-c", OPEN, str(tmp_path / name), arch], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        growth[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        growth[name] = _prepare_and_measure(tmp_path, name, arch, OPEN, seq_len=32, sample_by="line")
     small, large = growth["small"], growth["large"]
     assert large["windows"] > 9 * small["windows"]
     assert large["growth_kib"] < small["growth_kib"] + 2 * 1024, growth
