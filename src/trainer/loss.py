@@ -111,7 +111,9 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
         vocab = w.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=device)
         grad_x = torch.empty_like(x) if with_grads else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if with_grads else None
+        # The weight's gradient is the first slab's product, then accumulated into in place (in fp32: one
+        # vocabulary x hidden buffer, not a new one per slab).
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if with_grads and not len(x) else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if with_grads and bias is not None else None
         step = max(1, LINEAR_SLAB_ELEMENTS.get(device.type, LINEAR_SLAB_ELEMENTS["cuda"]) // max(1, vocab))
         for start in range(0, x.shape[0], step):
@@ -135,7 +137,12 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
             grad.scatter_add_(1, index, torch.where(mine, -1.0, 0.0)[:, None])  # softmax minus the one-hot target
             grad = grad.to(dtype)
             grad_x[rows] = grad @ w
-            grad_w += (grad.t() @ x[rows]).float()
+            if grad_w is None:
+                grad_w = (grad.t() @ x[rows]).float()
+            elif grad.dtype == torch.float32:
+                grad_w.addmm_(grad.t(), x[rows])
+            else:
+                grad_w += (grad.t() @ x[rows]).float()
             if grad_b is not None:
                 grad_b += grad.float().sum(dim=0)
         if with_grads and group is not None and not partial_features_grad:
