@@ -4,9 +4,10 @@ A setting left unset (None in `TrainerConfig`) is parallel=auto's to choose; one
 config file, even as false, is kept as given. When no layout fits the config as given, `fit_with_memory_settings`
 tries these steps in turn, each adding to the ones before, cheapest in step time first:
 
-1. `trainer.activation_checkpointing=true`: each block recomputed in backward, only its input kept for it;
-2. `trainer.tiled_mlp=true`: each MLP a tile of tokens at a time, so its ffn-wide intermediate is never whole (it
-   adds no recompute to a checkpointed block, only smaller kernels);
+1. `trainer.activation_checkpointing=true`: each block recomputed in backward (one more forward of the block),
+   only its input kept for it;
+2. `trainer.tiled_mlp=true`: each MLP a tile of tokens at a time, so its ffn-wide intermediate is never whole; its
+   backward recomputes each tile (one more forward of the MLP, a part of the block's) in smaller kernels;
 3. `trainer.activation_checkpointing=offload`, on CUDA only: the kept block inputs wait in host memory, copied out
    in forward and back in backward. On a CPU the host memory is the device's own, so it saves nothing there.
 
