@@ -163,11 +163,12 @@ class TrainerConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    # true: recompute each block in backward; offload: also keep the block inputs it saves in host memory
-    activation_checkpointing: bool | str = False
+    # true: recompute each block in backward; offload: also keep the block inputs it saves in host memory.
+    # None (not set): off, unless parallel=auto turns it on to fit (`seqpar.plan.memory`); a value set is kept.
+    activation_checkpointing: bool | str | None = None
     # Each MLP a tile of tokens at a time in training (recomputed tile by tile in backward): true (tiles of
-    # hidden_size tokens), or the tokens per tile
-    tiled_mlp: bool | int = False
+    # hidden_size tokens), or the tokens per tile. None (not set): off, unless parallel=auto turns it on to fit.
+    tiled_mlp: bool | int | None = None
     # The output layer and the loss a slab of tokens at a time, never the whole logits (trainer/loss.py)
     fused_loss: bool = True
     log_every: int = 10
@@ -234,6 +235,13 @@ def document_settings(d: DataConfig, m: ModelConfig) -> tuple[bool, str]:
     mask = d.document_mask if d.document_mask is not None else m.arch == "llama"
     positions = d.document_positions or ("restart" if mask else "continue")
     return mask, positions
+
+
+def memory_settings(t: TrainerConfig) -> TrainerConfig:
+    """`t` with the memory settings nobody set (None: trainer.activation_checkpointing, trainer.tiled_mlp) off, as
+    a run without parallel=auto has them, or one whose layout fit without them."""
+    off = {name: False for name in ("activation_checkpointing", "tiled_mlp") if getattr(t, name) is None}
+    return dataclasses.replace(t, **off)
 
 
 def data_view(cfg: Config) -> Config:

@@ -1,10 +1,11 @@
 """Preflight: everything checked before any process starts or any data is touched, once per job.
 
 `prepare(cfg)` resolves what the config points at (an `init_from` checkpoint's architecture, `parallel=auto`'s
-layout), validates every section, checks that data files, a tokenizer directory and enough devices are there, and
-finds the checkpoint to resume from. Its result, a `Job`, is handed to the launcher and on to every rank, so no
-rank repeats these checks. `preflight(config_dir, argv)` does the same for a command line, before Hydra makes a run
-directory, so that bad input exits with one `error:` line and nothing started.
+layout and the memory settings it turns on, the rest of those left unset as off), validates every section, checks
+that data files, a tokenizer directory and enough devices are there, and finds the checkpoint to resume from. Its
+result, a `Job`, is handed to the launcher and on to every rank, so no rank repeats these checks.
+`preflight(config_dir, argv)` does the same for a command line, before Hydra makes a run directory, so that bad
+input exits with one `error:` line and nothing started.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from seqpar.cli import compose, describe_hydra_error, fail, split_config_dir, with_config_dir
-from seqpar.config import DATA_ARCH, Config, ModelConfig
+from seqpar.config import DATA_ARCH, Config, ModelConfig, memory_settings
 from seqpar.data.corpus import resolve_text_files
 from seqpar.data.prepared.windows import check_prepared
 from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir
@@ -66,9 +67,10 @@ def prepare(cfg: Config) -> Job:
     check_torch()  # the private torch APIs seqpar calls are there
     cfg.model = model_config(cfg)
     validate(cfg)
-    if cfg.parallel.auto:
+    if cfg.parallel.auto:  # the layout, and any memory settings left unset that it takes to fit
         cfg = choose_layout(cfg)
         validate(cfg)
+    cfg.trainer = memory_settings(cfg.trainer)  # those still unset: off
     if cfg.data.source == "text_files":
         resolve_text_files(cfg.data.paths)
     if cfg.data.source == "prepared":

@@ -5,6 +5,7 @@ a `UserError` whose text is one line, `<field> <problem>; <fix>`, which the comm
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from typing import Any
@@ -312,12 +313,12 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig) -> None:
     _positive("trainer.eps", t.eps)
     _positive("trainer.grad_clip", t.grad_clip, zero_ok=True)
     _choice("trainer.precision", t.precision, PRECISIONS)
-    if not isinstance(t.tiled_mlp, bool):
+    if t.tiled_mlp is not None and not isinstance(t.tiled_mlp, bool):  # None: not set (off unless parallel=auto)
         _positive("trainer.tiled_mlp", t.tiled_mlp)
     if t.tiled_mlp and p.tp_shard_activations and p.tp > 1:
         raise UserError("trainer.tiled_mlp", "is set with parallel.tp_shard_activations, whose MLP output is cut into "
                         "token shards (a tile's shard is not the sequence's)", "drop one of the two")
-    if not isinstance(t.activation_checkpointing, bool):
+    if t.activation_checkpointing is not None and not isinstance(t.activation_checkpointing, bool):
         _choice("trainer.activation_checkpointing", t.activation_checkpointing, ("offload",))
     _positive("trainer.log_every", t.log_every)
     _positive("trainer.eval_every", t.eval_every, zero_ok=True)
@@ -357,6 +358,15 @@ def validate_engine(t: TrainerConfig, p: ParallelConfig) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError("trainer.engine", "is deepspeed but DeepSpeed is not installed",
                           "pip install -e '.[deepspeed]' (or pip install deepspeed)")
+
+
+def validate_layout_choice(cfg: Config, p: ParallelConfig) -> None:
+    """Every check of `validate` that depends on the degrees, for a layout `p` that the planner (parallel=auto)
+    considers in place of cfg.parallel: the parallel and trainer sections' checks, with `p` as a layout set by hand
+    (parallel=auto's own settings cleared), so that a layout it chooses passes `validate`."""
+    chosen = dataclasses.replace(p, auto=False, devices=None, device_mem_gib=None)
+    validate_parallel(cfg.model, cfg.data, chosen)
+    validate_trainer(cfg.trainer, chosen)
 
 
 def validate_checkpoint(c: CheckpointConfig) -> None:

@@ -6,6 +6,8 @@
                  a fresh interpreter
     probe.py     that measurement: imports the training stack, forks a rank, prints resident memory
     auto.py      parallel=auto: `choose_layout` (called by seqpar.preflight) and `available_devices`
+    memory.py    the memory settings left unset that parallel=auto (and cli.py's --auto-memory) turns on, cheapest
+                 first, when no layout fits without them (`fit_with_memory_settings`)
     cli.py       the command line, `python -m seqpar.plan` (__main__.py) and the console script `seqpar-plan`
 
 This file imports nothing, so importing one module of the package loads only what that module needs. Above all

@@ -32,7 +32,7 @@ from seqpar.parallel.pipeline import layer_split
 from seqpar.parallel.sequence.ulysses import sent_kv_heads
 from seqpar.plan.baseline import runtime_baseline_mib
 from seqpar.trainer.loss import LINEAR_SLAB_ELEMENTS
-from seqpar.validation import validate_engine, validate_layout
+from seqpar.validation import validate_layout_choice
 
 MIB = 2**20
 
@@ -216,8 +216,7 @@ def layouts(cfg: Config, world: int):
                 p = dataclasses.replace(cfg.parallel, dp=dp, pp=pp, tp=tp, sp=sp)
                 t = cfg.trainer
                 try:
-                    validate_layout(cfg.model, cfg.data, p)
-                    validate_engine(dataclasses.replace(t), p)
+                    validate_layout_choice(cfg, p)
                 except UserError:
                     continue
                 if t.global_batch_size % dp:
