@@ -65,7 +65,7 @@ def prepare(cfg: Config) -> Job:
     """
     check_torch()  # the private torch APIs seqpar calls are there
     cfg.model = model_config(cfg)
-    validate(cfg)
+    validate(cfg, layout=not cfg.parallel.auto)  # parallel=auto checks each layout it considers
     if cfg.parallel.auto:
         cfg = choose_layout(cfg)
         validate(cfg)
