@@ -14,6 +14,10 @@ summed losses; the trainer then passes `grad_scale`, one over the target count.)
   sees dp x sp ranks that hold the same parameters, which is exactly a data-parallel group to it. Layouts with tp
   or pp > 1 are refused by the config check: our tensor parallelism uses DTensor parameters and our pipeline
   schedules run backward themselves, neither of which ZeRO's flat buffers and backward hooks can take.
+  `trainer.offload_optimizer` adds ZeRO-Offload: Adam's moments and the fp32 partitions stay in host memory and
+  the update runs there, with DeepSpeed's CPU Adam (`seqpar.trainer.optim.host_adamw`), which ZeRO-Offload requires.
+  Under ZeRO-3 the fused output-layer loss runs as a call of the output layer (`seqpar.trainer.loss`), whose hooks
+  gather its partitioned weight.
 
 The same update in both: DeepSpeed *averages* gradients over its data-parallel group while our losses are already
 normalised by the global target count (the right gradient is the *sum* over ranks), so the DeepSpeed engine

@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from seqpar.config import TrainerConfig
+from seqpar.trainer.engine import import_deepspeed
 
 
 def build_optimizer(model: nn.Module, t: TrainerConfig) -> torch.optim.Optimizer:
@@ -32,8 +33,6 @@ def host_adamw(groups: list[dict], t: TrainerConfig) -> torch.optim.Optimizer:
     """DeepSpeed's CPU Adam in AdamW mode (decoupled weight decay, as torch's AdamW): the optimizer ZeRO-Offload
     requires, which updates the fp32 partitions in host memory with vectorised host code (a compiled op, built on
     first use and cached in torch's extensions folder)."""
-    from seqpar.trainer.engine import import_deepspeed
-
     import_deepspeed()
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
