@@ -180,6 +180,8 @@ class TrainerConfig:
     max_bad_steps: int = 3  # abort after this many non-finite losses in a row (each such step is skipped)
     engine: str = "seqpar"  # seqpar (ours, any layout) | deepspeed (ZeRO over the dp x sp ranks; tp = pp = 1)
     zero_stage: int | None = None  # deepspeed: 1 optimizer state, 2 + gradients, 3 + parameters sharded (None: 1)
+    # deepspeed: AdamW's moments and fp32 weights live in host memory and its update runs there (ZeRO-Offload)
+    offload_optimizer: bool = False
 
 
 @dataclass

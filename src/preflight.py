@@ -66,7 +66,7 @@ def prepare(cfg: Config) -> Job:
     """
     check_torch()  # the private torch APIs seqpar calls are there
     cfg.model = model_config(cfg)
-    validate(cfg)
+    validate(cfg, layout=not cfg.parallel.auto)  # parallel=auto checks each layout it considers
     if cfg.parallel.auto:  # the layout, and any memory settings left unset that it takes to fit
         cfg = choose_layout(cfg)
         validate(cfg)

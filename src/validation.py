@@ -330,20 +330,33 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig) -> None:
     if t.seed < 0:
         raise UserError("trainer.seed", f"is {t.seed}, must be >= 0", "pass a non-negative seed")
     _positive("trainer.max_bad_steps", t.max_bad_steps)
-    validate_engine(t, p)
+    validate_engine(t)
 
 
-def validate_engine(t: TrainerConfig, p: ParallelConfig) -> None:
-    """DeepSpeed's ZeRO shards over the dp x sp ranks; tensor and pipeline parallelism stay with our engine."""
+def validate_engine(t: TrainerConfig) -> None:
+    """The engine's own settings, whatever the layout (`validate_engine_layout` checks the layout against it)."""
     _choice("trainer.engine", t.engine, ENGINES)
     if t.engine != "deepspeed":
         if t.zero_stage is not None:
             raise UserError("trainer.zero_stage", f"is {t.zero_stage} but trainer.engine is {t.engine}",
                               "add trainer.engine=deepspeed (ZeRO is DeepSpeed's) or drop trainer.zero_stage")
+        if t.offload_optimizer:
+            raise UserError("trainer.offload_optimizer", f"is true but trainer.engine is {t.engine}",
+                              "add trainer.engine=deepspeed (ZeRO-Offload is DeepSpeed's) or drop it")
         return
     if t.zero_stage is not None and t.zero_stage not in (1, 2, 3):
         raise UserError("trainer.zero_stage", f"is {t.zero_stage}, not one of 1, 2, 3",
                           "set trainer.zero_stage=1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("trainer.engine", "is deepspeed but DeepSpeed is not installed",
+                          "pip install -e '.[deepspeed]' (or pip install deepspeed)")
+
+
+def validate_engine_layout(t: TrainerConfig, p: ParallelConfig) -> None:
+    """DeepSpeed's ZeRO shards over the dp x sp ranks; tensor and pipeline parallelism stay with our engine. The
+    planner runs this for each layout it considers; `validate` for the configured one."""
+    if t.engine != "deepspeed":
+        return
     if p.dp * p.sp == 1:
         raise UserError("trainer.engine", "is deepspeed with one data-parallel rank (dp * sp = 1): ZeRO has "
                           "nothing to shard over", "use parallel.dp or parallel.sp > 1, or trainer.engine=seqpar")
@@ -355,9 +368,6 @@ def validate_engine(t: TrainerConfig, p: ParallelConfig) -> None:
                 "(our tensor-parallel DTensors and pipeline schedules do not fit ZeRO's flat buffers)",
                 f"use parallel.{name}=1 with DeepSpeed, or trainer.engine=seqpar for this layout",
             )
-    if importlib.util.find_spec("deepspeed") is None:
-        raise UserError("trainer.engine", "is deepspeed but DeepSpeed is not installed",
-                          "pip install -e '.[deepspeed]' (or pip install deepspeed)")
 
 
 def validate_layout_choice(cfg: Config, p: ParallelConfig) -> None:
@@ -367,6 +377,7 @@ def validate_layout_choice(cfg: Config, p: ParallelConfig) -> None:
     chosen = dataclasses.replace(p, auto=False, devices=None, device_mem_gib=None)
     validate_parallel(cfg.model, cfg.data, chosen)
     validate_trainer(cfg.trainer, chosen)
+    validate_engine_layout(cfg.trainer, chosen)
 
 
 def validate_checkpoint(c: CheckpointConfig) -> None:
@@ -381,12 +392,16 @@ def validate_logger(lg: LoggerConfig) -> None:
         _choice("logger.wandb.mode", lg.wandb.mode, WANDB_MODES)
 
 
-def validate(cfg: Config) -> None:
-    """Check every section. Raises UserError with one line: `<field> <problem>; <fix>`."""
+def validate(cfg: Config, layout: bool = True) -> None:
+    """Check every section. Raises UserError with one line: `<field> <problem>; <fix>`. `layout=False` leaves out
+    what only a layout decides for the engine (`validate_engine_layout`): the planner and `parallel=auto` choose the
+    layout themselves and check each one they consider."""
     validate_model(cfg.model)
     validate_data(cfg.data, cfg.model)
     validate_parallel(cfg.model, cfg.data, cfg.parallel)
     validate_trainer(cfg.trainer, cfg.parallel)
+    if layout:
+        validate_engine_layout(cfg.trainer, cfg.parallel)
     validate_checkpoint(cfg.checkpoint)
     validate_logger(cfg.logger)
     _choice("device", cfg.device, DEVICES)

@@ -75,6 +75,19 @@ def _param_counts(cfg: Config) -> tuple[dict[str, int], int]:
     return {n: p.numel() for n, p in model.named_parameters()}, cfg.model.num_layers
 
 
+ZERO3_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements), which we keep
+
+
+def _largest_block(counts: dict[str, int]) -> int:
+    """Elements of the largest transformer block (what ZeRO-3 gathers at a time)."""
+    blocks: dict[str, int] = {}
+    for name, n in counts.items():
+        if name.startswith("layers."):
+            block = name.split(".")[1]
+            blocks[block] = blocks.get(block, 0) + n
+    return max(blocks.values(), default=0)
+
+
 def rank_params(counts: dict[str, int], cfg: Config, pp: int, tp: int) -> float:
     """Elements held by the most loaded rank: its pipeline stage's share (first or last, with the embedding or the
     head), tensor-parallel matrices divided by tp."""
@@ -127,11 +140,21 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     params = rank_params(counts, cfg, pp, tp)
     data_ranks = dp * sp
     p_bytes = 4 * params
+    deepspeed_bf16 = t.engine == "deepspeed" and t.precision == "bf16"
     if t.engine == "deepspeed":
         stage = t.zero_stage or 1
-        params_b = p_bytes / data_ranks if stage >= 3 else p_bytes
-        grads_b = p_bytes / data_ranks if stage >= 2 else p_bytes
-        optim_b = 2 * p_bytes / data_ranks + 4 * params / data_ranks  # moments + the fp32 partition it updates
+        # DeepSpeed's bf16 casts the parameters, and so their gradients, to bf16 (the fp32 weights are the
+        # optimizer's partition); our engine keeps fp32 weights under autocast.
+        w_bytes = (2 if deepspeed_bf16 else 4) * params
+        params_b = w_bytes / data_ranks if stage >= 3 else w_bytes
+        grads_b = w_bytes / data_ranks if stage >= 2 else w_bytes
+        # Adam's two moments and the fp32 partition it updates; trainer.offload_optimizer keeps them in host memory
+        optim_b = 0.0 if t.offload_optimizer else 12 * params / data_ranks
+        if stage >= 3:
+            # ZeRO-3 gathers a block's whole weights while it runs and prefetches the next block's; its gradients
+            # go through one flat reduce bucket (500M elements, or the whole model when smaller)
+            params_b += 2 * w_bytes / params * _largest_block(counts)
+            grads_b += w_bytes / params * min(ZERO3_REDUCE_BUCKET, params)
     else:
         params_b, grads_b, optim_b = p_bytes, p_bytes, 2 * p_bytes
         if data_ranks > 1:
@@ -141,9 +164,13 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     per_layer = activation_bytes_per_token_layer(cfg, tp, sp, T, cfg.parallel.sp_impl) * tokens
     backward = 0.0
     offload = t.activation_checkpointing == "offload"
+    # One (tokens, hidden) tensor of the residual stream: fp32 under autocast (the weights are fp32), bf16 when
+    # DeepSpeed casts the model to bf16.
+    residual = tokens * m.hidden_size * (2 if deepspeed_bf16 else 4)
     if t.activation_checkpointing:  # block inputs kept; in backward, one block's activations rebuilt at a time
-        # offload: the inputs wait in host memory, and one is back on the device for its block's backward
-        acts = (1 if offload else layers) * tokens * m.hidden_size * 4
+        # offload: the inputs wait in host memory (on a CPU, the same memory), and one is back on the device for
+        # its block's backward
+        acts = (1 if offload and device == "cuda" else layers) * residual
         backward = per_layer
     else:
         acts = layers * per_layer
@@ -154,7 +181,10 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
         if cfg.parallel.pp_schedule == "1f1b":
             in_flight = min(in_flight, pp)
     acts *= 1 if offload else in_flight
-    acts += 3 * tokens * m.hidden_size * 4  # embedding output and final LayerNorm
+    # Besides the blocks, at most two residual tensors at once: the final norm's input at the end of forward, then
+    # in backward the gradient flowing into a block and the one it makes; without checkpointing also the
+    # embedding's output (with checkpointing it is the first block's saved input, counted or offloaded with them).
+    acts += (2 if t.activation_checkpointing else 3) * residual
     vocab = m.vocab_size / tp
     head_tokens = tokens * (cfg.data.mlm_probability if m.arch == "bert" else 1.0)  # BERT predicts its targets only
     if t.fused_loss:

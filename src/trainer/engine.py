@@ -14,6 +14,10 @@ summed losses; the trainer then passes `grad_scale`, one over the target count.)
   sees dp x sp ranks that hold the same parameters, which is exactly a data-parallel group to it. Layouts with tp
   or pp > 1 are refused by the config check: our tensor parallelism uses DTensor parameters and our pipeline
   schedules run backward themselves, neither of which ZeRO's flat buffers and backward hooks can take.
+  `trainer.offload_optimizer` adds ZeRO-Offload: Adam's moments and the fp32 partitions stay in host memory and
+  the update runs there, with DeepSpeed's CPU Adam (`seqpar.trainer.optim.host_adamw`), which ZeRO-Offload requires.
+  Under ZeRO-3 the fused output-layer loss runs as a call of the output layer (`seqpar.trainer.loss`), whose hooks
+  gather its partitioned weight.
 
 The same update in both: DeepSpeed *averages* gradients over its data-parallel group while our losses are already
 normalised by the global target count (the right gradient is the *sum* over ranks), so the DeepSpeed engine
@@ -181,14 +185,19 @@ def zero_stage(cfg: Config) -> int:
 
 def deepspeed_config(cfg: Config, micro_batch_size: int, accumulation_steps: int, data_ranks: int) -> dict:
     """DeepSpeed's JSON config for this run. The batch numbers are only for DeepSpeed's own consistency check
-    (our loader makes the batches); the optimizer is our torch AdamW, passed in (no compiled FusedAdam)."""
+    (our loader makes the batches); the optimizer is ours, passed in: torch's AdamW (no compiled FusedAdam), or
+    with `trainer.offload_optimizer` DeepSpeed's CPU Adam, which ZeRO-Offload runs on the host over the fp32
+    partitions and Adam's moments it keeps there (pinned for asynchronous copies when a GPU is there)."""
     t = cfg.trainer
+    zero = {"stage": zero_stage(cfg)}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": accumulation_steps,
         "train_batch_size": micro_batch_size * accumulation_steps * data_ranks,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": zero_stage(cfg)},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch's AdamW, not one of DeepSpeed's own
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "steps_per_print": 1 << 30,

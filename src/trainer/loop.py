@@ -42,7 +42,7 @@ from seqpar.trainer.checkpoint import (
     data_record,
     training_states,
 )
-from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine, zero_stage
+from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.loss import loss_sum, output_loss_sum
 from seqpar.trainer.metrics import (
@@ -115,10 +115,9 @@ class Trainer:
         self.loss_context = lambda: loss_context(mesh.tp)  # vocab-parallel loss under tensor parallelism
         # torch's RNG, the same on every rank: attention dropout (tp ranks draw the same stream and keep their heads)
         torch.manual_seed(t.seed)
-        # The loss from the output layer's input, a slab of tokens at a time (ZeRO-3 gathers a weight only while its
-        # module runs, so there the output layer makes the logits and the loss reads them).
+        # The loss from the output layer's input, a slab of tokens at a time, never the whole logits.
         self.output_loss = None
-        if t.fused_loss and not (t.engine == "deepspeed" and zero_stage(cfg) == 3):
+        if t.fused_loss:
             tp_group = mesh.group("tp") if mesh.tp > 1 else None
             layout = MODELS[cfg.model.arch].layout_for(cfg.model)
             token_shards = layout.output_takes_token_shards(cfg.parallel.tp_shard_activations)

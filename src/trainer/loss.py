@@ -174,9 +174,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
 def output_loss_sum(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, tp_group=None,
                     token_shards: bool = False) -> torch.Tensor:
     """`linear_loss_sum` with `model`'s output layer: under tensor parallelism its DTensor weight's vocabulary rows on
-    this rank (`tp_group`), and with `token_shards` (activation sharding) the features' token shards gathered first."""
+    this rank (`tp_group`), and with `token_shards` (activation sharding) the features' token shards gathered first;
+    under DeepSpeed ZeRO-3 inside a call of the layer (`_loss_as_module_call`), which gathers its weight."""
     layer = model.output_layer
     weight, bias = layer.weight, layer.bias
+    if hasattr(weight, "ds_id"):  # partitioned by DeepSpeed ZeRO-3
+        return _loss_as_module_call(layer, features, labels)
     if not isinstance(weight, DTensor):
         return linear_loss_sum(features, weight, bias, labels)
     if token_shards:  # (B, T/tp, C) -> (B, T, C); the gather's backward hands each rank its tokens' gradient
@@ -184,3 +187,21 @@ def output_loss_sum(model: nn.Module, features: torch.Tensor, labels: torch.Tens
     local = weight.to_local()
     return linear_loss_sum(features, local, bias.to_local() if bias is not None else None, labels, tp_group,
                            vocab_start=dist.get_rank(tp_group) * local.shape[0], partial_features_grad=token_shards)
+
+
+def _loss_as_module_call(layer: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`linear_loss_sum` run as a call of the output layer itself, for DeepSpeed ZeRO-3, which holds each rank's
+    partition of a weight and gathers the whole weight only around a call of a module that owns it: its hooks on
+    the layer gather the weight before this forward and release it after, and, because the loss is the call's
+    output, gather it again when backward reaches the loss and release it once the features' gradient is out. The
+    weight's gradient, computed whole in the forward, is handed to autograd in that backward, where ZeRO-3's
+    gradient hook reduces it and keeps this rank's partition. The layer's own forward is swapped for this one call
+    (an instance attribute shadows the class's method) and restored after it."""
+    def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return linear_loss_sum(x, layer.weight, layer.bias, y)
+
+    layer.forward = forward
+    try:
+        return layer(features, labels)
+    finally:
+        del layer.forward

@@ -9,9 +9,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from seqpar.config import TrainerConfig
+from seqpar.trainer.engine import import_deepspeed
 
 
-def build_optimizer(model: nn.Module, t: TrainerConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, t: TrainerConfig) -> torch.optim.Optimizer:
     """AdamW; LayerNorm weights and all biases (the 1-D parameters) get no weight decay.
 
     The fused kernel (one pass over each parameter's state) where torch has one for the device and the parameters
@@ -21,9 +22,21 @@ def build_optimizer(model: nn.Module, t: TrainerConfig) -> torch.optim.AdamW:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.offload_optimizer:  # DeepSpeed's ZeRO-Offload steps on the host with its own AdamW (`host_adamw`)
+        return host_adamw(groups, t)
     # Not for tensor-parallel DTensors: the fused kernel mixes them with its plain step counters.
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused or None)
+
+
+def host_adamw(groups: list[dict], t: TrainerConfig) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam in AdamW mode (decoupled weight decay, as torch's AdamW): the optimizer ZeRO-Offload
+    requires, which updates the fp32 partitions in host memory with vectorised host code (a compiled op, built on
+    first use and cached in torch's extensions folder)."""
+    import_deepspeed()
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, adamw_mode=True)
 
 
 def lr_at(step: int, t: TrainerConfig) -> float:

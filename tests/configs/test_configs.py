@@ -119,6 +119,7 @@ BAD = [
     (["trainer.zero_stage=2"], "trainer.zero_stage"),  # without trainer.engine=deepspeed
     (["trainer.engine=deepspeed", "parallel.dp=2", "trainer.zero_stage=4"], "trainer.zero_stage"),
     (["trainer.engine=deepspeed"], "trainer.engine"),  # one rank: nothing to shard
+    (["trainer.offload_optimizer=true"], "trainer.offload_optimizer"),  # ZeRO-Offload without DeepSpeed
     (["trainer.engine=deepspeed", "parallel.dp=2", "parallel.tp=2"], "parallel.tp"),
     (["trainer.engine=deepspeed", "parallel.sp=2", "parallel.pp=2"], "parallel.pp"),
     (["parallel.tp=2", "model.vocab_size=4097"], "parallel.tp"),
@@ -141,6 +142,16 @@ def test_bad_values_name_their_field(overrides, field):
     assert info.value.field == field
     text = str(info.value)
     assert text.startswith(field + " ") and "; " in text and "\n" not in text
+
+
+def test_layout_checks_of_the_engine_are_left_to_whoever_chooses_the_layout():
+    """The planner and parallel=auto check each layout they consider: a DeepSpeed config passes `validate` without
+    its layout (dp * sp = 1 by default) there, and is refused with it (what train.py runs)."""
+    cfg = compose(CONFIG_DIR, ["trainer.engine=deepspeed", "trainer.zero_stage=3", "trainer.offload_optimizer=true"])
+    validate(cfg, layout=False)
+    with pytest.raises(UserError) as info:
+        validate(cfg)
+    assert info.value.field == "trainer.engine" and "dp * sp = 1" in str(info.value)
 
 
 # Through the command line: one `error:` line on stderr, exit code 2, no traceback, nothing started.

@@ -124,7 +124,7 @@ def test_seqpar_train_on_two_processes_with_a_users_model_then_export(installed,
     tiny = (CONFIG_DIR / "model" / "gpt_tiny.yaml").read_text()
     (mine / "mine.yaml").write_text(tiny.replace("name: gpt_tiny", "name: mine").replace("num_layers: 4", "num_layers: 2"))
     help_text = ok(run(installed, installed["python"], "-m", "seqpar.train", "--config-dir", mine.parent, "--help")).stdout
-    assert "model: bert_base, bert_large, bert_tiny, gpt2_medium, gpt2_small, gpt_tiny, llama_125m, llama_1b, llama_tiny, mine" in help_text
+    assert "model: bert_base, bert_large, bert_tiny, gpt2_medium, gpt2_small, gpt_tiny, llama_125m, llama_1b, llama_8b, llama_tiny, mine" in help_text
 
     out = tmp_path / "run"
     ok(run(installed, "seqpar-train", "--config-dir", mine.parent, "model=mine", "parallel.sp=2", *RUN,

@@ -62,6 +62,33 @@ def test_estimates_follow_the_layout():
                                                        gpus=4, gpu_mem_gib=80))
 
 
+LLAMA_LONG = ["model=llama_125m", "data.seq_len=65536", "model.max_seq_len=65536", "trainer.global_batch_size=1",
+              "trainer.precision=bf16", "trainer.engine=deepspeed", "trainer.zero_stage=3"]
+
+
+def test_zero3_terms_follow_what_deepspeed_keeps(capsys):
+    """ZeRO-3 in bf16: DeepSpeed casts the weights (and so gradients and the residual stream) to bf16, gathers a
+    block at a time (and prefetches the next); trainer.offload_optimizer takes Adam's moments and fp32 partition
+    off the device; offloaded checkpointing keeps one block input on the device (on a CPU, host memory is the
+    device's). The config needs no layout of its own: the planner checks each one it considers."""
+    def row(*extra, device="cuda"):
+        return plan(compose(CONFIG_DIR, [*LLAMA_LONG, *extra]), gpus=8, gpu_mem_gib=80, device=device)[0]
+
+    bf16, fp32 = row(), row("trainer.precision=fp32")
+    assert (bf16.dp, bf16.sp) == (1, 8)
+    assert bf16.params_mib == pytest.approx(fp32.params_mib / 2)  # bf16 partitions and gathered blocks
+    assert bf16.optimizer_mib == pytest.approx(fp32.optimizer_mib)  # fp32 partition + 2 moments either way
+    assert row("trainer.offload_optimizer=true").optimizer_mib == 0
+    residual = 65536 / 8 * 768 * 2 / 2**20  # one bf16 (tokens, hidden) tensor of this rank, MiB
+    offload = row("trainer.activation_checkpointing=offload")
+    assert offload.activations_mib == pytest.approx(3 * residual)  # the block input back, two gradients
+    ckpt = row("trainer.activation_checkpointing=true")
+    assert ckpt.activations_mib == pytest.approx((12 + 2) * residual)
+    assert row("trainer.activation_checkpointing=offload", device="cpu").activations_mib == ckpt.activations_mib
+    main([*LLAMA_LONG, "--gpus", "8", "--gpu-mem-gib", "80"])  # no parallel.sp=8 needed
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("best: parallel.dp=1 parallel.pp=1")
+
+
 def test_command_line_table_json_and_nothing_fits(capsys):
     main([*BERT, "--gpus", "4", "--gpu-mem-gib", "80"])
     out = capsys.readouterr().out
