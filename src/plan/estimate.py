@@ -77,14 +77,14 @@ def _param_counts(cfg: Config) -> tuple[dict[str, int], int]:
 
 def rank_params(counts: dict[str, int], cfg: Config, pp: int, tp: int) -> float:
     """Elements held by the most loaded rank: its pipeline stage's share (first or last, with the embedding or the
-    head), tensor-parallel matrices divided by tp."""
+    head), tensor-parallel matrices divided by tp (key/value projections by at most their head count: beyond it each
+    rank holds one whole head, `ParallelLayout.tp_parts`)."""
     stages = pp * virtual_stages(cfg.parallel.pp_schedule) if pp > 1 else 1
     per_stage = [0.0] * pp
     split = layer_split(cfg.model.num_layers, stages)
     layout = MODELS[cfg.model.arch].layout_for(cfg.model)  # which parameters tp splits, which the head holds
     for name, n in counts.items():
-        if layout.tp_divides(name):
-            n = n / tp
+        n = n / layout.tp_parts(name, tp, cfg.model.kv_heads)
         if name.startswith("layers."):
             layer = int(name.split(".")[1])
             stage = next(i for i, r in enumerate(split) if layer in r)
