@@ -31,7 +31,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def match_grad_placements(params: list[nn.Parameter]) -> None:
     """Give every DTensor gradient its parameter's placement (autograd may leave e.g. a vocab-sharded embedding's
-    gradient replicated), so reductions and the optimizer see each rank's own shard."""
+    gradient replicated, and leaves a replicated key/value head's gradient Partial over the ranks sharing it: this
+    sums it), so reductions and the optimizer see each rank's own shard."""
     for p in params:
         g = p.grad
         if g is not None and hasattr(g, "placements") and tuple(g.placements) != tuple(p.placements):

@@ -39,6 +39,9 @@ LAYOUTS = [
     ("kv1_bias tp4", "kv1_bias", ["parallel.tp=4"]),
     ("kv1_bias dp2 x tp2", "kv1_bias", ["parallel.dp=2", "parallel.tp=2"]),
     ("kv1_bias tp2 x sp2 ring", "kv1_bias", ["parallel.tp=2", "parallel.sp=2", "parallel.sp_impl=ring"]),
+    ("kv1_bias tp2 x sp2 ulysses", "kv1_bias", ["parallel.tp=2", "parallel.sp=2", "parallel.sp_impl=ulysses"]),
+    # Megatron's activation sharding: the attention's input all-gathered from token shards before q/k/v
+    ("kv1_bias tp4 activation sharding", "kv1_bias", ["parallel.tp=4", "parallel.tp_shard_activations=true"]),
     ("kv1_bias pp2 x tp2", "kv1_bias", ["parallel.pp=2", "parallel.tp=2", "parallel.microbatches=2"]),
     ("kv2 tp4", "kv2", ["parallel.tp=4", "checkpoint.every=2"]),
     ("kv2 dp2 x tp2", "kv2", ["parallel.dp=2", "parallel.tp=2"]),
