@@ -1,12 +1,12 @@
 """The private torch APIs seqpar relies on, each in one place, and the start-up check that this torch has them.
 
 torch promises nothing about names that start with an underscore, so each use has one home: the wrappers below
-(the mesh's flattened dp x sp axis, the default store, activation checkpointing's wrapper) and, for ring attention's
-fused kernels, `seqpar.parallel.sequence.kernels`, which calls the aten ops listed in `ATTENTION_OPS` positionally.
-`check_torch()` runs at the entry point (`seqpar.trainer.prepare`), before any process starts: a torch that lacks
-one of them, or whose kernel takes other arguments, is one `error: torch ...` line instead of a failure deep inside
-a rank. pyproject.toml's range (`REQUIREMENT`) is what was tested (2.13) plus the next minor release, which this
-check vets at start-up.
+(the mesh's flattened dp x sp axis, the tp axis viewed as key/value heads x their replicas, the default store,
+activation checkpointing's wrapper) and, for ring attention's fused kernels, `seqpar.parallel.sequence.kernels`,
+which calls the aten ops listed in `ATTENTION_OPS` positionally. `check_torch()` runs at the entry point
+(`seqpar.trainer.prepare`), before any process starts: a torch that lacks one of them, or whose kernel takes other
+arguments, is one `error: torch ...` line instead of a failure deep inside a rank. pyproject.toml's range
+(`REQUIREMENT`) is what was tested (2.13) plus the next minor release, which this check vets at start-up.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ ATTENTION_OPS = {
 # which seqpar's safe unpickler allows by name (seqpar.trainer.checkpoint).
 ATTRIBUTES = (
     ("torch.distributed.device_mesh", "DeviceMesh._flatten"),
+    ("torch.distributed.device_mesh", "DeviceMesh._unflatten"),
     ("torch.distributed.distributed_c10d", "_get_default_store"),
     ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "checkpoint_wrapper"),
     ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "_CHECKPOINT_WRAPPED_MODULE"),
@@ -104,6 +105,12 @@ def check_torch() -> None:
 def flatten_axes(device_mesh, axes: tuple[str, ...], name: str) -> None:
     """Add `name` to the DeviceMesh: the axes `axes` as one (its process group spans them)."""
     device_mesh[axes]._flatten(name)
+
+
+def unflatten_axis(device_mesh, sizes: tuple[int, ...], names: tuple[str, ...]):
+    """The 1-D DeviceMesh `device_mesh` viewed as a mesh of shape `sizes` with axes `names` (row-major: its rank i
+    at the coordinates of i); every rank of the whole mesh calls it together (it makes the axes' process groups)."""
+    return device_mesh._unflatten(0, sizes, names)
 
 
 def default_store():

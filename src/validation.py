@@ -189,17 +189,22 @@ def validate_layout(m: ModelConfig, d: DataConfig, p: ParallelConfig) -> None:
                 "lower parallel.pp (interleaved_1f1b uses 2 stages per rank) or add layers",
             )
     if p.tp > 1:
-        # Key/value heads are sharded like the query heads: replicating them where tp exceeds their count is not
-        # implemented, so tp must divide num_kv_heads too.
-        for name, value in (("num_heads", m.num_heads), ("num_kv_heads", m.kv_heads), ("ffn_hidden_size", m.ffn_size),
-                            ("vocab_size", m.vocab_size)):
+        for name, value in (("num_heads", m.num_heads), ("ffn_hidden_size", m.ffn_size), ("vocab_size", m.vocab_size)):
             if value % p.tp:
                 raise UserError(
                     "parallel.tp",
                     f"({p.tp}) does not divide model.{name} ({value}); tensor parallelism shards it evenly",
-                    f"choose a parallel.tp that divides model.{name}"
-                    + (" (key/value heads are not replicated over tp ranks)" if name == "num_kv_heads" else ""),
+                    f"choose a parallel.tp that divides model.{name}",
                 )
+        # Key/value heads are sharded like the query heads, or, with more tp ranks than heads, each replicated over
+        # the ranks whose query heads use it (seqpar.parallel.tensor.ReplicatedKeyValue).
+        if m.kv_heads % p.tp and p.tp % m.kv_heads:
+            raise UserError(
+                "parallel.tp",
+                f"({p.tp}) neither divides nor is a multiple of model.num_kv_heads ({m.kv_heads}); tensor parallelism "
+                "shards the key/value heads evenly or replicates each over tp / num_kv_heads ranks",
+                "choose a parallel.tp that divides model.num_kv_heads or is a multiple of it",
+            )
     if p.sp > 1:
         parts = 2 * p.sp if m.causal else p.sp
         if d.seq_len % parts:

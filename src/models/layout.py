@@ -6,6 +6,9 @@ the memory planner and weight gathering read it, so adding a model touches its o
 Tensor-parallel styles (the names `seqpar.parallel.tensor` turns into DTensor styles):
 - `colwise` / `rowwise`: Megatron's column- and row-parallel linear layers (weight and bias split / weight split,
   bias replicated);
+- `kv_colwise`: the key/value projections, column-parallel by key/value heads like `colwise` where tp divides their
+  head count; where tp is a multiple of it, each rank holds the one head its query heads use, replicated over the
+  tp / kv_heads ranks that share it (Megatron's and vLLM's key/value replication);
 - `vocab_embedding`, `vocab_head`: the embedding and the tied output layer sharded by vocabulary rows;
 - with activation sharding: `vocab_embedding_to_tokens`, `rowwise_to_tokens` (outputs cut into token shards),
   `token_norm` (a LayerNorm on token shards), `gather_tokens` / `gather_tokens_with_mask` (all-gather the tokens
@@ -21,8 +24,8 @@ from dataclasses import dataclass, field
 # Megatron's activation sharding the LayerNorm/dropout regions hold T/tp tokens (dim 1 of (B, T, C)).
 _BLOCK_MATMULS = {
     "layers.*.attn.q_proj": "colwise",
-    "layers.*.attn.k_proj": "colwise",
-    "layers.*.attn.v_proj": "colwise",
+    "layers.*.attn.k_proj": "kv_colwise",
+    "layers.*.attn.v_proj": "kv_colwise",
     "layers.*.attn.o_proj": "rowwise",
     "layers.*.mlp.up": "colwise",
     "layers.*.mlp.down": "rowwise",
@@ -41,7 +44,7 @@ _WITHOUT_TOKEN_SHARDS = {"vocab_embedding_to_tokens": "vocab_embedding", "rowwis
                          "vocab_head_from_tokens": "vocab_head", "token_norm": None, "gather_tokens": None,
                          "gather_tokens_with_mask": None}
 _VOCAB_HEADS = ("vocab_head", "vocab_head_from_tokens")
-_SPLIT_WEIGHT_AND_BIAS = ("colwise", "vocab_head", "vocab_head_from_tokens")
+_SPLIT_WEIGHT_AND_BIAS = ("colwise", "kv_colwise", "vocab_head", "vocab_head_from_tokens")
 _SPLIT_WEIGHT = ("rowwise", "rowwise_to_tokens", "vocab_embedding", "vocab_embedding_to_tokens")
 
 
@@ -71,13 +74,17 @@ class ParallelLayout:
         """Whether the output layer's input is cut into token shards (it gathers them itself)."""
         return shard_activations and self.tp_plan[self.output_layer] == "vocab_head_from_tokens"
 
-    def tp_divides(self, param: str) -> bool:
-        """Whether tensor parallelism splits the parameter `param` (so each rank holds 1/tp of it)."""
+    def tp_parts(self, param: str, tp: int, kv_heads: int) -> int:
+        """Into how many parts tensor parallelism over `tp` ranks splits the parameter `param` (each rank holds one):
+        tp for a split matrix, min(tp, kv_heads) for a key/value projection (beyond its heads each rank holds a whole
+        head, replicated), 1 for a replicated parameter."""
         owner, _, attr = param.rpartition(".")
         for pattern, style in self.tp_styles(shard_activations=False).items():
             if fnmatch.fnmatchcase(owner, pattern):
-                return style in _SPLIT_WEIGHT_AND_BIAS or (style in _SPLIT_WEIGHT and attr == "weight")
-        return False
+                if not (style in _SPLIT_WEIGHT_AND_BIAS or (style in _SPLIT_WEIGHT and attr == "weight")):
+                    return 1
+                return min(tp, kv_heads) if style == "kv_colwise" else tp
+        return 1
 
     def in_head(self, param: str) -> bool:
         return param.split(".")[0] in self.head

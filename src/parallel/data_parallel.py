@@ -31,7 +31,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def match_grad_placements(params: list[nn.Parameter]) -> None:
     """Give every DTensor gradient its parameter's placement (autograd may leave e.g. a vocab-sharded embedding's
-    gradient replicated), so reductions and the optimizer see each rank's own shard."""
+    gradient replicated, and leaves a replicated key/value head's gradient Partial over the ranks sharing it: this
+    sums it), so reductions and the optimizer see each rank's own shard."""
     for p in params:
         g = p.grad
         if g is not None and hasattr(g, "placements") and tuple(g.placements) != tuple(p.placements):
@@ -73,18 +74,25 @@ def _is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "placements") and any(not pl.is_replicate() for pl in t.placements)
 
 
+def _copies(t: torch.Tensor) -> int:
+    """How many ranks of its mesh hold each element of a DTensor: the sizes of the axes it is replicated over (a
+    key/value projection replicated over the ranks that share its head, `tensor.ReplicatedKeyValue`)."""
+    return math.prod(t.device_mesh.size(i) for i, pl in enumerate(t.placements) if pl.is_replicate())
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, tp_group=None, counted=None, pp_group=None) -> torch.Tensor:
     """Clip by the global 2-norm over all parameters and return it.
 
-    Sharded (DTensor) gradients contribute their local shard, summed over `tp_group`; replicated gradients count
-    once. `counted(p)` may exclude parameters whose gradient is a duplicate held elsewhere (a tied copy). Pipeline
-    stages hold different parameters: their squared norms are summed over `pp_group`.
+    Sharded (DTensor) gradients contribute their local shard, summed over `tp_group` (a shard that several tp ranks
+    hold, divided by their number); replicated gradients count once. `counted(p)` may exclude parameters whose
+    gradient is a duplicate held elsewhere (a tied copy). Pipeline stages hold different parameters: their squared
+    norms are summed over `pp_group`.
     """
     grads = [p.grad for p in params if p.grad is not None and (counted is None or counted(p))]
-    sharded = [local_tensor(g) for g in grads if _is_sharded(g)]
+    sharded = [(local_tensor(g), _copies(g)) for g in grads if _is_sharded(g)]
     plain = [local_tensor(g) for g in grads if not _is_sharded(g)]  # plain tensors and replicated DTensors
-    device = (sharded or plain)[0].device if (sharded or plain) else torch.device("cpu")
-    sq_sharded = sum((g.float().pow(2).sum() for g in sharded), torch.zeros((), device=device))
+    device = (sharded[0][0] if sharded else plain[0]).device if (sharded or plain) else torch.device("cpu")
+    sq_sharded = sum((g.float().pow(2).sum() / copies for g, copies in sharded), torch.zeros((), device=device))
     if tp_group is not None and sharded:
         dist.all_reduce(sq_sharded, group=tp_group)
     sq_plain = sum((g.float().pow(2).sum() for g in plain), torch.zeros((), device=device))

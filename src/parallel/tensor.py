@@ -12,6 +12,15 @@ LayerNorms and BERT's MLM transform stay replicated.
 Communication per layer: forward one all-reduce after o_proj and one after mlp.down (plus one after the embedding);
 backward the mirror all-reduces of the column-parallel inputs' gradients.
 
+Grouped-query attention with more tp ranks than key/value heads (tp a multiple of kv_heads): rank r's query heads
+all use key/value head r // (tp / kv_heads), so k_proj and v_proj (style `kv_colwise`) give each rank that head's
+rows, replicated over the tp / kv_heads ranks that share it. Their DTensors live on the tp axis viewed as a 2-D mesh
+(kv_heads, replicas) with placements (Shard(0), Replicate()): a checkpoint, `full_tensor` and a reshard see the
+model's kv_heads heads once. Each copy's gradient is only its rank's query heads' share, so the projection's output
+gives its gradient back as Partial over the replica axis: DTensor then makes the weight's gradient Partial there,
+and `match_grad_placements` sums it over the ranks sharing the head (one all-reduce per parameter), which keeps the
+copies equal through AdamW's update.
+
 `parallel.tp_shard_activations=true` adds Megatron's activation sharding (its "sequence parallelism" inside the
 tensor-parallel region, a different thing from our `sp`): between the attention and MLP regions each tp rank keeps
 only T/tp tokens of the hidden states, so the LayerNorms, dropouts and residual adds run on a tp-th of the
@@ -29,23 +38,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
 from seqpar.models import set_core_attention
 from seqpar.models.attention import masked_softmax_attention
 from seqpar.models.dropout import DropoutKey, KeyedDropout, keyed_dropout
+from seqpar.torch_compat import flatten_axes, unflatten_axis
 
 
-def _style(name: str):
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        PrepareModuleInput,
-        RowwiseParallel,
-        SequenceParallel,
-    )
-
+def _style(name: str, kv_mesh=None):
+    """The DTensor style of the plan's style `name`; `kv_mesh`: the tp axis as (kv_heads, replicas) where tp
+    exceeds the key/value heads (`key_value_mesh`), else None."""
     return {
         "colwise": lambda: ColwiseParallel(),
+        "kv_colwise": lambda: ColwiseParallel() if kv_mesh is None else ReplicatedKeyValue(kv_mesh),
         "rowwise": lambda: RowwiseParallel(),
         "vocab_embedding": lambda: RowwiseParallel(input_layouts=Replicate()),
         "vocab_head": lambda: ColwiseParallel(output_layouts=Shard(-1), use_local_output=False),
@@ -73,11 +88,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, attn_dropout: float = 0.0, 
     """Shard `model` in place over the 1-D device mesh `tp_mesh` with the plan its layout declares
     (`model.layout.tp_plan`); with `shard_activations`, also the LayerNorm/dropout regions by tokens (Megatron's
     activation sharding)."""
-    from torch.distributed.tensor.parallel import parallelize_module
-
     rank, size = tp_mesh.get_local_rank(), tp_mesh.size()
     layout = model.layout
-    plan = {name: _style(style) for name, style in layout.tp_styles(shard_activations).items()}
+    kv_heads = model.config.kv_heads
+    kv_mesh = key_value_mesh(tp_mesh, kv_heads) if size > kv_heads else None
+    plan = {name: _style(style, kv_mesh) for name, style in layout.tp_styles(shard_activations).items()}
     parallelize_module(model, tp_mesh, plan)
     tie(model)
     if attn_dropout > 0:
@@ -91,11 +106,52 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, attn_dropout: float = 0.0, 
                     setattr(parent, child_name, TokenShardedDropout(child.p, child.site, rank, size))
 
 
+def key_value_mesh(tp_mesh, kv_heads: int):
+    """The tp axis as a 2-D mesh (kv, kv_replica) of shape (kv_heads, tp / kv_heads): tp rank r at (r // replicas,
+    r % replicas), so the ranks holding copies of one key/value head are neighbours along `kv_replica`. Every rank
+    calls it together (it makes the two axes' process groups)."""
+    size = tp_mesh.size()
+    assert size % kv_heads == 0, (size, kv_heads)  # validation.validate_layout refuses the rest
+    mesh = unflatten_axis(tp_mesh, (kv_heads, size // kv_heads), ("kv", "kv_replica"))
+    # Both axes flattened again (the tp group): DTensor sums a gradient Partial over both in one all-reduce.
+    flatten_axes(mesh, ("kv", "kv_replica"), "kv_tp")
+    return mesh
+
+
+class ReplicatedKeyValue(ParallelStyle):
+    """A key/value projection (nn.Linear) on the (kv, kv_replica) mesh of `key_value_mesh`: weight and bias
+    (Shard(0), Replicate()), so each rank holds the rows of its query heads' key/value head. The input is the
+    replicated hidden states (their gradient, Partial over both axes, is summed back as for `colwise`); the output is
+    this rank's head as a local tensor whose gradient is declared Partial over `kv_replica`: each copy saw only its
+    own query heads, and DTensor carries that into the weight's gradient."""
+
+    def __init__(self, kv_mesh):
+        super().__init__()
+        self.kv_mesh = kv_mesh
+
+    @staticmethod
+    def _partition(name, module, mesh):
+        for param_name, p in module.named_parameters():
+            sharded = distribute_tensor(p, mesh, [Shard(0), Replicate()], src_data_rank=None)
+            module.register_parameter(param_name, nn.Parameter(sharded, requires_grad=p.requires_grad))
+
+    @staticmethod
+    def _input(module, inputs, mesh):
+        x, *rest = inputs
+        return (DTensor.from_local(x, mesh, [Replicate(), Replicate()], run_check=False), *rest)
+
+    @staticmethod
+    def _output(module, out, mesh):
+        return out.to_local(grad_placements=[Shard(out.dim() - 1), Partial()])
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        assert isinstance(module, nn.Linear), type(module)
+        return distribute_module(module, self.kv_mesh, self._partition, self._input, self._output)
+
+
 def _token_shard_hook(tp_mesh):
     """Forward hook: this rank's token shard of a replicated (.., T, C) output; backward all-gathers its gradient,
     so the (replicated) embedding gets the whole gradient on every rank."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
     def hook(module, inputs, out):
         full = DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False)
         return full.redistribute(tp_mesh, [Shard(out.dim() - 2)]).to_local()
@@ -152,6 +208,4 @@ def loss_context(tp: int):
 
     if tp == 1:
         return contextlib.nullcontext()
-    from torch.distributed.tensor.parallel import loss_parallel
-
     return loss_parallel()

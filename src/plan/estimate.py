@@ -8,13 +8,13 @@ those that fit, by an estimated step time (the step's FLOPs at `tflops` per devi
 bubble, plus the communication at `gbps`), then by memory.
 
 The estimate counts what this code keeps, in fp32 (or bf16 activations under autocast), per token of a layer:
-LayerNorm inputs and outputs, q, k, v (k and v with the key/value heads of grouped-query attention) and the
-attention output, the MLP's two ffn-wide tensors (SwiGLU's four) (rsa and ulysses
-add the copy of their output that o_proj reads, rsa its L/sp x L probabilities); the log-softmax and two
-gradients of its size per vocabulary entry (BERT without tp or pp: at the target tokens only); plus the runtime
-baseline, the one term that is not arithmetic: it comes from `seqpar.plan.baseline` (on GPU a CUDA context; on
-CPU measured in a fresh process). tests/unit/test_plan.py checks the estimate against the measured peaks of
-real runs.
+LayerNorm inputs and outputs, q, k, v (k and v with the key/value heads of grouped-query attention a rank holds:
+kv_heads / tp, or one replicated head where tp exceeds them) and the attention output, the MLP's two ffn-wide
+tensors (SwiGLU's four) (rsa and ulysses add the copy of their output that o_proj reads, rsa its L/sp x L
+probabilities); the log-softmax and two gradients of its size per vocabulary entry (BERT without tp or pp: at the
+target tokens only); plus the runtime baseline, the one term that is not arithmetic: it comes from
+`seqpar.plan.baseline` (on GPU a CUDA context; on CPU measured in a fresh process). tests/unit/test_plan.py checks
+the estimate against the measured peaks of real runs.
 """
 
 from __future__ import annotations
@@ -68,6 +68,11 @@ class Estimate:
         return f"dp{self.dp}-pp{self.pp}-tp{self.tp}-sp{self.sp}"
 
 
+def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
+    """Key/value heads one tp rank holds: kv_heads / tp, or one (replicated, `ReplicatedKeyValue`) beyond them."""
+    return max(kv_heads // tp, 1)
+
+
 def _param_counts(cfg: Config) -> tuple[dict[str, int], int]:
     """Elements per parameter name of the whole model (tied weights once), and the layer count."""
     with torch.device("meta"):
@@ -90,14 +95,14 @@ def _largest_block(counts: dict[str, int]) -> int:
 
 def rank_params(counts: dict[str, int], cfg: Config, pp: int, tp: int) -> float:
     """Elements held by the most loaded rank: its pipeline stage's share (first or last, with the embedding or the
-    head), tensor-parallel matrices divided by tp."""
+    head), tensor-parallel matrices divided by tp (key/value projections by at most their head count: beyond it each
+    rank holds one whole head, `ParallelLayout.tp_parts`)."""
     stages = pp * virtual_stages(cfg.parallel.pp_schedule) if pp > 1 else 1
     per_stage = [0.0] * pp
     split = layer_split(cfg.model.num_layers, stages)
     layout = MODELS[cfg.model.arch].layout_for(cfg.model)  # which parameters tp splits, which the head holds
     for name, n in counts.items():
-        if layout.tp_divides(name):
-            n = n / tp
+        n = n / layout.tp_parts(name, tp, cfg.model.kv_heads)
         if name.startswith("layers."):
             layer = int(name.split(".")[1])
             stage = next(i for i, r in enumerate(split) if layer in r)
@@ -115,14 +120,14 @@ def activation_bytes_per_token_layer(cfg: Config, tp: int, sp: int, seq_len: int
     m = cfg.model
     h, f, a = m.hidden_size, m.ffn_size, m.num_heads
     width = 2 if cfg.trainer.precision == "bf16" else 4
-    kv = h * m.kv_heads / m.num_heads  # the width of k and of v (less than h under grouped-query attention)
+    kv = m.head_dim * kv_heads_per_rank(m.kv_heads, tp)  # this rank's width of k and of v (GQA: less than h / tp)
     # Llama's SwiGLU keeps four ffn-wide tensors (gate and up outputs, the activation, their product), GELU two.
     mlp = 4 * f if m.arch == "llama" else 2 * f
     if cfg.trainer.tiled_mlp:  # the MLP keeps only its input (ln_2's output, counted below); one tile's are transient
         mlp = 0
-    # Replicated over tp: 2 LayerNorm (RMSNorm) inputs + 2 outputs; sharded by tp: q, k, v and the attention
-    # output (2h + 2kv; rotary positions keep only the rotated q and k), and the MLP's ffn-wide tensors.
-    per_token = 4 * h + (2 * h + 2 * kv + mlp) / tp
+    # Replicated over tp: 2 LayerNorm (RMSNorm) inputs + 2 outputs; sharded by tp: q and the attention output (2h;
+    # rotary positions keep only the rotated q and k), the MLP's ffn-wide tensors; k and v (2kv, already per rank).
+    per_token = 4 * h + (2 * h + mlp) / tp + 2 * kv
     if sp > 1 and impl in ("rsa", "ulysses", "hybrid"):
         per_token += h / tp  # their output is not in the projections' layout: o_proj reads a contiguous copy
     if m.dropout > 0:
@@ -212,20 +217,25 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     n_micro = (t.global_batch_size // dp) // micro
     if tp > 1:
         comm += n_micro * layers * 4 * 2 * act_tensor * (tp - 1) / tp  # 2 all-reduces forward, 2 backward
+        copies = tp // min(tp, m.kv_heads)
+        if copies > 1:  # once per step: the key/value projections' gradients summed over the ranks sharing a head
+            kv_rows = m.head_dim * kv_heads_per_rank(m.kv_heads, tp)
+            comm += layers * 2 * kv_rows * (m.hidden_size + m.qkv_bias) * 4 * 2 * (copies - 1) / copies
     if sp > 1:
-        # ring and rsa pass k and v (H_kv heads: GQA divides the bytes by heads / kv heads); ulysses moves q and the
-        # output whole and k, v with the key/value heads it sends (repeated to lcm(H_kv, sp) per rank's heads).
-        kv_frac = m.kv_heads / m.num_heads
+        # ring and rsa pass k and v (the rank's key/value heads: GQA divides the bytes by heads / kv heads, down to
+        # one replicated head where tp exceeds them); ulysses moves q and the output whole and k, v with the
+        # key/value heads it sends (repeated to lcm(H_kv, sp) per rank's heads).
+        kv_rank = kv_heads_per_rank(m.kv_heads, tp)
         if cfg.parallel.sp_impl == "ulysses":
-            sent = sent_kv_heads(m.kv_heads // tp, sp) / (m.num_heads // tp)
+            sent = sent_kv_heads(kv_rank, sp) / (m.num_heads // tp)
             comm += n_micro * layers * (2 + 2 * sent) * act_tensor / tp / sp * (sp - 1) * 2
         elif cfg.parallel.sp_impl == "hybrid":  # all-to-alls inside the Ulysses groups, a ring of sp / U across them
             u = cfg.parallel.ulysses or 1
-            sent = sent_kv_heads(m.kv_heads // tp, u) / (m.num_heads // tp)
+            sent = sent_kv_heads(kv_rank, u) / (m.num_heads // tp)
             comm += n_micro * layers * (2 + 2 * sent) * act_tensor / tp / sp * (u - 1) * 2
             comm += n_micro * layers * 2 * act_tensor * sent / tp * (sp // u - 1) * 2
         else:
-            comm += n_micro * layers * 2 * act_tensor * kv_frac / tp * (sp - 1) * 2
+            comm += n_micro * layers * 2 * act_tensor * kv_rank / m.num_heads * (sp - 1) * 2
     if pp > 1:
         comm += n_micro * 2 * act_tensor
     if cfg.parallel.sp_impl == "rsa" and sp > 1 and m.attention == "softmax":

@@ -1,5 +1,6 @@
 """Tensor parallelism at layer level over gloo: sharded layers against slices of the single-device weights,
-vocab-parallel cross-entropy against F.cross_entropy, and layout-independent initialisation."""
+vocab-parallel cross-entropy against F.cross_entropy, and layout-independent initialisation; with more tp ranks than
+key/value heads, each rank's copy of the head its query heads use."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from seqpar.config import ModelConfig, ParallelConfig
 from seqpar.models import MODELS, build_model
-from seqpar.parallel.data_parallel import clip_grad_norm
+from seqpar.parallel.data_parallel import clip_grad_norm, match_grad_placements
 from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.tensor import apply_tensor_parallel, loss_context
 
@@ -20,14 +21,14 @@ from .spawn import spawn
 ATOL = 1e-5
 
 
-def _config(arch: str) -> ModelConfig:
+def _config(arch: str, kv_heads: int = 2) -> ModelConfig:
     """Two layers, 4 heads; Llama with 2 key/value heads (grouped-query attention) and an untied head."""
-    extra = {"num_kv_heads": 2, "activation": "silu", "qkv_bias": True} if arch == "llama" else {}
+    extra = {"num_kv_heads": kv_heads, "activation": "silu", "qkv_bias": True} if arch == "llama" else {}
     return ModelConfig(arch=arch, num_layers=2, hidden_size=32, num_heads=4, vocab_size=96, max_seq_len=16, **extra)
 
 
-def _check(rank, world, arch):
-    cfg = _config(arch)
+def _check(rank, world, arch, kv_heads=2):
+    cfg = _config(arch, kv_heads)
     torch.manual_seed(0)
     ref = build_model(cfg)
     torch.manual_seed(0)
@@ -47,9 +48,13 @@ def _check(rank, world, arch):
     attn, ref_attn = model.layers[0].attn, ref.layers[0].attn
     cols = slice(rank * 32 // world, (rank + 1) * 32 // world)
     torch.testing.assert_close(attn.q_proj(x), ref_attn.q_proj(x)[..., cols], atol=ATOL, rtol=0)
-    kv = ref_attn.k_proj.out_features  # key/value heads are sharded the same way (fewer of them under GQA)
-    kv_cols = slice(rank * kv // world, (rank + 1) * kv // world)
+    # Key/value heads are sharded the same way (fewer of them under GQA); with more ranks than heads each rank holds
+    # the one its query heads use, head rank // (world / kv_heads).
+    kv, held = cfg.kv_heads, max(cfg.kv_heads // world, 1)
+    first = rank * kv // world
+    kv_cols = slice(first * cfg.head_dim, (first + held) * cfg.head_dim)
     torch.testing.assert_close(attn.k_proj(x), ref_attn.k_proj(x)[..., kv_cols], atol=ATOL, rtol=0)
+    torch.testing.assert_close(attn.v_proj(x), ref_attn.v_proj(x)[..., kv_cols], atol=ATOL, rtol=0)
     y = torch.randn(2, 8, 32)
     torch.testing.assert_close(attn.o_proj(y[..., cols]), ref_attn.o_proj(y), atol=ATOL, rtol=0)
 
@@ -65,7 +70,10 @@ def _check(rank, world, arch):
     ref_loss = F.cross_entropy(ref(ids, pos).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     ref_loss.backward()
     torch.testing.assert_close(loss.full_tensor(), ref_loss, atol=ATOL, rtol=1e-6)
+    match_grad_placements(list(model.parameters()))  # as the engine does: e.g. key/value copies' gradients summed
     for name, p in model.named_parameters():
+        if hasattr(p.grad, "to_local"):  # this rank's gradient is its part of the whole one
+            assert p.grad.placements == p.placements, name
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         torch.testing.assert_close(g, full[name].grad, atol=ATOL, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
     # The global gradient norm counts every shard once and every replicated gradient once.
@@ -79,8 +87,20 @@ def test_tensor_parallel_layers_loss_and_init(arch):
     spawn(_check, 2, arch)
 
 
+def _replicated_key_value_heads(rank, world):
+    for kv_heads in (1, 2):
+        _check(rank, world, "llama", kv_heads)
+
+
+def test_tensor_parallel_beyond_the_key_value_heads():
+    """tp=4 with 1 and 2 key/value heads: each rank's k_proj/v_proj are its query heads' head (with its bias), the
+    gradients of the copies summed, the global norm counting each head once."""
+    spawn(_replicated_key_value_heads, 4)
+
+
 def test_the_plan_without_activation_sharding_shards_only_the_matmuls():
-    block = {"layers.*.attn.q_proj": "colwise", "layers.*.attn.k_proj": "colwise", "layers.*.attn.v_proj": "colwise",
+    block = {"layers.*.attn.q_proj": "colwise", "layers.*.attn.k_proj": "kv_colwise",
+             "layers.*.attn.v_proj": "kv_colwise",
              "layers.*.attn.o_proj": "rowwise", "layers.*.mlp.up": "colwise", "layers.*.mlp.down": "rowwise"}
     assert MODELS["gpt"].layout.tp_styles(False) == {"wte": "vocab_embedding", **block, "lm_head": "vocab_head"}
     assert MODELS["bert"].layout.tp_styles(False) == {"word_embeddings": "vocab_embedding", **block,

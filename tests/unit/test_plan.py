@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from seqpar.cli import compose
 from seqpar.plan.auto import choose_layout
 from seqpar.plan.cli import main
-from seqpar.plan.estimate import plan
+from seqpar.plan.estimate import _param_counts, activation_bytes_per_token_layer, estimate, plan, rank_params
 
 from ..conftest import CONFIG_DIR
 
@@ -87,6 +88,30 @@ def test_zero3_terms_follow_what_deepspeed_keeps(capsys):
     assert row("trainer.activation_checkpointing=offload", device="cpu").activations_mib == ckpt.activations_mib
     main([*LLAMA_LONG, "--gpus", "8", "--gpu-mem-gib", "80"])  # no parallel.sp=8 needed
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("best: parallel.dp=1 parallel.pp=1")
+
+
+def test_key_value_heads_replicated_beyond_tp_count_one_whole_head_per_rank():
+    """tp above the key/value heads: every rank holds the whole rows of one head in k_proj and v_proj (and keeps one
+    head's k and v), as a rank of a model with one key/value head per rank does, never kv_heads / tp of a head;
+    the copies' gradients add one all-reduce per step over the ranks sharing a head."""
+    base = compose(CONFIG_DIR, ["model=llama_tiny", "trainer.micro_batch_size=16"])  # 4 layers, 128 wide, 4 heads
+
+    def at(kv: int, tp: int, sp: int = 1):
+        cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, num_kv_heads=kv),
+                                  parallel=dataclasses.replace(base.parallel, tp=tp, sp=sp))
+        counts, _ = _param_counts(cfg)
+        return (counts, rank_params(counts, cfg, 1, tp), activation_bytes_per_token_layer(cfg, tp, sp, 128, "ring"),
+                estimate(cfg, counts, 1, 1, tp, sp, 16, 0.0).comm_mib_per_step)
+
+    for kv, tp in ((1, 4), (2, 4), (1, 2)):  # against tp key/value heads on tp ranks: one head each
+        assert at(kv, tp)[1:3] == at(tp, tp)[1:3], (kv, tp)
+    counts, held, _, _ = at(1, 4)
+    kv_rows = sum(n for name, n in counts.items() if ".k_proj." in name or ".v_proj." in name)  # one head each
+    norms = sum(n for name, n in counts.items() if "ln_" in name or name.startswith("norm."))
+    assert held == (sum(counts.values()) - kv_rows - norms) / 4 + kv_rows + norms
+    # tp=2 x sp=2 (ring): the ring passes the rank's one head either way; one head shared adds its gradients' sum.
+    grad_sum = kv_rows * 4 * 2 * (1 / 2) / 2**20
+    assert at(1, 2, 2)[3] == pytest.approx(at(2, 2, 2)[3] + grad_sum)
 
 
 def test_command_line_table_json_and_nothing_fits(capsys):
