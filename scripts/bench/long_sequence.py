@@ -7,6 +7,13 @@ budget at sp=4 with and without them.
 
     python scripts/bench/long_sequence.py                       # 4K tokens; a markdown table
     python scripts/bench/long_sequence.py --tokens 16384 --json out.json
+    python scripts/bench/long_sequence.py --measured-longest 2048 4096 8192 16384   # peaks at sp=4, measured
+    python scripts/bench/long_sequence.py --mlp-recompute 16384  # one MLP's recompute peak, tiled against whole
+
+`--measured-longest` measures the GPT's peak per rank at sp=4 at each length with neither setting (the code before
+them) and with both, and prints the longest length within each of `--budgets-mib`. `--mlp-recompute` measures, in
+this process, the peak of one checkpointed MLP's backward (its recompute and its gradients) at each model's width,
+tiled against whole: what tiling takes off the rebuilt block.
 
 Settings (each on top of activation checkpointing, which every long-sequence run uses): `trainer.fused_loss` (the
 output layer and the loss a slab of tokens at a time) and `trainer.tiled_mlp` (each MLP a tile of hidden_size
@@ -43,8 +50,9 @@ def sized(tokens: int) -> list[str]:
     return [f"data.seq_len={tokens}", f"model.max_seq_len={tokens}"]
 
 
-def measure(overrides: list[str], workdir: Path) -> float:
-    cmd = [sys.executable, str(REPO / "train.py"), *overrides, *RUN, f"hydra.run.dir={workdir}"]
+def measure(overrides: list[str], workdir: Path, sp: int = 2) -> float:
+    run = [o if not o.startswith("parallel.sp=") else f"parallel.sp={sp}" for o in RUN]
+    cmd = [sys.executable, str(REPO / "train.py"), *overrides, *run, f"hydra.run.dir={workdir}"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, **MEASURE_ENV})
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return max(r["peak_mem_mib"] for r in records if "peak_mem_mib" in r)  # step 2: AdamW's moments exist
@@ -78,12 +86,92 @@ def longest(overrides: list[str], budget_gib: float) -> int:
     return best
 
 
+def measured_longest(lengths: list[int], budgets_mib: list[float]) -> list[dict]:
+    """The GPT's measured peak per rank at sp=4 at each length, with neither setting and with both (a setting's
+    doubling stops at the first length above the largest budget), and the longest length within each budget."""
+    rows = []
+    model = "GPT (gpt2_small width)"
+    for setting in ("neither", "fused loss + tiled MLP"):
+        peaks = {}
+        for tokens in lengths:
+            # a validation split of at least one sequence at 16K tokens of the built-in corpus (evaluation is off)
+            overrides = [*MODELS[model], *SETTINGS[setting], *sized(tokens), "data.val_fraction=0.1"]
+            with tempfile.TemporaryDirectory() as tmp:
+                peaks[tokens] = measure(overrides, Path(tmp) / "run", sp=4)
+            print(f"| {model} | {setting} | {tokens:,} | {peaks[tokens]:.0f} |", flush=True)
+            if peaks[tokens] > max(budgets_mib):
+                break
+        longest_within = {str(b): max([t for t, p in peaks.items() if p <= b], default=0) for b in budgets_mib}
+        rows.append({"model": model, "setting": setting, "peak_mib": {str(t): p for t, p in peaks.items()},
+                     "longest_within_mib": longest_within})
+    for b in budgets_mib:
+        before, after = (r["longest_within_mib"][str(b)] for r in rows)
+        print(f"budget {b:.0f} MiB per rank: {before:,} tokens with neither, {after:,} with both "
+              f"({after / before if before else float('inf'):.1f}x)")
+    return rows
+
+
+def mlp_recompute_peak(model: str, tokens: int, tiled: bool) -> float:
+    """MiB the backward of one checkpointed MLP (at `model`'s width, `tokens` tokens) adds to what was live before
+    it, tiled (hidden_size tokens per tile, the trainer's automatic choice) or whole; fp32, this process."""
+    import gc
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from memlib import _rss_kib, fixed_mmap_threshold
+    from seqpar.cli import compose
+    from seqpar.configs import CONFIG_DIR
+    from seqpar.models.layers import GatedMLP, MLP, set_mlp_tiling
+
+    fixed_mmap_threshold()
+    torch.set_num_threads(1)
+    cfg = compose(CONFIG_DIR, [MODELS[model][0]]).model
+    mlp = (GatedMLP if cfg.arch == "llama" else MLP)(cfg)
+    set_mlp_tiling(mlp, cfg.hidden_size if tiled else None)
+    x = torch.randn(1, tokens, cfg.hidden_size, requires_grad=True)
+    out = checkpoint(mlp, x, use_reentrant=False)
+    grad = torch.ones_like(out)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark starts again from what is live now
+    base = _rss_kib("VmRSS")
+    out.backward(grad)
+    return (_rss_kib("VmHWM") - base) / 1024
+
+
+def mlp_recompute(tokens: int) -> list[dict]:
+    rows = []
+    for model in MODELS:
+        peaks = {tiled: mlp_recompute_peak(model, tokens, tiled) for tiled in (False, True)}
+        rows.append({"model": model, "tokens": tokens, "whole_mib": peaks[False], "tiled_mib": peaks[True]})
+        print(f"| {model} | {tokens:,} | {peaks[False]:.0f} | {peaks[True]:.0f} | {peaks[False] / peaks[True]:.1f}x |",
+              flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--budget-gib", type=float, default=80.0, help="per-rank budget for the longest sequence")
+    ap.add_argument("--measured-longest", type=int, nargs="+", metavar="TOKENS",
+                    help="measure the GPT's peak at sp=4 at these lengths instead")
+    ap.add_argument("--budgets-mib", type=float, nargs="+", default=[1536.0, 2048.0],
+                    help="per-rank budgets for --measured-longest")
+    ap.add_argument("--mlp-recompute", type=int, metavar="TOKENS", help="measure one MLP's recompute peak instead")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.measured_longest or args.mlp_recompute:
+        out = {}
+        if args.mlp_recompute:
+            print("| model | tokens | whole MiB | tiled MiB | ratio |\n| --- | --- | --- | --- | --- |")
+            out["mlp_recompute"] = mlp_recompute(args.mlp_recompute)
+        if args.measured_longest:
+            print("| model | setting | tokens | peak MiB |\n| --- | --- | --- | --- |")
+            out["measured_longest"] = measured_longest(args.measured_longest, args.budgets_mib)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        return
     rows = []
     print("| model | setting | measured MiB | estimate MiB | longest at sp=4 in the budget |")
     print("| --- | --- | --- | --- | --- |")
