@@ -189,12 +189,13 @@ def test_linformer_under_sequence_parallelism_matches_one_process(tmp_path, cach
         assert_same_run(run, single, f"linformer {label}")
 
 
-def test_auto_layout_is_announced_and_matches_single_process(tmp_path, cache_dir, reference):
+@pytest.mark.parametrize("model", ["gpt_tiny", LLAMA])
+def test_auto_layout_is_announced_and_matches_single_process(tmp_path, cache_dir, reference, model):
     """parallel=auto on 2 devices: the planner's choice is printed before training and the run it starts equals the
-    single-process run like any hand-set layout."""
+    single-process run like any hand-set layout (Llama: with its grouped-query attention and document masks)."""
     run = tmp_path / "run"
-    proc = train_ok(["model=gpt_tiny", "parallel=auto", "parallel.devices=2", *STEPS, *NO_CHECKPOINT,
+    proc = train_ok([f"model={model}", "parallel=auto", "parallel.devices=2", *STEPS, *NO_CHECKPOINT,
                      f"hydra.run.dir={run}"], cache_dir)
     first = proc.stdout.splitlines()[0]
     assert first.startswith("parallel=auto: dp=") and "on 2 cpu devices: estimated" in first, first
-    assert_same_run((*read_metrics(run), final_weights(run)), reference("gpt_tiny"), "parallel=auto")
+    assert_same_run((*read_metrics(run), final_weights(run)), reference(model), f"{model} parallel=auto")
