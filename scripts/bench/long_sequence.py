@@ -9,11 +9,14 @@ budget at sp=4 with and without them.
     python scripts/bench/long_sequence.py --tokens 16384 --json out.json
     python scripts/bench/long_sequence.py --measured-longest 2048 4096 8192 16384   # peaks at sp=4, measured
     python scripts/bench/long_sequence.py --mlp-recompute 16384  # one MLP's recompute peak, tiled against whole
+    python scripts/bench/long_sequence.py --loss-peak 8192      # the output layer + loss's peak, fused against not
 
 `--measured-longest` measures the GPT's peak per rank at sp=4 at each length with neither setting (the code before
 them) and with both, and prints the longest length within each of `--budgets-mib`. `--mlp-recompute` measures, in
 this process, the peak of one checkpointed MLP's backward (its recompute and its gradients) at each model's width,
-tiled against whole: what tiling takes off the rebuilt block.
+tiled against whole: what tiling takes off the rebuilt block. `--loss-peak` measures, in this process, what the
+output layer and the loss (forward and backward) of that many tokens of one rank add to the memory live before
+them, with the fused loss against the logits and `loss_sum`.
 
 Settings (each on top of activation checkpointing, which every long-sequence run uses): `trainer.fused_loss` (the
 output layer and the loss a slab of tokens at a time) and `trainer.tiled_mlp` (each MLP a tile of hidden_size
@@ -140,6 +143,33 @@ def mlp_recompute_peak(model: str, tokens: int, tiled: bool) -> float:
     return (_rss_kib("VmHWM") - base) / 1024
 
 
+def loss_peak(tokens: int, fused: bool) -> tuple[float, float]:
+    """(MiB the output layer and the loss of `tokens` tokens add to what was live before them, forward through
+    backward; MiB of that which is the output weight's gradient, which every path makes) at gpt2_small's width
+    and vocabulary, fp32, this process."""
+    import gc
+
+    import torch
+    import torch.nn.functional as F
+
+    from memlib import _rss_kib, fixed_mmap_threshold
+    from seqpar.trainer.loss import linear_loss_sum, loss_sum
+
+    fixed_mmap_threshold()
+    torch.set_num_threads(1)
+    hidden, vocab = 768, 50257
+    weight = torch.nn.Parameter(torch.randn(vocab, hidden) * 0.02)
+    features = torch.randn(1, tokens, hidden, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens))
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kib("VmRSS")
+    loss = linear_loss_sum(features, weight, None, labels) if fused else loss_sum(F.linear(features, weight), labels)
+    loss.backward()
+    return (_rss_kib("VmHWM") - base) / 1024, weight.grad.numel() * 4 / 2**20
+
+
 def mlp_recompute(tokens: int) -> list[dict]:
     rows = []
     for model in MODELS:
@@ -159,10 +189,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets-mib", type=float, nargs="+", default=[1536.0, 2048.0],
                     help="per-rank budgets for --measured-longest")
     ap.add_argument("--mlp-recompute", type=int, metavar="TOKENS", help="measure one MLP's recompute peak instead")
+    ap.add_argument("--loss-peak", type=int, metavar="TOKENS", help="measure the output layer + loss's peak instead")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    if args.measured_longest or args.mlp_recompute:
+    if args.measured_longest or args.mlp_recompute or args.loss_peak:
         out = {}
+        if args.loss_peak:
+            print("| loss | tokens | peak MiB | of which the weight's gradient |\n| --- | --- | --- | --- |")
+            out["loss_peak"] = []
+            for fused in (False, True):
+                peak, weight_grad = loss_peak(args.loss_peak, fused)
+                name = "fused" if fused else "logits + loss_sum"
+                out["loss_peak"].append({"loss": name, "tokens": args.loss_peak, "peak_mib": peak,
+                                         "weight_grad_mib": weight_grad})
+                print(f"| {name} | {args.loss_peak:,} | {peak:.0f} | {weight_grad:.0f} |", flush=True)
         if args.mlp_recompute:
             print("| model | tokens | whole MiB | tiled MiB | ratio |\n| --- | --- | --- | --- | --- |")
             out["mlp_recompute"] = mlp_recompute(args.mlp_recompute)

@@ -67,8 +67,9 @@ class _CrossEntropySum(torch.autograd.Function):
         return grad.mul_(grad_total), None  # a 0-dim fp32 factor: bf16 gradients are rounded once, not twice
 
 
-# The fused output-layer loss's slabs: about this many logits at a time (64 MiB, or 256 MiB on a GPU, in fp32).
-LINEAR_SLAB_ELEMENTS = {"cpu": 2**24, "cuda": 2**26}
+# The fused output-layer loss's slabs: about this many logits at a time (16 MiB in fp32 on CPU, as SLAB_ELEMENTS;
+# 256 MiB on a GPU).
+LINEAR_SLAB_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
 
 
 def linear_loss_sum(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -106,11 +107,16 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
     with torch.autocast(device.type, enabled=False):
         w = weight.detach().to(dtype)
         b = bias.detach().to(dtype) if bias is not None else None
-        x = features.detach()[keep].to(dtype)
+        every = len(keep) == features.shape[0]  # no ignored token: the features themselves, not a copy of rows
+        x = (features.detach() if every else features.detach()[keep]).to(dtype)
         target = labels[keep] - vocab_start
         vocab = w.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=device)
-        grad_x = torch.empty_like(x) if with_grads else None
+        # The features' gradient in their own shape and dtype, written a slab of rows at a time (zero at ignored
+        # tokens) and scaled in place in backward: one buffer of the features' size.
+        grad_x = None
+        if with_grads:
+            grad_x = (torch.empty_like if every else torch.zeros_like)(features, memory_format=torch.contiguous_format)
         # The weight's gradient is the first slab's product, then accumulated into in place (in fp32: one
         # vocabulary x hidden buffer, not a new one per slab).
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if with_grads and not len(x) else None
@@ -136,7 +142,7 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
             grad = probs.div_(norm[:, None])
             grad.scatter_add_(1, index, torch.where(mine, -1.0, 0.0)[:, None])  # softmax minus the one-hot target
             grad = grad.to(dtype)
-            grad_x[rows] = grad @ w
+            grad_x[rows if every else keep[rows]] = (grad @ w).to(grad_x.dtype)
             if grad_w is None:
                 grad_w = (grad.t() @ x[rows]).float()
             elif grad.dtype == torch.float32:
@@ -156,7 +162,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total, grad_x, grad_w, grad_b = _linear_cross_entropy(features, weight, bias, labels, keep, group,
                                                               vocab_start, True, partial_features_grad)
         ctx.grads = (grad_x, grad_w, grad_b)  # the gradients themselves, scaled in backward
-        ctx.keep, ctx.shape, ctx.dtypes = keep, features.shape, (features.dtype, weight.dtype)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
@@ -164,9 +170,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the loss's backward ran twice: its gradients are computed once, in forward")
         (grad_x, grad_w, grad_b), ctx.grads = ctx.grads, None
-        feature_dtype, weight_dtype = ctx.dtypes
-        grad_features = torch.zeros(ctx.shape, dtype=feature_dtype, device=grad_x.device)
-        grad_features[ctx.keep] = (grad_x.float() * grad_total).to(feature_dtype)
+        weight_dtype = ctx.weight_dtype
+        grad_features = grad_x.mul_(grad_total)  # a 0-dim fp32 factor: bf16 gradients are rounded once
         grad_bias = grad_b.mul_(grad_total).to(weight_dtype) if grad_b is not None else None
         return grad_features, grad_w.mul_(grad_total).to(weight_dtype), grad_bias, None, None, None, None, None
 
