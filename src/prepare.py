@@ -20,7 +20,8 @@ from seqpar.config import data_view
 from seqpar.configs import CONFIG_DIR
 from seqpar.data.prepared.writer import prepare_dataset
 from seqpar.errors import UserError
-from seqpar.validation import validate_data, validate_model
+from seqpar.validation.data import validate_data
+from seqpar.validation.model import validate_model
 
 USAGE = "usage: python -m seqpar.prepare --out DIR [--config-dir DIR] [train.py overrides...]"
 

@@ -56,7 +56,7 @@ def _ids(lengths: list[int]) -> torch.Tensor:
 def pairs(lengths: list[int], sp: int) -> dict:
     """(query, key) pairs the ring's kernels compute per rank, with and without documents, and the needed ones."""
     from seqpar.parallel.sequence import shard_sequence
-    from seqpar.parallel.sequence.ring import _block_slices, document_pieces
+    from seqpar.parallel.sequence.ring_blocks import block_slices, document_pieces
 
     ids = _ids(lengths)
     t = ids.shape[1] // sp
@@ -66,7 +66,7 @@ def pairs(lengths: list[int], sp: int) -> dict:
         n = (qs.stop - qs.start) * (ks.stop - ks.start)
         return n / 2 if causal else n
 
-    full = [sum(size(*_block_slices(r, s, True, t)) for s in range(sp)) for r in range(sp)]
+    full = [sum(size(*block_slices(r, s, True, t)) for s in range(sp)) for r in range(sp)]
     masked = [sum(size(*p) for s in range(sp) for p in document_pieces(r, s, True, chunks)) for r in range(sp)]
     return {"full_max_rank": max(full), "full_total": sum(full), "masked_max_rank": max(masked),
             "masked_total": sum(masked), "needed": sum(n * (n + 1) / 2 for n in lengths),

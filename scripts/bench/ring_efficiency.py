@@ -75,11 +75,12 @@ def _ring_parts(seq_len: int, causal: bool):
     from seqpar.parallel.comm import RingExchange
     from seqpar.parallel.sequence import ring as ring_attention
     from seqpar.parallel.sequence.kernels import block_backward, block_forward, merge_into
+    from seqpar.parallel.sequence.ring_blocks import head_groups
 
     sp, rank = dist.get_world_size(), dist.get_rank()
     q, k, v = (t.detach().transpose(1, 2) for t in _inputs(seq_len, sp, rank))
     lean = k.numel() * k.element_size() >= ring_attention.LEAN_MIN_BYTES
-    groups = [h for h, _ in ring_attention._head_groups(k.shape[1], q.shape[1])] if lean else [slice(None)]
+    groups = [h for h, _ in head_groups(k.shape[1], q.shape[1])] if lean else [slice(None)]
 
     def grouped(i: int) -> list[slice]:  # how block i's backward is split (see ring._lean_backward)
         return groups if lean and not (i == 0 and sp == 2) else [slice(None)]

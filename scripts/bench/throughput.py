@@ -59,9 +59,9 @@ def ours(cfg, tcfg):
     """Our model's step as the trainer runs it; `step(b, keyed_dropout=False)`: hidden dropout from torch's RNG
     instead of the per-token keyed masks (what a model called without `dropout_seed` does)."""
     from seqpar.models import build_model
-    from seqpar.trainer.loop import model_loss_sum
     from seqpar.trainer.loss import output_loss_sum
     from seqpar.trainer.optim import build_optimizer
+    from seqpar.trainer.step import model_loss_sum
 
     torch.manual_seed(0)
     model = build_model(cfg.model).train()

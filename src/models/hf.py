@@ -21,7 +21,7 @@ from seqpar.config import ModelConfig
 from seqpar.errors import UserError
 from seqpar.models import MODELS, build_model
 from seqpar.models.interop import HFInterop
-from seqpar.validation import validate_model
+from seqpar.validation.model import validate_model
 
 # transformers' model_type -> (model.arch, its declaration)
 _BY_MODEL_TYPE = {hf.model_type: (arch, hf) for arch, cls in MODELS.items() for hf in cls.hf}

@@ -56,6 +56,9 @@ class ParallelLayout:
     embedding: tuple[str, ...]  # modules the first pipeline stage holds (before `layers`)
     head: tuple[str, ...]  # modules the last pipeline stage holds (after `layers`)
     position_params: tuple[str, ...] = field(default=())  # lookups, not matmuls (left out of the FLOP count)
+    # ffn-wide tensors the MLP keeps for backward, per token (the planner's activation memory): a GELU MLP two (the
+    # up projection's output and its activation), SwiGLU four (the gate and up outputs, the activation, their product)
+    mlp_ffn_tensors: int = 2
 
     def tp_styles(self, shard_activations: bool) -> dict[str, str]:
         """The tensor-parallel plan as declared (`parallel.tp_shard_activations`), or without activation sharding:

@@ -111,7 +111,7 @@ def key_value_mesh(tp_mesh, kv_heads: int):
     r % replicas), so the ranks holding copies of one key/value head are neighbours along `kv_replica`. Every rank
     calls it together (it makes the two axes' process groups)."""
     size = tp_mesh.size()
-    assert size % kv_heads == 0, (size, kv_heads)  # validation.validate_layout refuses the rest
+    assert size % kv_heads == 0, (size, kv_heads)  # validation.parallel.validate_layout refuses the rest
     mesh = unflatten_axis(tp_mesh, (kv_heads, size // kv_heads), ("kv", "kv_replica"))
     # Both axes flattened again (the tp group): DTensor sums a gradient Partial over both in one all-reduce.
     flatten_axes(mesh, ("kv", "kv_replica"), "kv_tp")

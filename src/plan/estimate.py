@@ -121,8 +121,7 @@ def activation_bytes_per_token_layer(cfg: Config, tp: int, sp: int, seq_len: int
     h, f, a = m.hidden_size, m.ffn_size, m.num_heads
     width = 2 if cfg.trainer.precision == "bf16" else 4
     kv = m.head_dim * kv_heads_per_rank(m.kv_heads, tp)  # this rank's width of k and of v (GQA: less than h / tp)
-    # Llama's SwiGLU keeps four ffn-wide tensors (gate and up outputs, the activation, their product), GELU two.
-    mlp = 4 * f if m.arch == "llama" else 2 * f
+    mlp = MODELS[m.arch].layout_for(m).mlp_ffn_tensors * f  # as the model declares: SwiGLU four, GELU two
     if cfg.trainer.tiled_mlp:  # the MLP keeps only its input (ln_2's output, counted below); one tile's are transient
         mlp = 0
     # Replicated over tp: 2 LayerNorm (RMSNorm) inputs + 2 outputs; sharded by tp: q and the attention output (2h;

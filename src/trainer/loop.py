@@ -3,11 +3,8 @@
 The loss of a step is the mean over every target token of the global batch: each micro-batch contributes its summed
 cross-entropy divided by the global target count (summed over the dp x sp ranks), and gradients are summed over
 those ranks, so gradient accumulation, data parallelism and sequence chunks all give the same loss and gradients as
-one process with the whole batch.
-
-Data flow per step: the loader gives this data-parallel rank its share of the global batch (whole sequences, with
-positions, labels and masks made on the whole sequence); with sp > 1 each rank keeps its chunk of every sequence
-(`shard_batch`: contiguous for BERT, zigzag for GPT); the batch is then cut into micro-batches.
+one process with the whole batch. What a step computes on a rank's batch (its sequence chunk, micro-batches and
+their summed losses) is `seqpar.trainer.step`'s; the logged records are `seqpar.trainer.metrics.StepRecords`.
 """
 
 from __future__ import annotations
@@ -28,10 +25,9 @@ from seqpar.data.loader import GlobalBatchLoader, eval_batches
 from seqpar.data.mlm import IGNORE_INDEX
 from seqpar.data.tokenizer import vocab_checksum
 from seqpar.errors import UserError
-from seqpar.models import MODELS, build_model
+from seqpar.models import MODELS
 from seqpar.models.hf import not_exportable, save_pretrained
 from seqpar.parallel.mesh import ParallelMesh
-from seqpar.parallel.sequence import shard_batch
 from seqpar.parallel.signals import StopSignal
 from seqpar.parallel.tensor import loss_context
 from seqpar.trainer.checkpoint import (
@@ -45,46 +41,17 @@ from seqpar.trainer.checkpoint import (
 from seqpar.trainer.engine import DeepSpeedEngine, SeqparEngine
 from seqpar.trainer.loggers import build_loggers
 from seqpar.trainer.loss import loss_sum, output_loss_sum
-from seqpar.trainer.metrics import (
-    device_peak_flops,
-    flops_per_token,
-    peak_mem_mib,
-    reset_peak_mem,
-    trim_metrics,
-)
+from seqpar.trainer.metrics import StepRecords, reset_peak_mem, trim_metrics
 from seqpar.trainer.optim import build_optimizer, build_scheduler
 from seqpar.trainer.progress import Progress
+from seqpar.trainer.step import MODEL_INPUTS, holds_loss, micro_batches, model_loss_sum, sequence_chunk
 from seqpar.trainer.weights import build_rank_model, full_tensor, gather_model
-
-MODEL_INPUTS = ("input_ids", "position_ids", "attention_mask", "token_type_ids", "dropout_seed", "document_ids")
 
 
 class TrainingAborted(RuntimeError):
     """Training cannot go on (the loss stayed non-finite); the message says why and what to do."""
 
     exit_code = 3
-
-
-def model_loss_sum(forward, micro: dict[str, torch.Tensor], device: torch.device, targets_only: bool,
-                   output_loss=None) -> torch.Tensor:
-    """`forward(**inputs)`'s summed loss on a micro-batch. `targets_only` (BERT): the MLM head runs only at the
-    target positions (`prediction_mask`), which gives the same loss for a fraction of the head's work.
-    `output_loss(features, labels)`: the model stops before its output layer and this computes the loss from its
-    input (`seqpar.trainer.loss.output_loss_sum`); None: the loss of the logits."""
-    inputs = {k: micro[k].to(device) for k in MODEL_INPUTS if k in micro}
-    if output_loss is not None:
-        inputs["head_features_only"] = True
-    loss = output_loss or loss_sum
-    labels = micro["labels"].to(device)
-    if not targets_only:
-        return loss(forward(**inputs), labels)
-    targets = labels != IGNORE_INDEX
-    return loss(forward(**inputs, prediction_mask=targets), labels[targets])
-
-
-def _split(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    n = next(iter(batch.values())).shape[0]
-    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 def check_same_data(data, mesh: ParallelMesh) -> None:
@@ -125,7 +92,6 @@ class Trainer:
                                                                         token_shards)
         self.model, self.pipeline, self.reducer = build_rank_model(cfg, mesh, self.output_loss or loss_sum,
                                                                    loss_takes_features=self.output_loss is not None)
-        self.flops_per_token = flops_per_token(build_model(cfg.model, "meta"), cfg.model, cfg.data.seq_len)  # whole
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t)  # on torch's AdamW: DeepSpeed steps that one too
         if getattr(self.data.train, "streaming", False):  # each dp rank reads its own part of the stream
@@ -136,8 +102,8 @@ class Trainer:
         # BERT's head at the target tokens only; under tp and pp the head's layers are sharded or staged whole.
         self.targets_only = cfg.model.arch == "bert" and mesh.tp == 1 and mesh.pp == 1
         if t.engine == "deepspeed":
-            micro_batches = t.global_batch_size // mesh.dp // self.micro_batch_size
-            self.engine = DeepSpeedEngine(self.model, self.optimizer, mesh, cfg, self.micro_batch_size, micro_batches)
+            accumulation = t.global_batch_size // mesh.dp // self.micro_batch_size
+            self.engine = DeepSpeedEngine(self.model, self.optimizer, mesh, cfg, self.micro_batch_size, accumulation)
         else:
             self.engine = SeqparEngine(self.model, self.optimizer, mesh, self.reducer, self.pipeline, t.grad_clip)
         self.autocast = (
@@ -152,8 +118,7 @@ class Trainer:
         if self.resumed_from is not None and mesh.is_logging_rank:
             trim_metrics(Path(cfg.run_dir) / "metrics.jsonl", self.step)
         self.logger = build_loggers(cfg, mesh.is_logging_rank)
-        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        self.peak_flops = device_peak_flops(self.device, t.peak_flops, t.precision)
+        self.records = StepRecords(cfg, mesh, self.data.train, self.loader)
 
     def _checkpointed_states(self) -> dict:
         deepspeed = isinstance(self.engine, DeepSpeedEngine)  # it saves the model and optimizer itself
@@ -172,12 +137,6 @@ class Trainer:
     def skipped_steps(self) -> int:
         return self.state.skipped_steps
 
-    def sequence_chunk(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's part of its data-parallel share: its sequence chunk when sp > 1."""
-        if self.mesh.sp == 1:
-            return batch
-        return shard_batch(batch, self.mesh.sp, self.mesh.local_rank("sp"), self.cfg.model.causal, self.mesh.ulysses)
-
     def forward_loss(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed loss of a micro-batch (call inside `self.loss_context()`)."""
         def forward(**inputs):
@@ -186,24 +145,20 @@ class Trainer:
 
         return model_loss_sum(forward, micro, self.device, self.targets_only, self.output_loss)
 
-    def _loss_holder(self) -> bool:
-        """Under pipeline parallelism only the last stage has the loss; tp ranks hold copies: count one."""
-        return self.pipeline.last and self.mesh.local_rank("tp") == 0
-
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over one global batch; returns (loss, grad_norm)."""
         self.model.train()
-        batch = self.sequence_chunk(next(self.loader))
+        batch = sequence_chunk(next(self.loader), self.mesh, self.cfg.model.causal)
         targets = self.mesh.sum_over_data((batch["labels"] != IGNORE_INDEX).sum().to(self.device, torch.float32))
         total = torch.zeros((), device=self.device)
         with self.loss_context():
             if self.pipeline is not None:  # the schedule runs forward and backward of all micro-batches
                 with self.autocast:  # on summed losses: the gradients are divided by `targets` at the update
                     losses = self.pipeline.step(batch, MODEL_INPUTS)
-                if self._loss_holder():
+                if holds_loss(self.pipeline, self.mesh):
                     total += sum(full_tensor(x.detach()) for x in losses)
             else:
-                for micro in _split(batch, self.micro_batch_size):
+                for micro in micro_batches(batch, self.micro_batch_size):
                     loss = self.forward_loss(micro)
                     self.engine.backward(loss / targets)
                     total += full_tensor(loss.detach())
@@ -232,43 +187,19 @@ class Trainer:
         count = torch.zeros((), device=self.device)
         t = self.cfg.trainer
         for batch in eval_batches(self.data.val, t.global_batch_size, t.eval_batches, self.mesh.dp_rank, self.mesh.dp):
-            batch = self.sequence_chunk(batch)
-            for micro in _split(batch, self.micro_batch_size):
+            batch = sequence_chunk(batch, self.mesh, self.cfg.model.causal)
+            for micro in micro_batches(batch, self.micro_batch_size):
                 with self.loss_context(), self.autocast:
                     if self.pipeline is None:
                         total += full_tensor(self.forward_loss(micro))
                     else:
                         labels = micro["labels"].to(self.device)
                         loss = self.pipeline.forward(micro, MODEL_INPUTS, lambda y, labels=labels: (self.output_loss or loss_sum)(y, labels))
-                        if self._loss_holder():
+                        if holds_loss(self.pipeline, self.mesh):
                             total += full_tensor(loss)
                 count += (micro["labels"] != IGNORE_INDEX).sum()
         total = self.mesh.sum_over_all(total) if self.pipeline else self.mesh.sum_over_data(total)
         return (total / self.mesh.sum_over_data(count).clamp(min=1)).item()
-
-    def _record(self, losses: list[float], grad_norm: float, elapsed: float, steps: int) -> dict:
-        tokens_per_s = self.tokens_per_step * steps / elapsed
-        rec = {
-            "step": self.step,
-            "loss": sum(losses) / len(losses),
-            "lr": self.scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "tokens": self.step * self.tokens_per_step,
-            "tokens_per_s": tokens_per_s,
-        }
-        if hasattr(self.data.train, "sequences_by_source"):  # a blend: tokens read from each source so far
-            g = self.cfg.trainer.global_batch_size
-            for name, n in self.data.train.sequences_by_source(self.loader.epoch, self.loader.step * g).items():
-                rec[f"tokens/{name}"] = n * self.cfg.data.seq_len
-        per_rank = self.mesh.gather_over_all(peak_mem_mib(self.device))
-        rec["peak_mem_mib"] = max(per_rank)
-        if len(per_rank) > 1:
-            rec["peak_mem_mib_per_rank"] = per_rank
-        if self.skipped_steps:
-            rec["skipped_steps"] = self.skipped_steps
-        if self.peak_flops:
-            rec["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.mesh.world_size)
-        return rec
 
     def single_device_model(self) -> nn.Module:
         """The trained weights as a plain single-device model (every rank must call it; complete on rank 0)."""
@@ -321,7 +252,8 @@ class Trainer:
                 losses.append(loss)
                 steps_since += 1
                 if self.step % t.log_every == 0 or self.step == 1 or self.step == t.max_steps:
-                    last = self._record(losses, grad_norm, time.perf_counter() - tick, steps_since)
+                    last = self.records.record(self.step, losses, self.scheduler.get_last_lr()[0], grad_norm,
+                                               time.perf_counter() - tick, steps_since, self.skipped_steps)
                     self.logger.log(last)
                     progress.log(last)
                     losses, steps_since, tick = [], 0, time.perf_counter()

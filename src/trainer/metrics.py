@@ -1,4 +1,5 @@
-"""What a step costs: peak memory, model FLOPs per token and, where the device's peak is known, MFU."""
+"""What a step costs: peak memory, model FLOPs per token and, where the device's peak is known, MFU; and the
+record of logged steps that metrics.jsonl holds (`StepRecords`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seqpar.config import ModelConfig
+from seqpar.config import Config, ModelConfig
+from seqpar.models import build_model
+from seqpar.parallel.mesh import ParallelMesh
 
 # Dense peak FLOP/s per device of known GPUs, for MFU, from NVIDIA's data sheets (H100 and H200: the SXM parts; A10G:
 # the A10's; RTX 4090: the Ada whitepaper), without sparsity. "bf16": tensor cores with fp32 accumulation. "fp32":
@@ -71,6 +74,47 @@ def flops_per_token(model: nn.Module, cfg: ModelConfig, seq_len: int) -> float:
     lookups = set(model.layout.position_params)
     n = sum(p.numel() for name, p in model.named_parameters() if name not in lookups)
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+class StepRecords:
+    """metrics.jsonl's training lines: what the loop measured (the losses of the steps since the last record, the
+    learning rate, the gradient norm, the time they took) with the run's totals and costs: tokens, throughput, the
+    peak memory of every rank (every rank must call `record`), skipped steps, MFU where the device's peak is known,
+    and a blend's tokens per source."""
+
+    def __init__(self, cfg: Config, mesh: ParallelMesh, train_data, loader):
+        t = cfg.trainer
+        self.mesh, self.train_data, self.loader = mesh, train_data, loader
+        self.seq_len, self.global_batch_size = cfg.data.seq_len, t.global_batch_size
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(build_model(cfg.model, "meta"), cfg.model, cfg.data.seq_len)  # whole
+        self.peak_flops = device_peak_flops(mesh.device, t.peak_flops, t.precision)
+
+    def record(self, step: int, losses: list[float], lr: float, grad_norm: float, elapsed: float, steps: int,
+               skipped_steps: int) -> dict:
+        """The record at `step`, the last of the `steps` steps (with `losses`) that took `elapsed` seconds."""
+        tokens_per_s = self.tokens_per_step * steps / elapsed
+        rec = {
+            "step": step,
+            "loss": sum(losses) / len(losses),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_s": tokens_per_s,
+        }
+        if hasattr(self.train_data, "sequences_by_source"):  # a blend: tokens read from each source so far
+            read = self.train_data.sequences_by_source(self.loader.epoch, self.loader.step * self.global_batch_size)
+            for name, n in read.items():
+                rec[f"tokens/{name}"] = n * self.seq_len
+        per_rank = self.mesh.gather_over_all(peak_mem_mib(self.mesh.device))
+        rec["peak_mem_mib"] = max(per_rank)
+        if len(per_rank) > 1:
+            rec["peak_mem_mib_per_rank"] = per_rank
+        if skipped_steps:
+            rec["skipped_steps"] = skipped_steps
+        if self.peak_flops:
+            rec["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.mesh.world_size)
+        return rec
 
 
 def _record_of(line: str) -> dict | None:

@@ -18,9 +18,9 @@ from seqpar.parallel.mesh import ParallelMesh
 from seqpar.parallel.parallelize import materialize
 from seqpar.parallel.sequence import shard_batch
 from seqpar.trainer.engine import DeepSpeedEngine
-from seqpar.trainer.loop import model_loss_sum
 from seqpar.trainer.loss import loss_sum, output_loss_sum
 from seqpar.trainer.optim import build_optimizer
+from seqpar.trainer.step import model_loss_sum
 from seqpar.trainer.weights import build_rank_model, initial_values
 
 from .spawn import spawn

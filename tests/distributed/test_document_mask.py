@@ -18,7 +18,7 @@ from seqpar.data.sequences import PackedSequences, pack_stream
 from seqpar.models import build_model, set_core_attention
 from seqpar.models.hf import to_hf
 from seqpar.parallel.sequence import IMPLS, chunk_indices, sequence_attention, shard_batch, shard_sequence
-from seqpar.parallel.sequence.ring import document_pieces
+from seqpar.parallel.sequence.ring_blocks import document_pieces
 
 from .spawn import spawn
 

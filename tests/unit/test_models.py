@@ -166,7 +166,7 @@ def test_bert_head_at_target_positions_only_equals_the_full_head():
     """prediction_mask runs the MLM head at the masked positions only: those rows of the full logits, and the
     same summed loss and gradients (the trainer's `model_loss_sum` with targets_only)."""
     from seqpar.data.mlm import IGNORE_INDEX
-    from seqpar.trainer.loop import model_loss_sum
+    from seqpar.trainer.step import model_loss_sum
 
     cfg = ModelConfig(arch="bert", num_layers=2, hidden_size=32, num_heads=4, vocab_size=97, max_seq_len=16)
     torch.manual_seed(0)

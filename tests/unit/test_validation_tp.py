@@ -8,7 +8,7 @@ import pytest
 
 from seqpar.config import DataConfig, ModelConfig, ParallelConfig
 from seqpar.errors import UserError
-from seqpar.validation import validate_layout
+from seqpar.validation.parallel import validate_layout
 
 
 def _llama(num_heads: int, num_kv_heads: int) -> ModelConfig:

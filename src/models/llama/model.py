@@ -37,6 +37,7 @@ class Llama(LanguageModel):
         tied={},  # untied by default; see layout_for
         embedding=("embed_tokens",),
         head=("norm", "lm_head"),
+        mlp_ffn_tensors=4,  # SwiGLU
     )
 
     @classmethod

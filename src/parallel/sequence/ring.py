@@ -8,14 +8,15 @@ is used) or one that only the second half of the local queries sees (only those 
 work is skipped. Backward recomputes per block from the saved output and log-sum-exp; the key/value gradients
 travel around the ring with their block and arrive home after sp exchanges.
 
+Which queries and keys each block's kernel calls cover is `ring_blocks`' (the zigzag block slices, document
+masking's tiles, the head groups); this module runs them: the autograd function, its exchanges and its merges.
+
 Document masking (`document_ids`): every rank's chunk of document ids is all-gathered once per call (B x L ints),
-and each block is cut into its zigzag chunk pairs and those into tiles of `DOCUMENT_TILE` queries and keys
-(`document_pieces`): a tile pair whose queries and keys share no document (from the tiles' first and last ids: ids
-grow along the sequence) is skipped, and one that does is trimmed to the queries and keys of the documents they
-share before its kernel runs with a (B, 1, Tq, Tk) "same document" bias (none when one document fills it; tiles on
-the diagonal keep the causal kernel). Skipped and trimmed work is compute only: the key/value
-blocks still travel the whole ring. Which pairs remain depends on the data, so the zigzag balance holds for the work
-causality leaves, and documents shorter than a chunk remove most of it on every rank alike.
+and each block becomes the tiles of `DOCUMENT_TILE` queries and keys that share a document, trimmed to the documents
+they share (`ring_blocks.document_pieces`), each run with a (B, 1, Tq, Tk) "same document" bias (none when one
+document fills it; tiles on the diagonal keep the causal kernel). Skipped and trimmed work is compute only: the
+key/value blocks still travel the whole ring. Which pairs remain depends on the data, so the zigzag balance holds
+for the work causality leaves, and documents shorter than a chunk remove most of it on every rank alike.
 
 Grouped-query attention: keys and values travel with their own H_kv heads, (B, H_kv, c, D), and are expanded to
 the query heads only inside a block's kernel call (`kernels.block_forward`), so a ring step moves H / H_kv times
@@ -38,148 +39,20 @@ import torch
 import torch.distributed as dist
 
 from seqpar.parallel.comm import RingExchange, all_gather_list
-from seqpar.parallel.sequence.kernels import (
-    block_backward,
-    block_forward,
-    block_kernel,
-    key_bias,
-    merge_into,
+from seqpar.parallel.sequence.kernels import block_backward, block_forward, block_kernel, merge_into
+from seqpar.parallel.sequence.ring_blocks import (
+    DOCUMENT_TILE,
+    DocumentIds,
+    block_pieces,
+    covers_block,
+    head_groups,
 )
 
-# A piece of a block: (query slice, key slice, causal kernel?, additive bias or None, queries without any key or
-# None): what one kernel call computes.
-Piece = tuple[slice, slice, bool, torch.Tensor | None, torch.Tensor | None]
-
-
-# ------------------------------------------------------------------------------------------ ring attention
-def _block_slices(rank: int, src: int, causal: bool, t: int):
-    """(query slice, key slice, causal kernel?) for the block of rank `src` seen from `rank`; zigzag if causal."""
-    full, half = slice(0, t), t // 2
-    if not causal:
-        return full, full, False
-    if src == rank:
-        return full, full, True
-    if src < rank:  # its later chunk lies after all our queries: keys' first half only
-        return full, slice(0, half), False
-    return slice(half, t), full, False  # its chunks lie after our early chunk: our later half only
-
-
-def _chunk_pairs(rank: int, src: int, causal: bool, t: int) -> list[tuple[slice, slice, bool]]:
-    """The block of `src` seen from `rank` as (query chunk, key chunk, causal kernel?) pairs: `_block_slices`'s
-    block cut at the zigzag chunk boundary (one pair for bidirectional attention)."""
-    if not causal:
-        return [(slice(0, t), slice(0, t), False)]
-    first, second = slice(0, t // 2), slice(t // 2, t)
-    if src == rank:
-        return [(first, first, True), (second, first, False), (second, second, True)]
-    if src < rank:
-        return [(first, first, False), (second, first, False)]
-    return [(second, first, False), (second, second, False)]
-
-
-def _tiles(part: slice, tile: int) -> list[slice]:
-    return [slice(i, min(i + tile, part.stop)) for i in range(part.start, part.stop, tile)]
-
-
-def _tile_pairs(qs: slice, ks: slice, diagonal: bool, tile: int) -> list[tuple[slice, slice, bool]]:
-    """A chunk pair cut into tiles of `tile` queries and keys; of a diagonal (causal) pair only the tiles on and
-    below the diagonal, those on it causal."""
-    if not diagonal:
-        return [(qt, kt, False) for qt in _tiles(qs, tile) for kt in _tiles(ks, tile)]
-    tiles = _tiles(qs, tile)
-    return [(qt, kt, i == j) for i, qt in enumerate(tiles) for j, kt in enumerate(tiles[: i + 1])]
-
-
-def _shared(q_ids: torch.Tensor, k_ids: torch.Tensor, qs: slice, ks: slice) -> tuple[slice, slice] | None:
-    """The query and key slices of the documents that the queries `q_ids[:, qs]` and the keys `k_ids[:, ks]` (rows
-    of ids that never decrease) have in common, in any batch row; None when they share none."""
-    q, k = q_ids[:, qs], k_ids[:, ks]
-    lo = torch.maximum(q[:, 0], k[:, 0])  # (B,) the documents both hold: lo ... hi
-    hi = torch.minimum(q[:, -1], k[:, -1])
-    rows = lo <= hi
-    if not bool(rows.any()):
-        return None
-    lo, hi = lo[rows, None], hi[rows, None]
-    q_lo, q_hi = torch.searchsorted(q[rows], lo), torch.searchsorted(q[rows], hi, right=True)
-    k_lo, k_hi = torch.searchsorted(k[rows], lo), torch.searchsorted(k[rows], hi, right=True)
-    return (slice(qs.start + int(q_lo.min()), qs.start + int(q_hi.max())),
-            slice(ks.start + int(k_lo.min()), ks.start + int(k_hi.max())))
-
-
-# With document masking a chunk pair is computed in tiles of this many queries and keys, so that the work skipped
-# follows the documents more closely than whole chunks (fewer masked pairs computed) for a few more kernel calls.
-DOCUMENT_TILE = 512
-
-
-def document_pieces(rank: int, src: int, causal: bool, doc_ids: list[torch.Tensor],
-                    tile: int | None = None) -> list[tuple[slice, slice, bool]]:
-    """(query slice, key slice, causal kernel?) of the kernel calls that block `src` needs at `rank` with document
-    masking, given every rank's (B, t) chunk of document ids (`doc_ids`, zigzag order when causal): the block's
-    chunk pairs (`_chunk_pairs`) cut into tiles of `tile` (`DOCUMENT_TILE`) queries and keys, those that share a
-    document, each trimmed to the documents they share (a diagonal tile stays whole, its queries and keys being the
-    same tokens)."""
-    t = doc_ids[rank].shape[-1]
-    pieces = []
-    for chunk_q, chunk_k, diagonal in _chunk_pairs(rank, src, causal, t):
-        for qs, ks, on_diagonal in _tile_pairs(chunk_q, chunk_k, diagonal, tile or DOCUMENT_TILE):
-            shared = _shared(doc_ids[rank], doc_ids[src], qs, ks)
-            if shared is not None:
-                pieces.append((qs, ks, True) if on_diagonal else (*shared, False))
-    return pieces
-
-
-def _pieces(r: int, src: int, causal: bool, t: int, masks, docs, dtype) -> list[Piece]:
-    """The kernel calls of block `src` at rank `r`: without documents the one of `_block_slices` with its padding
-    bias; with documents (`docs`: every rank's ids, on the host) `document_pieces` with their "same document" bias
-    (and padding) unless all their queries and keys are of one document, and the queries that have no key."""
-    if docs is None:
-        qs, ks, blk_causal = _block_slices(r, src, causal, t)
-        m = masks[src][:, ks] if masks[src] is not None else None
-        empty = ~m.any(-1)[:, None, None] if m is not None else None  # a batch row without any key
-        return [(qs, ks, blk_causal, key_bias(m, dtype), empty)]
-    out = []
-    for qs, ks, blk_causal in document_pieces(r, src, causal, docs.ids):
-        q_ids, k_ids = docs.ids[r][:, qs], docs.ids[src][:, ks]
-        if masks[src] is None and bool((q_ids[:, 0] == k_ids[:, -1]).all() and (q_ids[:, -1] == k_ids[:, 0]).all()):
-            out.append((qs, ks, blk_causal, None, None))  # one document throughout: no mask to apply
-            continue
-        allowed = (docs.local[r][:, qs, None] == docs.local[src][:, None, ks])[:, None]  # (B, 1, Tq, Tk)
-        if masks[src] is not None:
-            allowed = allowed & masks[src][:, None, None, ks]
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=docs.device).masked_fill_(~allowed, float("-inf"))
-        out.append((qs, ks, blk_causal, bias, ~allowed.any(-1)))
-    return out
-
-
-class _Documents:
-    """Every rank's chunk of document ids: `local` where attention runs, `ids` on the host for the plan."""
-
-    def __init__(self, doc_ids: torch.Tensor, group):
-        self.local = all_gather_list(doc_ids, group)
-        self.ids = [x.cpu() for x in self.local]
-        self.device = doc_ids.device
-
-
-def _whole(pieces: list[Piece], t: int) -> bool:
-    """Whether a block is one kernel call over every local query and key (the own block without documents)."""
-    return len(pieces) == 1 and pieces[0][0] == slice(0, t) and pieces[0][1] == slice(0, t)
-
-
-# ------------------------------------------------------------------------------------------ ring attention
-GRAD_HEAD_GROUPS = 4  # a block's gradients are computed this many head groups at a time (see `_head_groups`)
 # From this size of a rank's key chunk on, backward saves memory over latency (`_lean_backward`: head groups, keys
 # and values travelling a group at a time, the gradient accumulators one at a time). Below it the memory is small and
 # the exchanges' latency is not (`_backward`: one kernel call and one exchange per block, the accumulators travelling
 # together while the next block computes). See docs/benchmarks.md for what each costs.
 LEAN_MIN_BYTES = 1 * 2**20
-
-
-def _head_groups(kv_heads: int, heads: int) -> list[tuple[slice, slice]]:
-    """(key/value heads, their query heads) of each head group for the lean backward: the kernel's dq/dk/dv
-    temporaries are a group's, not the block's, and keys and values travel a group at a time."""
-    size, rep = -(-kv_heads // GRAD_HEAD_GROUPS), heads // kv_heads
-    return [(slice(h, min(h + size, kv_heads)), slice(h * rep, min(h + size, kv_heads) * rep))
-            for h in range(0, kv_heads, size)]
 
 
 def _accumulators(blk_out: torch.Tensor, blk_lse: torch.Tensor, empty: torch.Tensor | None):
@@ -197,7 +70,8 @@ class _RingAttentionFn(torch.autograd.Function):
         ring = RingExchange(group, tag=0)
         n, r = ring.size, ring.rank
         masks = all_gather_list(key_mask, group) if key_mask is not None else [None] * n
-        docs = _Documents(doc_ids, group) if doc_ids is not None else None
+        # The tile size is read here, at each call: `ring.DOCUMENT_TILE` sets it for ring attention.
+        docs = DocumentIds(doc_ids, group, DOCUMENT_TILE) if doc_ids is not None else None
         t = q.shape[-2]
         out = lse = None
         kb, vb = k, v
@@ -205,8 +79,8 @@ class _RingAttentionFn(torch.autograd.Function):
             src = (r - i) % n
             if i < n - 1:
                 ring.start(kb, vb)  # next block in flight while this one computes
-            pieces = _pieces(r, src, causal, t, masks, docs, q.dtype)
-            if out is None and not _whole(pieces, t):  # documents: pieces cover part of the queries
+            pieces = block_pieces(r, src, causal, t, masks, docs, q.dtype)
+            if out is None and not covers_block(pieces, t):  # documents: pieces cover part of the queries
                 out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
                 lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
             for qs, ks, blk_causal, bias, empty in pieces:
@@ -257,11 +131,11 @@ def _backward(dout, q, k, v, out, lse, masks, docs, causal, group):
         src = (r - i) % n
         if i < n - 1:
             kv_ring.start(kb, vb)
-        pieces = _pieces(r, src, causal, t, masks, docs, q.dtype)
+        pieces = block_pieces(r, src, causal, t, masks, docs, q.dtype)
         grads = [(qs, ks, block_backward(dout[:, :, qs], q[:, :, qs], kb[:, :, ks], vb[:, :, ks], out[:, :, qs],
                                          lse[:, :, qs].contiguous(), blk_causal, bias))
                  for qs, ks, blk_causal, bias, _ in pieces]
-        if i == 0 and _whole(pieces, t):  # our own block: its gradients become the fp32 accumulators
+        if i == 0 and covers_block(pieces, t):  # our own block: its gradients become the fp32 accumulators
             dq, dk, dv = (x.float() for x in grads[0][2])
         else:
             if i == 0:  # documents: the pieces cover part of the queries and keys
@@ -292,13 +166,13 @@ def _lean_backward(dout, q, k, v, out, lse, masks, docs, causal, group):
     kv_ring, dkv_ring = RingExchange(group, tag=0), RingExchange(group, tag=1)
     n, r = kv_ring.size, kv_ring.rank
     t = q.shape[-2]
-    groups = _head_groups(k.shape[1], q.shape[1])
+    groups = head_groups(k.shape[1], q.shape[1])
     block = [(k[:, h], v[:, h]) for h, _ in groups]  # our own block's groups are views; they go out as dense copies
     dq = dk = dv = None
     for i in range(n):
         src = (r - i) % n
-        pieces = _pieces(r, src, causal, t, masks, docs, q.dtype)
-        whole = i == 0 and _whole(pieces, t)  # our own block, one kernel call over all: assigned, not added
+        pieces = block_pieces(r, src, causal, t, masks, docs, q.dtype)
+        whole = i == 0 and covers_block(pieces, t)  # our own block, one kernel call over all: assigned, not added
         if i == 0 and n == 2:  # our block's gradients become the fp32 accumulators (no zero-filled buffers)
             kv_ring.start(k, v)
             if whole:
