@@ -112,5 +112,8 @@ def test_the_fused_loss_trains_as_the_logits_loss_does(tmp_path, cache_dir, mode
     (fused_steps, fused_weights), (ref_steps, ref_weights) = runs[True], runs[False]
     flat = [v for step in fused_steps for v in step]
     assert flat == pytest.approx([v for step in ref_steps for v in step], rel=1e-5)
+    # AdamW divides each element's gradient by its own magnitude, so an element whose gradient is near zero moves by
+    # a fraction of lr (5e-5 to 1.5e-4 in these warm-up steps) that rounding in a different summation order (slabs
+    # of tokens, the thread count) can change: 1e-5 holds those; a wrong gradient moves most elements by ~lr.
     for name, value in ref_weights.items():
-        torch.testing.assert_close(fused_weights[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused_weights[name], value, rtol=1e-5, atol=1e-5)
