@@ -41,8 +41,12 @@ LAYOUTS = {
     # dp x sp > 1 with pp: each stage's gradient reducer holds only its own layers
     "dp=2 x pp=2 (1f1b, 2 micro-batches)": ["parallel.dp=2", "parallel.pp=2", "parallel.microbatches=2"],
     "activation checkpointing": ["trainer.activation_checkpointing=true"],
-    # DeepSpeed's partitioned weights, its reduce bucket and gathered blocks; block inputs "offloaded" (on a CPU,
-    # to the same memory)
+    # DeepSpeed: its runtime baseline (the probe's, with DeepSpeed started), the reduce bucket our config sizes to
+    # the model, the fp32 partition; ZeRO-2 partitions the gradients, ZeRO-3 the weights too
+    "ZeRO-1 dp=2": ["parallel.dp=2", "trainer.engine=deepspeed", "trainer.zero_stage=1"],
+    "ZeRO-2 dp=2": ["parallel.dp=2", "trainer.engine=deepspeed", "trainer.zero_stage=2"],
+    "ZeRO-3 dp=2": ["parallel.dp=2", "trainer.engine=deepspeed", "trainer.zero_stage=3"],
+    # ZeRO-3 with block inputs "offloaded" (on a CPU, to the same memory)
     "ZeRO-3 dp=2, offloaded checkpointing": ["parallel.dp=2", "trainer.engine=deepspeed", "trainer.zero_stage=3",
                                              "trainer.activation_checkpointing=offload"],
 }

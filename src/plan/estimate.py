@@ -13,7 +13,8 @@ kv_heads / tp, or one replicated head where tp exceeds them) and the attention o
 tensors (SwiGLU's four) (rsa and ulysses add the copy of their output that o_proj reads, rsa its L/sp x L
 probabilities); the log-softmax and two gradients of its size per vocabulary entry (BERT without tp or pp: at the
 target tokens only); plus the runtime baseline, the one term that is not arithmetic: it comes from
-`seqpar.plan.baseline` (on GPU a CUDA context; on CPU measured in a fresh process). tests/unit/test_plan.py checks
+`seqpar.plan.baseline` (on GPU a CUDA context; on CPU measured in a fresh process, with DeepSpeed's code and
+bookkeeping under `trainer.engine=deepspeed`). tests/unit/test_plan.py checks
 the estimate against the measured peaks of real runs.
 """
 
@@ -31,6 +32,7 @@ from seqpar.models import MODELS, build_model
 from seqpar.parallel.pipeline import layer_split
 from seqpar.parallel.sequence.ulysses import sent_kv_heads
 from seqpar.plan.baseline import runtime_baseline_mib
+from seqpar.trainer.engine import zero_bucket_elements
 from seqpar.trainer.loss import LINEAR_SLAB_ELEMENTS
 from seqpar.validation import validate_layout_choice
 
@@ -78,9 +80,6 @@ def _param_counts(cfg: Config) -> tuple[dict[str, int], int]:
     with torch.device("meta"):
         model = build_model(cfg.model, "meta")
     return {n: p.numel() for n, p in model.named_parameters()}, cfg.model.num_layers
-
-
-ZERO3_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements), which we keep
 
 
 def _largest_block(counts: dict[str, int]) -> int:
@@ -154,11 +153,13 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
         grads_b = w_bytes / data_ranks if stage >= 2 else w_bytes
         # Adam's two moments and the fp32 partition it updates; trainer.offload_optimizer keeps them in host memory
         optim_b = 0.0 if t.offload_optimizer else 12 * params / data_ranks
-        if stage >= 3:
-            # ZeRO-3 gathers a block's whole weights while it runs and prefetches the next block's; its gradients
-            # go through one flat reduce bucket (500M elements, or the whole model when smaller)
+        # The gradients pass through the reduce bucket our DeepSpeed config sets (the default, or the whole model
+        # when smaller: `zero_bucket_elements`), allocated whole before the first gradient: fp32 under ZeRO-1 (it
+        # accumulates there), the weights' width under ZeRO-2 and 3.
+        bucket = zero_bucket_elements(sum(counts.values()))
+        grads_b += (4 if stage == 1 else w_bytes / params) * bucket
+        if stage >= 3:  # ZeRO-3 gathers a block's whole weights while it runs and prefetches the next block's
             params_b += 2 * w_bytes / params * _largest_block(counts)
-            grads_b += w_bytes / params * min(ZERO3_REDUCE_BUCKET, params)
     else:
         params_b, grads_b, optim_b = p_bytes, p_bytes, 2 * p_bytes
         if data_ranks > 1:
@@ -278,7 +279,7 @@ def plan(cfg: Config, gpus: int, gpu_mem_gib: float, device: str = "cuda", tflop
     """Every layout's estimate, best first: those that fit, by estimated step time, then the larger micro-batch,
     then memory."""
     counts, _ = _param_counts(cfg)
-    runtime = runtime_baseline_mib(device, gpus)
+    runtime = runtime_baseline_mib(device, gpus, cfg.trainer.engine)
     m, t = cfg.model, cfg.trainer
     total = sum(counts.values())
     flops = (6.0 * total + 12.0 * m.num_layers * m.hidden_size * cfg.data.seq_len) * t.global_batch_size * cfg.data.seq_len

@@ -183,13 +183,30 @@ def zero_stage(cfg: Config) -> int:
     return cfg.trainer.zero_stage or 1
 
 
-def deepspeed_config(cfg: Config, micro_batch_size: int, accumulation_steps: int, data_ranks: int) -> dict:
+# ZeRO's gradient buckets, in elements: DeepSpeed's default reduce_bucket_size and allgather_bucket_size (5e8), or the
+# whole model when it is smaller. DeepSpeed allocates a whole reduce bucket before the first gradient arrives (ZeRO-1
+# and 2: one flat buffer, fp32 under ZeRO-1, the weights' width under ZeRO-2; ZeRO-3: one of the weights' width), so
+# on a GPU a default bucket holds 5e8 elements whatever the model; one no larger than the model holds the same
+# gradients and keeps that memory what the planner says (`seqpar.plan.estimate`).
+ZERO_BUCKET_ELEMENTS = 500_000_000
+
+
+def zero_bucket_elements(model_elements: int) -> int:
+    """The reduce (and all-gather) bucket for a model of `model_elements`: the default, or the whole model rounded
+    up to a multiple of 1024 (DeepSpeed wants its all-gather bucket aligned)."""
+    return min(ZERO_BUCKET_ELEMENTS, -(-model_elements // 1024) * 1024)
+
+
+def deepspeed_config(cfg: Config, micro_batch_size: int, accumulation_steps: int, data_ranks: int,
+                     model_elements: int = ZERO_BUCKET_ELEMENTS) -> dict:
     """DeepSpeed's JSON config for this run. The batch numbers are only for DeepSpeed's own consistency check
     (our loader makes the batches); the optimizer is ours, passed in: torch's AdamW (no compiled FusedAdam), or
     with `trainer.offload_optimizer` DeepSpeed's CPU Adam, which ZeRO-Offload runs on the host over the fp32
-    partitions and Adam's moments it keeps there (pinned for asynchronous copies when a GPU is there)."""
+    partitions and Adam's moments it keeps there (pinned for asynchronous copies when a GPU is there). The gradient
+    buckets are sized for a model of `model_elements` (`zero_bucket_elements`)."""
     t = cfg.trainer
-    zero = {"stage": zero_stage(cfg)}
+    bucket = zero_bucket_elements(model_elements)
+    zero = {"stage": zero_stage(cfg), "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -218,7 +235,8 @@ class DeepSpeedEngine:
         self.stage = zero_stage(cfg)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer,
-            config=deepspeed_config(cfg, micro_batch_size, accumulation_steps, self.data_ranks),
+            config=deepspeed_config(cfg, micro_batch_size, accumulation_steps, self.data_ranks,
+                                    sum(p.numel() for p in model.parameters())),
             mpu=_DeepSpeedGroups(mesh) if mesh.world_size > 1 else None,
             dist_init_required=False,
         )
