@@ -41,6 +41,10 @@ LAYOUTS = {
     # dp x sp > 1 with pp: each stage's gradient reducer holds only its own layers
     "dp=2 x pp=2 (1f1b, 2 micro-batches)": ["parallel.dp=2", "parallel.pp=2", "parallel.microbatches=2"],
     "activation checkpointing": ["trainer.activation_checkpointing=true"],
+    # each MLP 128 tokens at a time, forward and in its recompute
+    "activation checkpointing + tiled MLP": ["trainer.activation_checkpointing=true", "trainer.tiled_mlp=128"],
+    # all-to-all over pairs of ranks, a ring of 2 across them
+    "sp=4 hybrid (ulysses=2)": ["parallel.sp=4", "parallel.sp_impl=hybrid", "parallel.ulysses=2"],
     # DeepSpeed: its runtime baseline (the probe's, with DeepSpeed started), the reduce bucket our config sizes to
     # the model, the fp32 partition; ZeRO-2 partitions the gradients, ZeRO-3 the weights too
     "ZeRO-1 dp=2": ["parallel.dp=2", "trainer.engine=deepspeed", "trainer.zero_stage=1"],
