@@ -45,7 +45,8 @@ SETTINGS = {
 # Two steps: the first step's backward runs before AdamW has made its moments; the planner counts them.
 RUN = ["parallel.sp=2", "trainer.activation_checkpointing=true", "trainer.global_batch_size=1", "trainer.max_steps=2",
        "trainer.eval_every=0", "trainer.log_every=1", "trainer.eval_batches=1", "trainer.threads=1", "trainer.save_final=false",
-       "checkpoint.at_end=false", "logger.wandb.mode=disabled"]
+       "checkpoint.at_end=false", "logger.wandb.mode=disabled",
+       "data.val_fraction=0.1"]  # a validation split of at least one sequence at 16K tokens of the built-in corpus
 MEASURE_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}  # the live memory, as planner_accuracy
 
 
@@ -97,8 +98,7 @@ def measured_longest(lengths: list[int], budgets_mib: list[float]) -> list[dict]
     for setting in ("neither", "fused loss + tiled MLP"):
         peaks = {}
         for tokens in lengths:
-            # a validation split of at least one sequence at 16K tokens of the built-in corpus (evaluation is off)
-            overrides = [*MODELS[model], *SETTINGS[setting], *sized(tokens), "data.val_fraction=0.1"]
+            overrides = [*MODELS[model], *SETTINGS[setting], *sized(tokens)]
             with tempfile.TemporaryDirectory() as tmp:
                 peaks[tokens] = measure(overrides, Path(tmp) / "run", sp=4)
             print(f"| {model} | {setting} | {tokens:,} | {peaks[tokens]:.0f} |", flush=True)
