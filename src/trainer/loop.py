@@ -49,6 +49,7 @@ from seqpar.trainer.metrics import (
     device_peak_flops,
     flops_per_token,
     peak_mem_mib,
+    peak_reserved_mib,
     reset_peak_mem,
     trim_metrics,
 )
@@ -264,6 +265,8 @@ class Trainer:
         rec["peak_mem_mib"] = max(per_rank)
         if len(per_rank) > 1:
             rec["peak_mem_mib_per_rank"] = per_rank
+        if self.device.type == "cuda":  # beside the allocated peak: what the caching allocator held
+            rec["peak_reserved_mib"] = max(self.mesh.gather_over_all(peak_reserved_mib(self.device)))
         if self.skipped_steps:
             rec["skipped_steps"] = self.skipped_steps
         if self.peak_flops:

@@ -49,6 +49,14 @@ def peak_mem_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_reserved_mib(device: torch.device) -> float | None:
+    """The CUDA caching allocator's peak of reserved memory (the allocated peak plus what it kept cached and
+    fragmented), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) / 2**20
+
+
 def device_peak_flops(device: torch.device, configured: float | None, precision: str) -> float | None:
     """The peak MFU divides by: `trainer.peak_flops` if set, else the known GPU's dense peak for the run's
     `trainer.precision` (fp32 on tensor cores as TF32 where torch's float32 matmul precision allows it)."""
