@@ -32,7 +32,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +56,29 @@ def train_env(device: str) -> dict[str, str]:
     return env if device == "cuda" else {**env, **MEASURE_ENV}
 
 
+_CHILDREN: set[subprocess.Popen] = set()  # runs in flight, each its own session (killed with its children)
+
+
+def _start(cmd: list[str], env: dict, f) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    _CHILDREN.add(proc)
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _on_term(signum, frame):
+    """A part's time cap ran out (`timeout` sends SIGTERM): end the runs it started too, then stop."""
+    for proc in list(_CHILDREN):
+        _kill(proc)
+    raise SystemExit(128 + signum)
+
+
 def run_logged(cmd: list[str], log: Path, env: dict, timeout: float | None = None) -> dict:
     """Run `cmd` with its output in `log`: {"cmd", "rc", "seconds", "timed_out"}."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -64,14 +86,15 @@ def run_logged(cmd: list[str], log: Path, env: dict, timeout: float | None = Non
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start(cmd, env, f)
+        timed_out = False
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
-            return {"cmd": shlex.join(cmd), "rc": rc, "seconds": time.monotonic() - start, "timed_out": True}
-    return {"cmd": shlex.join(cmd), "rc": rc, "seconds": time.monotonic() - start, "timed_out": False}
+            _kill(proc)
+            rc, timed_out = proc.wait(), True
+        _CHILDREN.discard(proc)
+    return {"cmd": shlex.join(cmd), "rc": rc, "seconds": time.monotonic() - start, "timed_out": timed_out}
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -92,7 +115,6 @@ def tail(log: Path, chars: int = 1500) -> str:
 # ------------------------------------------------------------------------------------------ ring
 def cmd_ring(args) -> dict:
     import torch
-
     from gpu_ring import ring_cases, run_case
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -119,18 +141,17 @@ def _kill_after_checkpoint(cmd, run_dir: Path, log: Path, env, timeout: float) -
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}  # killed once a checkpoint is complete\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = _start(cmd, env, f)
         seen = []
         while proc.poll() is None and time.monotonic() - start < timeout:
             seen = sorted(p.name for p in ckpts.glob("step_*") if (p / "meta.json").is_file()) if ckpts.is_dir() else []
             if seen:
-                os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
-        else:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            _kill(proc)
         rc = proc.wait()
+        _CHILDREN.discard(proc)
     return {"cmd": shlex.join(cmd), "rc": rc, "seconds": time.monotonic() - start, "killed_at": seen,
             "killed": rc == -signal.SIGKILL and bool(seen)}
 
@@ -342,16 +363,21 @@ def cmd_planner(args) -> dict:
         if args.threads:
             configs[name].append(f"trainer.threads={args.threads}")
 
-    def one(item):
+    slug = {name: name.replace(" ", "_") for name in configs}
+
+    def one(item):  # runs at once are separate processes: each allocator's peak is its own
         name, overrides = item
-        run_dir = out / name.replace(" ", "_")
-        r = run_logged(train_cmd(overrides, run_dir), out / f"{name.replace(' ', '_')}.log", env, args.timeout)
-        if r["rc"] != 0:
-            return name, {"ok": False, "command": r, "error": tail(out / f"{name.replace(' ', '_')}.log")}
-        return name, {**compare_peak(overrides, run_dir, args.device, mem, args.rtol), "command": r["cmd"]}
+        return run_logged(train_cmd(overrides, out / slug[name]), out / f"{slug[name]}.log", env, args.timeout)
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = dict(pool.map(one, configs.items()))
+        runs = dict(zip(configs, pool.map(one, configs.items()), strict=True))
+    rows = {}
+    for name, r in runs.items():  # the estimates here: composing a config is not thread-safe (Hydra's state)
+        if r["rc"] != 0:
+            rows[name] = {"ok": False, "command": r, "error": tail(out / f"{slug[name]}.log")}
+        else:
+            rows[name] = {**compare_peak(configs[name], out / slug[name], args.device, mem, args.rtol),
+                          "command": r["cmd"]}
     return {"ok": all(r["ok"] for r in rows.values()), "rtol": rtol_note(args.device, args.rtol), "rows": rows}
 
 
@@ -403,7 +429,7 @@ def cmd_longest(args) -> dict:
             reason = ("timeout" if r["timed_out"] else "oom" if "out of memory" in text.lower() else "error")
             row.update(trained=False, reason=reason, log_tail=text[-1500:])
         attempts.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("log_tail", "command")}), flush=True)
         return row
 
     def affordable(prev: dict, seq: int) -> bool:
@@ -463,9 +489,9 @@ def cmd_junit(args) -> dict:
     skipped = [(f"{c.get('classname')}::{c.get('name')}", c.find("skipped").get("message", ""))
                for c in cases if c.find("skipped") is not None]
     report = {"ok": not failed and bool(cases), "tests": len(cases), "passed": len(cases) - len(failed) - len(skipped),
-              "failed": failed, "skipped": len(skipped), "skip_reasons": sorted({m for _, m in skipped})}
+              "failed": failed, "skipped_tests": len(skipped), "skip_reasons": sorted({m for _, m in skipped})}
     if args.device != "cuda" and skipped:
-        report["cuda_tests"] = "skipped: cpu"
+        report["skipped"] = "cpu"  # the CUDA tests among them
     return report
 
 
@@ -511,8 +537,8 @@ def cmd_merge(args) -> dict:
         parts[name] = entry
     env = out / "env.json"
     return {"ok": bool(parts) and all(p.get("ok") for p in parts.values()),
-            "summary": {n: ("skipped: " + p["skipped"]) if p.get("skipped") else ("ok" if p.get("ok") else "FAILED")
-                        for n, p in parts.items()},
+            "summary": {n: ("ok" if p.get("ok") else "FAILED") + (f" (skipped: {p['skipped']})" if p.get("skipped")
+                                                                  else "") for n, p in parts.items()},
             "env": json.loads(env.read_text()) if env.is_file() else None, "parts": parts}
 
 
@@ -589,6 +615,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_term)
     if args.cmd == "merge" and not args.json:
         args.json = str(Path(args.dir) / "results.json")
     result = args.fn(args)
