@@ -120,12 +120,12 @@ def mlp_recompute_peak(model: str, tokens: int, tiled: bool) -> float:
     import gc
 
     import torch
+    from memlib import _rss_kib, fixed_mmap_threshold
     from torch.utils.checkpoint import checkpoint
 
-    from memlib import _rss_kib, fixed_mmap_threshold
     from seqpar.cli import compose
     from seqpar.configs import CONFIG_DIR
-    from seqpar.models.layers import GatedMLP, MLP, set_mlp_tiling
+    from seqpar.models.layers import MLP, GatedMLP, set_mlp_tiling
 
     fixed_mmap_threshold()
     torch.set_num_threads(1)
@@ -151,8 +151,8 @@ def loss_peak(tokens: int, fused: bool) -> tuple[float, float]:
 
     import torch
     import torch.nn.functional as F
-
     from memlib import _rss_kib, fixed_mmap_threshold
+
     from seqpar.trainer.loss import linear_loss_sum, loss_sum
 
     fixed_mmap_threshold()

@@ -52,6 +52,14 @@ def peak_mem_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_reserved_mib(device: torch.device) -> float | None:
+    """The CUDA caching allocator's peak of reserved memory (the allocated peak plus what it kept cached and
+    fragmented), or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) / 2**20
+
+
 def device_peak_flops(device: torch.device, configured: float | None, precision: str) -> float | None:
     """The peak MFU divides by: `trainer.peak_flops` if set, else the known GPU's dense peak for the run's
     `trainer.precision` (fp32 on tensor cores as TF32 where torch's float32 matmul precision allows it)."""
@@ -110,6 +118,8 @@ class StepRecords:
         rec["peak_mem_mib"] = max(per_rank)
         if len(per_rank) > 1:
             rec["peak_mem_mib_per_rank"] = per_rank
+        if self.mesh.device.type == "cuda":  # beside the allocated peak: what the caching allocator held
+            rec["peak_reserved_mib"] = max(self.mesh.gather_over_all(peak_reserved_mib(self.mesh.device)))
         if skipped_steps:
             rec["skipped_steps"] = skipped_steps
         if self.peak_flops:

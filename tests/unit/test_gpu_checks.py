@@ -1,0 +1,84 @@
+"""The GPU check's own logic on CPU (`scripts/bench/gpu_checks.sh` and its Python parts), so it works when a GPU
+run comes: ring attention with its ranks as threads against SDPA (and a corrupted exchange caught), the loss
+comparisons, pytest's junit summary and the merge of the parts' results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from unittest import mock
+
+import pytest
+
+from ..conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+import gpu_checks  # noqa: E402
+import gpu_ring  # noqa: E402
+
+sys.path.pop(0)
+
+
+def _cases(**match):
+    return [c for c in gpu_ring.ring_cases("cpu") if all(c[k] == v for k, v in match.items())]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_in_one_process_matches_sdpa(world):
+    """Causal and bidirectional, padded or not, plain and lean backward, fp32 and bf16 (sp=4: grouped-query)."""
+    rows = [gpu_ring.run_case(c, "cpu") for c in _cases(world=world)]
+    assert len(rows) == 16
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+
+
+def test_ring_check_catches_a_corrupted_exchange():
+    """The key/value gradients, off by 0.1% on their way round the ring, fail every case."""
+    start = gpu_ring.LocalExchange.start
+
+    def corrupt(self, *tensors):
+        return start(self, *[t * 1.001 if self.tag == 1 else t for t in tensors])
+
+    with mock.patch.object(gpu_ring.LocalExchange, "start", corrupt):
+        rows = [gpu_ring.run_case(c, "cpu") for c in _cases(world=2, dtype="float32", padded=False)]
+    assert not any(r["ok"] for r in rows)
+
+
+def test_loss_comparisons():
+    fp32 = {s: 10.0 - 0.01 * s for s in range(1, 51)}
+    bf16 = {s: v * 1.01 for s, v in fp32.items()}
+    assert gpu_checks._compare_precisions(bf16, fp32, 0.02)["ok"]
+    assert not gpu_checks._compare_precisions({s: v * 1.03 for s, v in fp32.items()}, fp32, 0.02)["ok"]
+    same = gpu_checks._compare_resume(fp32, dict(fp32), 20, 0.01)
+    assert same["ok"] and same["equal"] and same["steps_compared"] == [21, 50] and same["before_kill_equal"]
+    drift = gpu_checks._compare_resume(fp32, {**fp32, 30: fp32[30] * 1.02}, 20, 0.01)
+    assert not drift["ok"] and not drift["equal"]
+    assert not gpu_checks._compare_resume(fp32, {s: v for s, v in fp32.items() if s <= 20}, 20, 0.01)["ok"]
+
+
+def test_junit_summary(tmp_path):
+    xml = tmp_path / "t.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="a" name="x"/>'
+                   '<testcase classname="a" name="y"><skipped message="needs a CUDA device"/></testcase>'
+                   '</testsuite></testsuites>')
+    args = gpu_checks.parser().parse_args(["junit", "--device", "cpu", str(xml)])
+    report = gpu_checks.cmd_junit(args)
+    assert report["ok"] and report["passed"] == 1 and report["skipped_tests"] == 1 and report["skipped"] == "cpu"
+    xml.write_text('<testsuite><testcase classname="a" name="x"><failure message="boom"/></testcase></testsuite>')
+    assert gpu_checks.cmd_junit(args)["failed"] == ["a::x"]
+
+
+def test_merge_records_every_part(tmp_path):
+    """A part's JSON with its status; a part cut off by its time cap (no JSON) fails with its log's tail; a part
+    with a non-zero exit fails even if its JSON says ok."""
+    (tmp_path / "status.tsv").write_text("ring\t0\t12\tpython ring\ntrain\t124\t200\tpython train\n"
+                                         "mfu\t1\t30\tpython mfu\n")
+    (tmp_path / "ring.json").write_text(json.dumps({"ok": True, "cases": 32}))
+    (tmp_path / "mfu.json").write_text(json.dumps({"ok": True}))
+    (tmp_path / "train.log").write_text("step 150 ...")
+    (tmp_path / "env.json").write_text(json.dumps({"gpu": "H200"}))
+    assert gpu_checks.main(["merge", str(tmp_path)]) == 1
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["summary"] == {"ring": "ok", "train": "FAILED", "mfu": "FAILED"} and r["env"] == {"gpu": "H200"}
+    assert r["parts"]["ring"]["cases"] == 32 and r["parts"]["ring"]["seconds"] == 12.0
+    assert r["parts"]["train"]["timed_out"] and "time cap" in r["parts"]["train"]["error"]
+    assert r["parts"]["train"]["log_tail"] == "step 150 ..."
