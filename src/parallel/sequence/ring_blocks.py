@@ -5,8 +5,8 @@ A block is the key/value chunk of rank `src` as rank `rank` sees it. Without doc
 diagonal one (causal kernel), an earlier rank's block only its first half of keys (its second chunk lies after every
 local query) and a later rank's block only the local queries' second half. With document masking (`document_pieces`)
 a block is cut into its zigzag chunk pairs (`chunk_pairs`) and those into tiles of `DOCUMENT_TILE` queries and keys:
-a tile pair whose queries and keys share no document (from the tiles' first and last ids: ids grow along the
-sequence) is skipped, and one that does is trimmed to the queries and keys of the documents they share;
+a tile pair whose queries and keys share no document (`models.documents.shared_documents`) is skipped, and one that
+does is trimmed to the queries and keys of the documents they share;
 `block_pieces` adds each call's additive bias (padding, "same document") and the queries left without a key.
 `head_groups` splits a block's heads for the memory-lean backward.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from seqpar.models.documents import DOCUMENT_TILE, one_document, shared_documents, tiles
 from seqpar.parallel.comm import all_gather_list
 from seqpar.parallel.sequence.kernels import key_bias
 
@@ -50,38 +51,13 @@ def chunk_pairs(rank: int, src: int, causal: bool, t: int) -> list[tuple[slice, 
     return [(second, first, False), (second, second, False)]
 
 
-def _tiles(part: slice, tile: int) -> list[slice]:
-    return [slice(i, min(i + tile, part.stop)) for i in range(part.start, part.stop, tile)]
-
-
 def _tile_pairs(qs: slice, ks: slice, diagonal: bool, tile: int) -> list[tuple[slice, slice, bool]]:
     """A chunk pair cut into tiles of `tile` queries and keys; of a diagonal (causal) pair only the tiles on and
     below the diagonal, those on it causal."""
     if not diagonal:
-        return [(qt, kt, False) for qt in _tiles(qs, tile) for kt in _tiles(ks, tile)]
-    tiles = _tiles(qs, tile)
-    return [(qt, kt, i == j) for i, qt in enumerate(tiles) for j, kt in enumerate(tiles[: i + 1])]
-
-
-def _shared(q_ids: torch.Tensor, k_ids: torch.Tensor, qs: slice, ks: slice) -> tuple[slice, slice] | None:
-    """The query and key slices of the documents that the queries `q_ids[:, qs]` and the keys `k_ids[:, ks]` (rows
-    of ids that never decrease) have in common, in any batch row; None when they share none."""
-    q, k = q_ids[:, qs], k_ids[:, ks]
-    lo = torch.maximum(q[:, 0], k[:, 0])  # (B,) the documents both hold: lo ... hi
-    hi = torch.minimum(q[:, -1], k[:, -1])
-    rows = lo <= hi
-    if not bool(rows.any()):
-        return None
-    lo, hi = lo[rows, None], hi[rows, None]
-    q_lo, q_hi = torch.searchsorted(q[rows], lo), torch.searchsorted(q[rows], hi, right=True)
-    k_lo, k_hi = torch.searchsorted(k[rows], lo), torch.searchsorted(k[rows], hi, right=True)
-    return (slice(qs.start + int(q_lo.min()), qs.start + int(q_hi.max())),
-            slice(ks.start + int(k_lo.min()), ks.start + int(k_hi.max())))
-
-
-# With document masking a chunk pair is computed in tiles of this many queries and keys, so that the work skipped
-# follows the documents more closely than whole chunks (fewer masked pairs computed) for a few more kernel calls.
-DOCUMENT_TILE = 512
+        return [(qt, kt, False) for qt in tiles(qs, tile) for kt in tiles(ks, tile)]
+    cut = tiles(qs, tile)
+    return [(qt, kt, i == j) for i, qt in enumerate(cut) for j, kt in enumerate(cut[: i + 1])]
 
 
 def document_pieces(rank: int, src: int, causal: bool, doc_ids: list[torch.Tensor],
@@ -95,7 +71,7 @@ def document_pieces(rank: int, src: int, causal: bool, doc_ids: list[torch.Tenso
     pieces = []
     for chunk_q, chunk_k, diagonal in chunk_pairs(rank, src, causal, t):
         for qs, ks, on_diagonal in _tile_pairs(chunk_q, chunk_k, diagonal, tile or DOCUMENT_TILE):
-            shared = _shared(doc_ids[rank], doc_ids[src], qs, ks)
+            shared = shared_documents(doc_ids[rank], doc_ids[src], qs, ks)
             if shared is not None:
                 pieces.append((qs, ks, True) if on_diagonal else (*shared, False))
     return pieces
@@ -124,7 +100,7 @@ def block_pieces(r: int, src: int, causal: bool, t: int, masks, docs, dtype) -> 
     out = []
     for qs, ks, blk_causal in document_pieces(r, src, causal, docs.ids, docs.tile):
         q_ids, k_ids = docs.ids[r][:, qs], docs.ids[src][:, ks]
-        if masks[src] is None and bool((q_ids[:, 0] == k_ids[:, -1]).all() and (q_ids[:, -1] == k_ids[:, 0]).all()):
+        if masks[src] is None and one_document(q_ids, k_ids):
             out.append((qs, ks, blk_causal, None, None))  # one document throughout: no mask to apply
             continue
         allowed = (docs.local[r][:, qs, None] == docs.local[src][:, None, ks])[:, None]  # (B, 1, Tq, Tk)
