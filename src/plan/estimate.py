@@ -12,7 +12,9 @@ LayerNorm inputs and outputs, q, k, v (k and v with the key/value heads of group
 kv_heads / tp, or one replicated head where tp exceeds them) and the attention output, the MLP's two ffn-wide
 tensors (SwiGLU's four) (rsa and ulysses add the copy of their output that o_proj reads, rsa its L/sp x L
 probabilities); the log-softmax and two gradients of its size per vocabulary entry (BERT without tp or pp: at the
-target tokens only); plus the runtime baseline, the one term that is not arithmetic: it comes from
+target tokens only) (document masking keeps no T x T mask: one device takes it in query tiles, recomputed in
+backward, beyond `models.attention.DENSE_DOCUMENT_TOKENS`, below it one mask of at most 4 MiB a row and layer, not counted); plus
+the runtime baseline, the one term that is not arithmetic: it comes from
 `seqpar.plan.baseline` (on GPU a CUDA context; on CPU measured in a fresh process, with DeepSpeed's code and
 bookkeeping under `trainer.engine=deepspeed`). tests/unit/test_plan.py checks
 the estimate against the measured peaks of real runs.
