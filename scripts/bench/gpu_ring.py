@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from seqpar.models.attention import repeat_kv
 from seqpar.parallel.sequence import chunk_indices, ring
+from seqpar.parallel.sequence.kernels import key_bias
 
 WAIT_S = 120  # a rank that waits longer for a peer has lost it (the peer failed)
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 4e-3}
@@ -201,7 +202,7 @@ def run_case(case: dict, device: str) -> dict:
     with mock.patch.object(ring, "LEAN_MIN_BYTES", lean_min):
         got = ring_attention(*low, case["causal"], mask, case["world"])
     rows = mask[:, None, :, None].expand_as(q) if mask is not None else slice(None)  # padded queries: anything
-    row = {**case, "kernel": ring.block_kernel(low[0], ring.key_bias(mask, dtype) if mask is not None else None),
+    row = {**case, "kernel": ring.block_kernel(low[0], key_bias(mask, dtype) if mask is not None else None),
            "ok": True}
     for name, g, b, r in zip(("out", "dq", "dk", "dv"), got, base, ref, strict=True):
         sel = rows if name == "out" else slice(None)

@@ -25,7 +25,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from seqpar.models.documents import DOCUMENT_TILE, one_document, shared_documents, tiles
 
@@ -127,7 +126,8 @@ def _tile_attention(qt, kt, vt, spec: Tile, causal: bool, key_padding_mask, docu
         mask = _allowed(qt, kt, causal, pad, document_ids[:, qs], document_ids[:, ks], offset)
         return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     if causal and offset:  # queries after the first keys of their document: query i sees keys up to i + offset
-        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(qt.shape[-2], kt.shape[-2]),
+        # (a tile-sized mask; torch's causal_lower_right would import torch._dynamo into every process)
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=_allowed(qt, kt, True, None, offset=offset),
                                               dropout_p=dropout_p, enable_gqa=gqa)
     return F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa)
 

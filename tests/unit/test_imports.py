@@ -67,3 +67,14 @@ def test_no_function_level_seqpar_imports():
                 found += [f"{path.relative_to(SRC)}:{node.lineno} {n}" for n in names
                           if n == "seqpar" or n.startswith("seqpar.")]
     assert not found, "import these at module level:\n" + "\n".join(found)
+
+
+def test_the_training_stack_does_not_import_torch_compiler():
+    """A rank's modules leave out torch._dynamo (and so inductor): importing it costs every process about 70 MiB of
+    anonymous memory, which the planner's runtime baseline would then count in every rank. (torch's
+    `torch.nn.attention.bias` pulls it in, for one.)"""
+    script = ("import sys, seqpar.trainer.loop, seqpar.trainer.job, seqpar.plan.estimate; "
+              "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
