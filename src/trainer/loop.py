@@ -106,9 +106,10 @@ class Trainer:
             self.engine = DeepSpeedEngine(self.model, self.optimizer, mesh, cfg, self.micro_batch_size, accumulation)
         else:
             self.engine = SeqparEngine(self.model, self.optimizer, mesh, self.reducer, self.pipeline, t.grad_clip)
-        self.autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16" else contextlib.nullcontext()
-        )
+        # A new context at each use: one torch.autocast object entered twice (nested) leaves autocast on after both
+        # exit, since the inner entry overwrites the state the outer exit restores.
+        bf16 = t.precision == "bf16"
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.state = TrainState()  # step, bad_steps (non-finite losses in a row), skipped_steps (in the whole run)
         self.checkpoints = CheckpointManager(cfg, self._checkpointed_states(), tokenizer=self.data.tokenizer,
                                              data_record=data_record(cfg, self.data),
@@ -138,12 +139,10 @@ class Trainer:
         return self.state.skipped_steps
 
     def forward_loss(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed loss of a micro-batch (call inside `self.loss_context()`)."""
-        def forward(**inputs):
-            with self.autocast:
-                return self.engine.forward(**inputs)
-
-        return model_loss_sum(forward, micro, self.device, self.targets_only, self.output_loss)
+        """Summed loss of a micro-batch (call inside `self.loss_context()`); under bf16 autocast the fused output
+        layer's matmuls run in bf16 as the model's do (the loss's softmax is fp32 either way)."""
+        with self.autocast():
+            return model_loss_sum(self.engine.forward, micro, self.device, self.targets_only, self.output_loss)
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over one global batch; returns (loss, grad_norm)."""
@@ -153,7 +152,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         with self.loss_context():
             if self.pipeline is not None:  # the schedule runs forward and backward of all micro-batches
-                with self.autocast:  # on summed losses: the gradients are divided by `targets` at the update
+                with self.autocast():  # on summed losses: the gradients are divided by `targets` at the update
                     losses = self.pipeline.step(batch, MODEL_INPUTS)
                 if holds_loss(self.pipeline, self.mesh):
                     total += sum(full_tensor(x.detach()) for x in losses)
@@ -189,7 +188,7 @@ class Trainer:
         for batch in eval_batches(self.data.val, t.global_batch_size, t.eval_batches, self.mesh.dp_rank, self.mesh.dp):
             batch = sequence_chunk(batch, self.mesh, self.cfg.model.causal)
             for micro in micro_batches(batch, self.micro_batch_size):
-                with self.loss_context(), self.autocast:
+                with self.loss_context(), self.autocast():
                     if self.pipeline is None:
                         total += full_tensor(self.forward_loss(micro))
                     else:

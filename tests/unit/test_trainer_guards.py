@@ -117,3 +117,21 @@ def test_the_fused_loss_trains_as_the_logits_loss_does(tmp_path, cache_dir, mode
     # of tokens, the thread count) can change: 1e-5 holds those; a wrong gradient moves most elements by ~lr.
     for name, value in ref_weights.items():
         torch.testing.assert_close(fused_weights[name], value, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_covers_the_fused_loss_and_ends_with_each_step(tmp_path, cache_dir, monkeypatch):
+    """trainer.precision=bf16: the fused output layer's matmuls run in bf16, as the model's do, and autocast is off
+    again after a training step and after an evaluation (which enters it around the loss and again around the
+    model), so the optimizer, the next step's loss and what runs after fit are not left in bf16."""
+    from seqpar.trainer import loss
+
+    dtypes = []
+    compute_dtype = loss._compute_dtype
+    monkeypatch.setattr(loss, "_compute_dtype", lambda *a: dtypes.append(compute_dtype(*a)) or dtypes[-1])
+    trainer = make_trainer(tmp_path, "model=gpt_tiny", "trainer.max_steps=2", "trainer.precision=bf16")
+    trainer.train_step()
+    assert not torch.is_autocast_enabled("cpu")
+    assert trainer.evaluate() > 0 and not torch.is_autocast_enabled("cpu")
+    trainer.train_step()
+    assert not torch.is_autocast_enabled("cpu")
+    assert dtypes and set(dtypes) == {torch.bfloat16}
