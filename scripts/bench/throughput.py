@@ -7,12 +7,14 @@ A step is forward, loss, backward and an AdamW update. Ours runs as the trainer 
 layer and loss (`trainer.fused_loss`) where the trainer uses it); transformers' model gets its own loss (`labels=`) and `torch.optim.AdamW` with the same hyper-parameters. FLOP rates count the
 usual model FLOPs (6 per weight per token, the head at every token, plus attention) for both. The two alternate
 step by step in one process, after warm-up steps, so that both see the same machine state; the report gives the
-median step time of each, their ratio, the model FLOP rate and that rate as a fraction of the machine's fp32
-matmul rate, measured in the same run on square matrices with the same thread count.
+median step time of each, their ratio, the model FLOP rate and that rate as a fraction of the machine's matmul
+rate (in the step's precision), measured in the same run on square matrices with the same thread count.
+`--precision bf16` runs both steps' forward and loss under bf16 autocast, as `trainer.precision=bf16` does.
 
     python scripts/bench/throughput.py --model gpt2_small --batch 2 --seq 512
     python scripts/bench/throughput.py --model bert_base --batch 2 --seq 512 --json out.json
     python scripts/bench/throughput.py --model llama_125m --batch 2 --seq 512
+    python scripts/bench/throughput.py --model llama_125m --batch 2 --seq 512 --precision bf16
 
 Dropout is the model config's (gpt2_small and bert_base: 0.1 hidden, 0 on attention probabilities); pass
 --dropout to change both models' hidden dropout. Ours draws its masks per token from the sequences' dropout seeds,
@@ -32,10 +34,10 @@ from pathlib import Path
 import torch
 
 
-def matmul_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
-    """The machine's fp32 matmul rate (GFLOP/s) on n x n matrices, best of `reps`."""
+def matmul_gflops(threads: int, n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matmul rate (GFLOP/s) in `dtype` on n x n matrices, best of `reps`."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
@@ -53,6 +55,12 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     ids = ids[:, :-1]
     labels = torch.where(torch.rand(batch, seq, generator=g) < 0.15, ids, torch.full_like(ids, -100))
     return {"input_ids": ids, "labels": labels}
+
+
+def _autocast(tcfg):
+    """The step's autocast (what trainer.precision=bf16 runs forward and loss under; transformers' Trainer does the
+    same with bf16=True)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
 
 
 def ours(cfg, tcfg):
@@ -73,8 +81,9 @@ def ours(cfg, tcfg):
         micro = {**b, "position_ids": torch.arange(b["input_ids"].shape[1])}
         if keyed_dropout:
             micro["dropout_seed"] = torch.arange(b["input_ids"].shape[0])
-        loss = model_loss_sum(model, micro, torch.device("cpu"), targets_only, output_loss)
-        loss = loss / (b["labels"] != -100).sum()
+        with _autocast(tcfg):
+            loss = model_loss_sum(model, micro, torch.device("cpu"), targets_only, output_loss)
+            loss = loss / (b["labels"] != -100).sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -95,10 +104,8 @@ def transformers_model(cfg, tcfg):
     causal = cfg.model.causal
 
     def step(b):
-        if causal:  # GPT2LMHeadModel and LlamaForCausalLM shift labels themselves: give them the inputs as labels
-            loss = model(input_ids=b["input_ids"], labels=b["input_ids"]).loss
-        else:
-            loss = model(input_ids=b["input_ids"], labels=b["labels"]).loss
+        with _autocast(tcfg):  # GPT2LMHeadModel and LlamaForCausalLM shift labels themselves: the inputs as labels
+            loss = model(input_ids=b["input_ids"], labels=b["input_ids"] if causal else b["labels"]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -108,12 +115,12 @@ def transformers_model(cfg, tcfg):
 
 
 def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads: int, dropout: float | None,
-        torch_dropout: bool = False) -> dict:
+        torch_dropout: bool = False, precision: str = "fp32") -> dict:
     from seqpar.cli import compose
     from seqpar.configs import CONFIG_DIR
 
     overrides = [f"model={model_name}", f"data.seq_len={seq}", f"trainer.global_batch_size={batch}",
-                 f"model.max_seq_len={max(seq, 512)}"]
+                 f"model.max_seq_len={max(seq, 512)}", f"trainer.precision={precision}"]
     if dropout is not None:
         overrides.append(f"model.dropout={dropout}")
     cfg = compose(CONFIG_DIR, overrides)
@@ -134,8 +141,8 @@ def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads:
     from seqpar.trainer.metrics import flops_per_token
 
     flops = flops_per_token(contenders["seqpar"][0], cfg.model, seq) * batch * seq
-    peak = matmul_gflops(threads)
-    result = {"model": model_name, "batch": batch, "seq": seq, "threads": threads, "steps": steps,
+    peak = matmul_gflops(threads, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    result = {"model": model_name, "batch": batch, "seq": seq, "threads": threads, "steps": steps, "precision": precision,
               "matmul_gflops": peak, "dropout": cfg.model.dropout}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -157,11 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dropout", type=float, default=None, help="hidden dropout of both models (default: config's)")
     ap.add_argument("--torch-dropout", action="store_true",
                     help="also time our model with torch's RNG dropout masks instead of the per-token keyed ones")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: both steps' forward and loss under bf16 autocast, the matmul rate in bf16")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
-    r = run(args.model, args.batch, args.seq, args.steps, args.warmup, args.threads, args.dropout, args.torch_dropout)
+    r = run(args.model, args.batch, args.seq, args.steps, args.warmup, args.threads, args.dropout, args.torch_dropout,
+            args.precision)
     print(f"{r['model']} batch {r['batch']} x seq {r['seq']}, {r['threads']} threads, dropout {r['dropout']}; "
-          f"fp32 matmul {r['matmul_gflops']:.0f} GFLOP/s")
+          f"{r['precision']} matmul {r['matmul_gflops']:.0f} GFLOP/s")
     for name in ("seqpar", "transformers", "seqpar_torch_dropout"):
         if name in r:
             x = r[name]

@@ -35,7 +35,7 @@ from seqpar.parallel.pipeline import layer_split
 from seqpar.parallel.sequence.ulysses import sent_kv_heads
 from seqpar.plan.baseline import runtime_baseline_mib
 from seqpar.trainer.engine import zero_bucket_elements
-from seqpar.trainer.loss import LINEAR_SLAB_ELEMENTS
+from seqpar.trainer.loss import linear_slab_rows
 from seqpar.validation import validate_layout_choice
 
 MIB = 2**20
@@ -200,7 +200,7 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
         # weight's gradient (the gradient itself, computed in forward, is the one `grads` counts) and the
         # features' gradient; under bf16, the weight's bf16 copy.
         bf16 = t.precision == "bf16"
-        rows = min(head_tokens, max(1, LINEAR_SLAB_ELEMENTS.get(device, LINEAR_SLAB_ELEMENTS["cuda"]) // vocab))
+        rows = min(head_tokens, linear_slab_rows(int(vocab), device))
         logits = (rows * vocab * (6 if bf16 else 4) + vocab * m.hidden_size * 4
                   + head_tokens * m.hidden_size * (2 if bf16 else 4) + (vocab * m.hidden_size * 2 if bf16 else 0))
     else:

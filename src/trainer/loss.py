@@ -68,8 +68,18 @@ class _CrossEntropySum(torch.autograd.Function):
 
 
 # The fused output-layer loss's slabs: about this many logits at a time (16 MiB in fp32 on CPU, as SLAB_ELEMENTS;
-# 256 MiB on a GPU).
+# 256 MiB on a GPU), and never fewer than LINEAR_SLAB_MIN_ROWS tokens. Each slab adds its product to the weight's
+# fp32 gradient (vocabulary x hidden elements read and written, and under bf16 converted) for 6 x rows multiply-adds
+# per element, so a slab of few rows (83 of GPT-2's 50257 in 16 MiB) spends more time on that than on its matmuls:
+# `scripts/bench/fused_loss_slabs.py` measures it.
 LINEAR_SLAB_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
+LINEAR_SLAB_MIN_ROWS = 256
+
+
+def linear_slab_rows(vocab: int, device_type: str) -> int:
+    """Tokens per slab of the fused output-layer loss for a vocabulary (this rank's rows of it) of `vocab`."""
+    elements = LINEAR_SLAB_ELEMENTS.get(device_type, LINEAR_SLAB_ELEMENTS["cuda"])
+    return max(LINEAR_SLAB_MIN_ROWS, elements // max(1, vocab))
 
 
 def linear_loss_sum(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -121,7 +131,7 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
         # vocabulary x hidden buffer, not a new one per slab).
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if with_grads and not len(x) else None
         grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if with_grads and bias is not None else None
-        step = max(1, LINEAR_SLAB_ELEMENTS.get(device.type, LINEAR_SLAB_ELEMENTS["cuda"]) // max(1, vocab))
+        step = linear_slab_rows(vocab, device.type)
         for start in range(0, x.shape[0], step):
             rows = slice(start, start + step)
             logits = F.linear(x[rows], w, b).float()  # the output layer's logits (rounded to its dtype) of a slab

@@ -46,11 +46,21 @@ def _logits_path(x, w, b, labels):
 @pytest.mark.parametrize("slab_elements", [2**24, 60 * 7])  # one slab; slabs of 7 rows (the last one shorter)
 def test_fused_loss_and_gradients_match_the_logits_path(monkeypatch, autocast_dtype, tol, bias, slab_elements):
     monkeypatch.setitem(loss_module.LINEAR_SLAB_ELEMENTS, "cpu", slab_elements)
+    monkeypatch.setattr(loss_module, "LINEAR_SLAB_MIN_ROWS", 1)
     case = _case(bias=bias)
     ours = _run(linear_loss_sum, *case, autocast_dtype=autocast_dtype)
     ref = _run(_logits_path, *case, autocast_dtype=autocast_dtype)
     for a, r in zip(ours, ref, strict=True):
         torch.testing.assert_close(a.float(), r.float(), rtol=tol, atol=tol * max(1.0, r.abs().max().item()))
+
+
+def test_slabs_hold_the_device_slab_of_logits_and_never_fewer_than_the_minimum_rows():
+    """GPT-2's vocabulary in 16 MiB on CPU would be 83 rows a slab: the minimum holds it at 256; a small vocabulary
+    and a GPU's 256 MiB give more rows than the minimum."""
+    assert loss_module.linear_slab_rows(50257, "cpu") == loss_module.LINEAR_SLAB_MIN_ROWS == 256
+    assert loss_module.linear_slab_rows(1000, "cpu") == 2**22 // 1000
+    assert loss_module.linear_slab_rows(50257, "cuda") == 2**26 // 50257
+    assert loss_module.linear_slab_rows(128256, "cuda") == 523  # Llama 3's vocabulary
 
 
 def test_no_target_token_gives_zero_and_zero_gradients():
