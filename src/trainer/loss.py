@@ -127,14 +127,28 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
         grad_x = None
         if with_grads:
             grad_x = (torch.empty_like if every else torch.zeros_like)(features, memory_format=torch.contiguous_format)
-        # The weight's gradient is the first slab's product, then accumulated into in place (in fp32: one
-        # vocabulary x hidden buffer, not a new one per slab).
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if with_grads and not len(x) else None
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if with_grads and bias is not None else None
-        step = linear_slab_rows(vocab, device.type)
+        # The slabs reuse their buffers (a fresh temporary of this size is page-faulted in anew on CPU each time):
+        # the fp32 logits, turned into their gradient in place; with a lower compute dtype, the matmuls' outputs in
+        # it (a slab's logits, then their gradient) and a slab's share of the weight's gradient, added to the fp32
+        # gradient (one vocabulary x hidden buffer, accumulated in place) as it is made.
+        step = min(linear_slab_rows(vocab, device.type), max(1, x.shape[0]))
+        slab = torch.empty(step, vocab, dtype=torch.float32, device=device)
+        low = torch.empty(step, vocab, dtype=dtype, device=device) if dtype != torch.float32 else None
+        grad_w = grad_w_part = grad_b = None
+        if with_grads:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+            grad_w_part = torch.empty(weight.shape, dtype=dtype, device=device) if low is not None else None
+            grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
         for start in range(0, x.shape[0], step):
             rows = slice(start, start + step)
-            logits = F.linear(x[rows], w, b).float()  # the output layer's logits (rounded to its dtype) of a slab
+            n = len(x[rows])
+            # The output layer's logits of a slab (rounded to its dtype, as the layer's own would be), in fp32.
+            out = slab[:n] if low is None else low[:n]
+            if b is None:
+                torch.mm(x[rows], w.t(), out=out)
+            else:
+                torch.addmm(b, x[rows], w.t(), out=out)
+            logits = out if low is None else slab[:n].copy_(out)
             mine = (target[rows] >= 0) & (target[rows] < vocab)  # the target is in this rank's vocabulary rows
             index = torch.where(mine, target[rows], 0)[:, None]
             picked = torch.where(mine, logits.gather(1, index)[:, 0], 0.0)
@@ -151,19 +165,30 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
                 continue
             grad = probs.div_(norm[:, None])
             grad.scatter_add_(1, index, torch.where(mine, -1.0, 0.0)[:, None])  # softmax minus the one-hot target
-            grad = grad.to(dtype)
+            if grad_b is not None:
+                grad_b += grad.sum(dim=0)
+            if low is not None:
+                grad = low[:n].copy_(grad)
             grad_x[rows if every else keep[rows]] = (grad @ w).to(grad_x.dtype)
-            if grad_w is None:
-                grad_w = (grad.t() @ x[rows]).float()
-            elif grad.dtype == torch.float32:
+            if grad_w_part is None:
                 grad_w.addmm_(grad.t(), x[rows])
             else:
-                grad_w += (grad.t() @ x[rows]).float()
-            if grad_b is not None:
-                grad_b += grad.float().sum(dim=0)
+                _add_into(grad_w, torch.mm(grad.t(), x[rows], out=grad_w_part))
         if with_grads and group is not None and not partial_features_grad:
             dist.all_reduce(grad_x, group=group)  # each rank's vocabulary rows add to every feature's gradient
     return total, grad_x, grad_w, grad_b
+
+
+def _add_into(total: torch.Tensor, part: torch.Tensor) -> None:
+    """`total += part` for an fp32 `total` and a lower-precision `part`. On CPU, add_ converts the whole of `part` to
+    fp32 first, a fresh temporary that is page-faulted in anew each time; in rows of SLAB_ELEMENTS it is a small
+    one that the allocator reuses."""
+    if total.device.type != "cpu":
+        total.add_(part)
+        return
+    rows = max(1, SLAB_ELEMENTS["cpu"] // max(1, total[0].numel()))
+    for start in range(0, total.shape[0], rows):
+        total[start : start + rows].add_(part[start : start + rows])
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
