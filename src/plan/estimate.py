@@ -196,13 +196,13 @@ def estimate(cfg: Config, counts: dict[str, int], dp: int, pp: int, tp: int, sp:
     head_tokens = tokens * (cfg.data.mlm_probability if m.arch == "bert" else 1.0)  # BERT predicts its targets only
     if t.fused_loss:
         # The output layer and the loss a slab at a time (seqpar.trainer.loss.linear_loss_sum): the slab's fp32
-        # logits, turned into their gradient in place (and, under bf16, its bf16 copy), a slab's share of the
-        # weight's gradient (the gradient itself, computed in forward, is the one `grads` counts) and the
-        # features' gradient; under bf16, the weight's bf16 copy.
+        # logits, turned into their gradient in place (and, under bf16, its bf16 copy), the weight's fp32 gradient,
+        # computed in forward and held until backward, and the features' gradient; under bf16 also the weight's
+        # bf16 copy and the bf16 buffer of a slab's share of its gradient.
         bf16 = t.precision == "bf16"
         rows = min(head_tokens, linear_slab_rows(int(vocab), device))
         logits = (rows * vocab * (6 if bf16 else 4) + vocab * m.hidden_size * 4
-                  + head_tokens * m.hidden_size * (2 if bf16 else 4) + (vocab * m.hidden_size * 2 if bf16 else 0))
+                  + head_tokens * m.hidden_size * (2 if bf16 else 4) + (vocab * m.hidden_size * 4 if bf16 else 0))
     else:
         # The logits, whose memory the loss (seqpar.trainer.loss) reuses for their gradient; under tp, torch's
         # loss_parallel backward holds five fp32 tensors of their size (the log-softmax, its exp, the target term,
