@@ -68,11 +68,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{', activation checkpointing' if cfg.trainer.activation_checkpointing else ''}"
           f"{' (block inputs offloaded to host memory)' if cfg.trainer.activation_checkpointing == 'offload' else ''}")
     print(f"{'layout':<22}{'micro':>6}{'params+grads+optim':>20}{'activations':>13}{'logits':>9}{'peak GiB':>10}"
-          f"{'comm MiB/step':>15}{'step s':>8}  fits")
+          f"{'comm MiB/step':>15}{'step s':>10}  fits")
     for e in rows[: args.top]:
         states = e.params_mib + e.grads_mib + e.optimizer_mib
         print(f"{e.layout:<22}{e.micro_batch_size:>6}{states / 1024:>19.2f}G{e.activations_mib / 1024:>12.2f}G"
-              f"{e.logits_mib / 1024:>8.2f}G{e.peak_mib / 1024:>10.2f}{e.comm_mib_per_step:>15.0f}{e.step_s:>8.3f}  "
+              f"{e.logits_mib / 1024:>8.2f}G{e.peak_mib / 1024:>10.2f}{e.comm_mib_per_step:>15.0f} {e.step_s:>9.3f}  "
               f"{'yes' if e.fits else 'no'}")
     fitting = [e for e in rows if e.fits]
     if not fitting:
