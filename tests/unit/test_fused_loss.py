@@ -63,6 +63,17 @@ def test_slabs_hold_the_device_slab_of_logits_and_never_fewer_than_the_minimum_r
     assert loss_module.linear_slab_rows(128256, "cuda") == 523  # Llama 3's vocabulary
 
 
+def test_a_bf16_share_is_added_in_rows_as_a_whole_add_would(monkeypatch):
+    """The fp32 weight gradient takes a slab's bf16 share in rows of SLAB_ELEMENTS on CPU (10 rows of 6 here, the
+    last one shorter): the same values as one add_."""
+    monkeypatch.setitem(loss_module.SLAB_ELEMENTS, "cpu", 60)
+    g = torch.Generator().manual_seed(3)
+    total, part = torch.randn(57, 6, generator=g), torch.randn(57, 6, generator=g).bfloat16()
+    expected = total + part.float()
+    loss_module._add_into(total, part)
+    assert torch.equal(total, expected)
+
+
 def test_no_target_token_gives_zero_and_zero_gradients():
     x, w, b, labels = _case()
     loss, gx, gw, gb = _run(linear_loss_sum, x, w, b, torch.full_like(labels, -100))
