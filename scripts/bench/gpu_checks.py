@@ -16,6 +16,8 @@ a JSON of its results (`ok`, the numbers, the commands it ran; `skipped` where a
   uninterrupted run's.
 - `mfu`: `scripts/bench/mfu.py` per model and length, the goal for gpt2_small at 1024 tokens, and the profile's top
   kernels (`profile`) when short of it.
+- `throughput`: `throughput.py` per model and length, ours against transformers' model in bf16 on the device (the
+  goal: Llama at least 1.2x).
 - `planner`: one-process runs' measured peak against the planner's estimate (`seqpar.plan.estimate.plan`).
 - `longest`: the longest sequence of llama_1b with the longest-sequence settings that trains here, by doubling,
   then bisecting after an out-of-memory, within a time budget; each attempt's peak against the planner's.
@@ -479,6 +481,36 @@ def cmd_longest(args) -> dict:
     return report
 
 
+def cmd_throughput(args) -> dict:
+    """`throughput.py` per model:seq:batch (ours against transformers' model, bf16 autocast, one device); the goal:
+    Llama at least `--goal-speedup` times faster."""
+    out = Path(args.out)
+    rows, cmds, ok = [], [], True
+    for spec in args.runs:
+        model, seq, batch = spec.split(":")
+        dest = out / f"{model}_{seq}.json"
+        cmd = [sys.executable, str(HERE / "throughput.py"), "--model", model, "--seq", seq, "--batch", batch,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+               "--device", args.device, "--json", str(dest)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        r = run_logged(cmd, out / f"{model}_{seq}.log", train_env(args.device), args.timeout)
+        cmds.append(r)
+        if r["rc"] != 0 or not dest.is_file():
+            ok = False
+            rows.append({"model": model, "seq": int(seq), "batch": int(batch), "error": tail(out / f"{model}_{seq}.log")})
+            continue
+        rows.append(json.loads(dest.read_text()))
+    goal = next((r for r in rows if r["model"] == args.goal and "speedup" in r), None)
+    report = {"ok": ok, "rows": rows, "commands": cmds}
+    if goal is None:
+        report["goal"] = {"ok": False, "error": f"no speedup for {args.goal}", "target": args.goal_speedup}
+    else:
+        report["goal"] = {"ok": goal["speedup"] >= args.goal_speedup, "speedup": goal["speedup"],
+                          "target": args.goal_speedup}
+    return report
+
+
 # ------------------------------------------------------------------------------------------ junit, env, merge
 def cmd_junit(args) -> dict:
     """pytest's junit XML as counts, the failures and the skips' reasons."""
@@ -578,6 +610,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--goal-mfu", type=float, default=0.45)
     p.add_argument("--profile", choices=("auto", "always", "never"), default="auto")
     p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", required=True)
+    p = part("throughput", cmd_throughput, "throughput.py per model and length: ours against transformers'")
+    p.add_argument("--runs", nargs="+", default=["llama_125m:1024:8", "gpt2_small:1024:8", "bert_base:512:16"],
+                   help="model:seq:batch")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--goal", default="llama_125m")
+    p.add_argument("--goal-speedup", type=float, default=1.2)
     p.add_argument("--threads", type=int)
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--out", required=True)

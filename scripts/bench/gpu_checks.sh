@@ -13,6 +13,8 @@
 #               gpt2_small at 1024; the profile's top kernels when short of it)
 #   planner     one-process peaks (torch.cuda.max_memory_allocated, max_memory_reserved beside it) against the
 #               planner: without and with activation checkpointing, and with the longest-sequence settings
+#   throughput  ours against transformers' models (llama_125m, gpt2_small, bert_base), bf16, one training step
+#               (scripts/bench/throughput.py; the goal: Llama at least 1.2x faster)
 #   longest     the longest llama_1b sequence that trains here with fused loss, tiled MLP, offloaded checkpointing
 #               and bf16 (doubling, bisecting after an out-of-memory, within the time left), against the planner
 # Every part writes out_dir/<part>.log and out_dir/<part>.json; out_dir/results.json merges them (with each part's
@@ -27,7 +29,7 @@ out=$(realpath -m "${1:-gpu_checks}")
 mkdir -p "$out"
 device=${GPU_CHECKS_DEVICE:-cuda}
 budget=${GPU_CHECKS_BUDGET_S:-480}
-parts=" ${GPU_CHECKS_PARTS:-env cuda_tests ring train mfu planner longest} "
+parts=" ${GPU_CHECKS_PARTS:-env cuda_tests ring train mfu planner throughput longest} "
 py=${PYTHON:-python}
 checks="$py scripts/bench/gpu_checks.py"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -68,6 +70,7 @@ if [[ $device == cuda ]]; then
            "gpt2_small checkpointing=model=gpt2_small $size trainer.activation_checkpointing=true"
            "bert_base=model=bert_base $bsize" "bert_base checkpointing=model=bert_base $bsize trainer.activation_checkpointing=true")
   llama=(--model llama_1b --start 32768 --unit 4096)
+  throughput="--runs llama_125m:1024:8 gpt2_small:1024:8 bert_base:512:16"
   lmodel=gpt2_small
 else  # the dry run: every part's plumbing on CPU with tiny models, a few steps, short sequences
   train="--models gpt_tiny bert_tiny --seq 128 --batch 4 --steps 20 --ckpt-every 8 --jobs 2 --threads 1"
@@ -79,6 +82,7 @@ else  # the dry run: every part's plumbing on CPU with tiny models, a few steps,
            "gpt_tiny checkpointing=model=gpt_tiny $size trainer.activation_checkpointing=true"
            "bert_tiny checkpointing=model=bert_tiny $bsize trainer.activation_checkpointing=true")
   llama=(--model llama_tiny --start 256 --unit 128 --max-attempts 3 --planner-max 65536 --threads 1)
+  throughput="--runs llama_tiny:128:2 gpt_tiny:128:2 --steps 2 --warmup 1 --goal llama_tiny --threads 1"
   lmodel=gpt_tiny
 fi
 planner+=("$lmodel longest settings=model=$lmodel $lsize trainer.fused_loss=true trainer.tiled_mlp=true trainer.activation_checkpointing=offload")
@@ -92,6 +96,8 @@ part train 210 "$checks train --device $device $train --timeout \$((CAP - 20)) -
 part mfu 150 "$checks mfu --device $device $mfu --timeout \$((CAP / 3)) --out $out/mfu --json $out/mfu.json"
 part planner 100 "$checks planner --device $device $(q "${planner[@]}") --timeout \$((CAP - 20)) --out $out/planner \
 --json $out/planner.json"
+part throughput 80 "$checks throughput --device $device $throughput --timeout \$((CAP / 3)) --out $out/throughput \
+--json $out/throughput.json"
 part longest 170 "$checks longest --device $device $(q "${llama[@]}") --budget-s \$((CAP - 20)) --out $out/longest \
 --json $out/longest.json"
 

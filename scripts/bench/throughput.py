@@ -15,6 +15,7 @@ rate (in the step's precision), measured in the same run on square matrices with
     python scripts/bench/throughput.py --model bert_base --batch 2 --seq 512 --json out.json
     python scripts/bench/throughput.py --model llama_125m --batch 2 --seq 512
     python scripts/bench/throughput.py --model llama_125m --batch 2 --seq 512 --precision bf16
+    python scripts/bench/throughput.py --model llama_125m --batch 8 --seq 1024 --precision bf16 --device cuda
 
 Dropout is the model config's (gpt2_small and bert_base: 0.1 hidden, 0 on attention probabilities); pass
 --dropout to change both models' hidden dropout. Ours draws its masks per token from the sequences' dropout seeds,
@@ -34,14 +35,18 @@ from pathlib import Path
 import torch
 
 
-def matmul_gflops(threads: int, n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    """The machine's matmul rate (GFLOP/s) in `dtype` on n x n matrices, best of `reps`."""
+def matmul_gflops(threads: int, n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32,
+                  device: torch.device = torch.device("cpu")) -> float:
+    """The device's matmul rate (GFLOP/s) in `dtype` on n x n matrices, best of `reps` (8192 x 8192 on a GPU)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = n if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     best = float("inf")
     for _ in range(reps):
+        _sync(device)
         start = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -57,13 +62,18 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels}
 
 
-def _autocast(tcfg):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(tcfg, device: torch.device):
     """The step's autocast (what trainer.precision=bf16 runs forward and loss under; transformers' Trainer does the
     same with bf16=True)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tcfg.precision == "bf16")
 
 
-def ours(cfg, tcfg):
+def ours(cfg, tcfg, device: torch.device):
     """Our model's step as the trainer runs it; `step(b, keyed_dropout=False)`: hidden dropout from torch's RNG
     instead of the per-token keyed masks (what a model called without `dropout_seed` does)."""
     from seqpar.models import build_model
@@ -72,7 +82,7 @@ def ours(cfg, tcfg):
     from seqpar.trainer.step import model_loss_sum
 
     torch.manual_seed(0)
-    model = build_model(cfg.model).train()
+    model = build_model(cfg.model).to(device).train()
     opt = build_optimizer(model, tcfg)
     targets_only = cfg.model.arch == "bert"  # as the trainer runs BERT without tp/pp: the head at targets only
     output_loss = (lambda features, labels: output_loss_sum(model, features, labels)) if tcfg.fused_loss else None
@@ -81,8 +91,8 @@ def ours(cfg, tcfg):
         micro = {**b, "position_ids": torch.arange(b["input_ids"].shape[1])}
         if keyed_dropout:
             micro["dropout_seed"] = torch.arange(b["input_ids"].shape[0])
-        with _autocast(tcfg):
-            loss = model_loss_sum(model, micro, torch.device("cpu"), targets_only, output_loss)
+        with _autocast(tcfg, device):
+            loss = model_loss_sum(model, micro, device, targets_only, output_loss)
             loss = loss / (b["labels"] != -100).sum()
         loss.backward()
         opt.step()
@@ -92,19 +102,19 @@ def ours(cfg, tcfg):
     return model, step
 
 
-def transformers_model(cfg, tcfg):
+def transformers_model(cfg, tcfg, device: torch.device):
     """transformers' model of the same config (the class our model declares, `seqpar.models.hf.to_hf`) and its step."""
     from seqpar.models import build_model
     from seqpar.models.hf import to_hf
 
     torch.manual_seed(0)
-    model = to_hf(build_model(cfg.model)).train()
+    model = to_hf(build_model(cfg.model)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
                             weight_decay=tcfg.weight_decay)
     causal = cfg.model.causal
 
     def step(b):
-        with _autocast(tcfg):  # GPT2LMHeadModel and LlamaForCausalLM shift labels themselves: the inputs as labels
+        with _autocast(tcfg, device):  # GPT2LMHeadModel and LlamaForCausalLM shift labels themselves: the inputs as labels
             loss = model(input_ids=b["input_ids"], labels=b["input_ids"] if causal else b["labels"]).loss
         loss.backward()
         opt.step()
@@ -115,7 +125,7 @@ def transformers_model(cfg, tcfg):
 
 
 def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads: int, dropout: float | None,
-        torch_dropout: bool = False, precision: str = "fp32") -> dict:
+        torch_dropout: bool = False, precision: str = "fp32", device: str = "cpu") -> dict:
     from seqpar.cli import compose
     from seqpar.configs import CONFIG_DIR
 
@@ -125,8 +135,9 @@ def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads:
         overrides.append(f"model.dropout={dropout}")
     cfg = compose(CONFIG_DIR, overrides)
     torch.set_num_threads(threads)
-    b = _batch(cfg.model, batch, seq)
-    contenders = {"seqpar": ours(cfg, cfg.trainer), "transformers": transformers_model(cfg, cfg.trainer)}
+    device = torch.device(device)
+    b = {k: v.to(device) for k, v in _batch(cfg.model, batch, seq).items()}
+    contenders = {"seqpar": ours(cfg, cfg.trainer, device), "transformers": transformers_model(cfg, cfg.trainer, device)}
     runs = list(contenders.items())
     if torch_dropout:  # the same model and optimizer, its steps alternating between the two kinds of masks
         _, step = contenders["seqpar"]
@@ -141,7 +152,7 @@ def run(model_name: str, batch: int, seq: int, steps: int, warmup: int, threads:
     from seqpar.trainer.metrics import flops_per_token
 
     flops = flops_per_token(contenders["seqpar"][0], cfg.model, seq) * batch * seq
-    peak = matmul_gflops(threads, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    peak = matmul_gflops(threads, dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=device)
     result = {"model": model_name, "batch": batch, "seq": seq, "threads": threads, "steps": steps, "precision": precision,
               "matmul_gflops": peak, "dropout": cfg.model.dropout}
     for name, ts in times.items():
@@ -166,10 +177,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time our model with torch's RNG dropout masks instead of the per-token keyed ones")
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                     help="bf16: both steps' forward and loss under bf16 autocast, the matmul rate in bf16")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the matmul probe then runs on it, 8192 x 8192)")
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args(argv)
     r = run(args.model, args.batch, args.seq, args.steps, args.warmup, args.threads, args.dropout, args.torch_dropout,
-            args.precision)
+            args.precision, args.device)
     print(f"{r['model']} batch {r['batch']} x seq {r['seq']}, {r['threads']} threads, dropout {r['dropout']}; "
           f"{r['precision']} matmul {r['matmul_gflops']:.0f} GFLOP/s")
     for name in ("seqpar", "transformers", "seqpar_torch_dropout"):

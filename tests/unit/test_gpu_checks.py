@@ -82,3 +82,16 @@ def test_merge_records_every_part(tmp_path):
     assert r["parts"]["ring"]["cases"] == 32 and r["parts"]["ring"]["seconds"] == 12.0
     assert r["parts"]["train"]["timed_out"] and "time cap" in r["parts"]["train"]["error"]
     assert r["parts"]["train"]["log_tail"] == "step 150 ..."
+
+
+def test_throughput_part_reports_each_model_and_the_llama_goal(tmp_path, cache_dir):
+    """The throughput part runs throughput.py per model on the given device (here CPU, one tiny model, one step)
+    and reports its row and the goal against its speedup; a model that fails is an error row and the part fails."""
+    args = gpu_checks.parser().parse_args([
+        "throughput", "--device", "cpu", "--runs", "llama_tiny:64:1", "no_such_model:64:1", "--steps", "1",
+        "--warmup", "1", "--threads", "1", "--goal", "llama_tiny", "--goal-speedup", "0.01", "--out", str(tmp_path)])
+    report = gpu_checks.cmd_throughput(args)
+    good, bad = report["rows"]
+    assert good["model"] == "llama_tiny" and good["seqpar"]["step_s"] > 0 and good["transformers"]["step_s"] > 0
+    assert report["goal"] == {"ok": True, "speedup": good["speedup"], "target": 0.01}
+    assert bad["model"] == "no_such_model" and bad["error"] and not report["ok"]
