@@ -135,3 +135,22 @@ def test_bf16_autocast_covers_the_fused_loss_and_ends_with_each_step(tmp_path, c
     trainer.train_step()
     assert not torch.is_autocast_enabled("cpu")
     assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_a_bf16_run_resumed_after_evaluations_continues_exactly(tmp_path, cache_dir):
+    """bf16 with an evaluation every step and a checkpoint at step 2: the run resumed from it logs the same losses
+    for steps 3 and 4 as the uninterrupted run (both had evaluated before those steps; before autocast got a fresh
+    context at each use, the first evaluation left it on for the rest of the uninterrupted run only)."""
+    args = ["model=gpt_tiny", "model.num_layers=1", "trainer.max_steps=4", "trainer.precision=bf16",
+            "trainer.eval_every=1", "checkpoint.every=2"]
+
+    def losses(run):
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    make_trainer(tmp_path / "ref", *args).fit()
+    step2 = tmp_path / "ref" / "checkpoints" / "step_00000002"
+    torch.set_autocast_enabled("cpu", False)  # as a resumed job's new process starts, whatever the run above left
+    make_trainer(tmp_path / "resumed", *args, f"checkpoint.resume={step2}").fit()
+    ref, resumed = losses(tmp_path / "ref"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4] and all(resumed[s] == ref[s] for s in (3, 4)), (ref, resumed)
