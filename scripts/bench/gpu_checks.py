@@ -240,23 +240,34 @@ def cmd_train(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ mfu and profile
-def cmd_mfu(args) -> dict:
+def run_per_spec(args, script: str, *flags: str) -> tuple[list[dict], list[dict], bool]:
+    """`script` (a benchmark beside this file) once per model:seq:batch of `args.runs`, each writing its JSON into
+    `args.out`: (each run's JSON, or an error row with its log's tail; the commands; whether all succeeded)."""
     out = Path(args.out)
-    rows, cmds, ok = [], [], True
+    results, cmds, ok = [], [], True
     for spec in args.runs:
         model, seq, batch = spec.split(":")
         dest = out / f"{model}_{seq}.json"
-        cmd = [sys.executable, str(HERE / "mfu.py"), "--model", model, "--seq", seq, "--batch", batch,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--json", str(dest)]
+        cmd = [sys.executable, str(HERE / script), "--model", model, "--seq", seq, "--batch", batch,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device, "--json", str(dest),
+               *flags]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         r = run_logged(cmd, out / f"{model}_{seq}.log", train_env(args.device), args.timeout)
         cmds.append(r)
         if r["rc"] != 0 or not dest.is_file():
             ok = False
-            rows.append({"model": model, "seq": int(seq), "batch": int(batch), "error": tail(out / f"{model}_{seq}.log")})
+            results.append({"model": model, "seq": int(seq), "batch": int(batch),
+                            "error": tail(out / f"{model}_{seq}.log")})
             continue
-        rows += json.loads(dest.read_text())["rows"]
+        results.append(json.loads(dest.read_text()))
+    return results, cmds, ok
+
+
+def cmd_mfu(args) -> dict:
+    out = Path(args.out)
+    results, cmds, ok = run_per_spec(args, "mfu.py")
+    rows = [row for r in results for row in r.get("rows", [r])]  # mfu.py's rows; an error row as it is
     report = {"ok": ok, "rows": rows, "commands": cmds}
     goal_model, goal_seq = args.goal.split(":")
     goal = next((r for r in rows if r["model"] == goal_model and r["seq"] == int(goal_seq) and "mfu" in r), None)
@@ -484,23 +495,7 @@ def cmd_longest(args) -> dict:
 def cmd_throughput(args) -> dict:
     """`throughput.py` per model:seq:batch (ours against transformers' model, bf16 autocast, one device); the goal:
     Llama at least `--goal-speedup` times faster."""
-    out = Path(args.out)
-    rows, cmds, ok = [], [], True
-    for spec in args.runs:
-        model, seq, batch = spec.split(":")
-        dest = out / f"{model}_{seq}.json"
-        cmd = [sys.executable, str(HERE / "throughput.py"), "--model", model, "--seq", seq, "--batch", batch,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
-               "--device", args.device, "--json", str(dest)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        r = run_logged(cmd, out / f"{model}_{seq}.log", train_env(args.device), args.timeout)
-        cmds.append(r)
-        if r["rc"] != 0 or not dest.is_file():
-            ok = False
-            rows.append({"model": model, "seq": int(seq), "batch": int(batch), "error": tail(out / f"{model}_{seq}.log")})
-            continue
-        rows.append(json.loads(dest.read_text()))
+    rows, cmds, ok = run_per_spec(args, "throughput.py", "--precision", args.precision)
     goal = next((r for r in rows if r["model"] == args.goal and "speedup" in r), None)
     report = {"ok": ok, "rows": rows, "commands": cmds}
     if goal is None:

@@ -136,7 +136,8 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
         low = torch.empty(step, vocab, dtype=dtype, device=device) if dtype != torch.float32 else None
         grad_w = grad_w_part = grad_b = None
         if with_grads:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device)
+            # Written whole by the first slab (no zero fill first), then accumulated into.
+            grad_w = (torch.empty if len(x) else torch.zeros)(weight.shape, dtype=torch.float32, device=device)
             grad_w_part = torch.empty(weight.shape, dtype=dtype, device=device) if low is not None else None
             grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if bias is not None else None
         for start in range(0, x.shape[0], step):
@@ -170,8 +171,12 @@ def _linear_cross_entropy(features, weight, bias, labels, keep, group, vocab_sta
             if low is not None:
                 grad = low[:n].copy_(grad)
             grad_x[rows if every else keep[rows]] = (grad @ w).to(grad_x.dtype)
-            if grad_w_part is None:
+            if grad_w_part is None and start == 0:
+                torch.mm(grad.t(), x[rows], out=grad_w)
+            elif grad_w_part is None:
                 grad_w.addmm_(grad.t(), x[rows])
+            elif start == 0:
+                grad_w.copy_(torch.mm(grad.t(), x[rows], out=grad_w_part))
             else:
                 _add_into(grad_w, torch.mm(grad.t(), x[rows], out=grad_w_part))
         if with_grads and group is not None and not partial_features_grad:
