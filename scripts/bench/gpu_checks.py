@@ -7,7 +7,7 @@ a JSON of its results (`ok`, the numbers, the commands it ran; `skipped` where a
     python scripts/bench/gpu_checks.py mfu --device cuda --out out/mfu --json out/mfu.json
     python scripts/bench/gpu_checks.py planner --device cuda --out out/planner --json out/planner.json
     python scripts/bench/gpu_checks.py longest --device cuda --budget-s 150 --out out/longest --json out/longest.json
-    python scripts/bench/gpu_checks.py merge out            # out/results.json from every part's JSON
+    python scripts/bench/gpu_checks.py merge out            # out/results.json and out/logs.tar.gz
 
 - `ring`: ring attention's whole CUDA path in one process: every rank of a ring is a thread, the ring's exchanges
   and all-gathers local copies between them (`gpu_ring.py`), against SDPA on the whole sequence (float64).
@@ -21,6 +21,8 @@ a JSON of its results (`ok`, the numbers, the commands it ran; `skipped` where a
 - `planner`: one-process runs' measured peak against the planner's estimate (`seqpar.plan.estimate.plan`).
 - `longest`: the longest sequence of llama_1b with the longest-sequence settings that trains here, by doubling,
   then bisecting after an out-of-memory, within a time budget; each attempt's peak against the planner's.
+- `merge`: results.json from every part's JSON, and logs.tar.gz: every log, JSON and config under the folder (no
+  checkpoints), the whole record in one file to copy off the machine.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -524,9 +527,13 @@ def cmd_junit(args) -> dict:
 
 def cmd_env(args) -> dict:
     import torch
+    import transformers
+
+    import seqpar
 
     info = {"ok": True, "python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "device": args.device, "cpus": os.cpu_count()}
+            "torch_cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "seqpar_from": str(Path(seqpar.__file__).parent), "device": args.device, "cpus": os.cpu_count()}
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
     info["commit"] = git.stdout.strip() or None
     if args.device == "cuda":
@@ -567,6 +574,26 @@ def cmd_merge(args) -> dict:
             "summary": {n: ("ok" if p.get("ok") else "FAILED") + (f" (skipped: {p['skipped']})" if p.get("skipped")
                                                                   else "") for n, p in parts.items()},
             "env": json.loads(env.read_text()) if env.is_file() else None, "parts": parts}
+
+
+BUNDLE = "logs.tar.gz"
+BUNDLED = {".json", ".jsonl", ".log", ".tsv", ".xml", ".txt", ".yaml"}  # results and configs; never checkpoints
+
+
+def write_bundle(out: Path, max_file_bytes: int = 4 * 2**20) -> dict:
+    """out/logs.tar.gz: every file under `out` with a suffix in BUNDLED and at most `max_file_bytes` (a profile's
+    trace can be larger), by its path under `out`; what was left out for its size is listed."""
+    left_out, count = [], 0
+    with tarfile.open(out / BUNDLE, "w:gz") as tar:
+        for f in sorted(out.rglob("*")):
+            if not f.is_file() or f.suffix not in BUNDLED:
+                continue
+            if f.stat().st_size > max_file_bytes:
+                left_out.append(str(f.relative_to(out)))
+                continue
+            tar.add(f, arcname=str(f.relative_to(out)))
+            count += 1
+    return {"file": BUNDLE, "files": count, "left_out_for_size": left_out}
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -646,7 +673,7 @@ def parser() -> argparse.ArgumentParser:
     p = part("junit", cmd_junit, "a pytest junit XML as JSON")
     p.add_argument("xml")
     p = part("env", cmd_env, "versions of the GPU, driver, CUDA and torch")
-    p = part("merge", cmd_merge, "results.json from every part's JSON")
+    p = part("merge", cmd_merge, "results.json from every part's JSON; logs.tar.gz of the folder's records")
     p.add_argument("dir")
     return ap
 
@@ -660,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k in ("ok", "summary", "skipped", "error", "goal")}))
+    if args.cmd == "merge":  # after results.json, which it holds too
+        result["bundle"] = write_bundle(Path(args.dir))
+    print(json.dumps({k: v for k, v in result.items() if k in ("ok", "summary", "skipped", "error", "goal", "bundle")}))
     return 0 if result.get("ok") else 1
 
 

@@ -18,7 +18,10 @@
 #   longest     the longest llama_1b sequence that trains here with fused loss, tiled MLP, offloaded checkpointing
 #               and bf16 (doubling, bisecting after an out-of-memory, within the time left), against the planner
 # Every part writes out_dir/<part>.log and out_dir/<part>.json; out_dir/results.json merges them (with each part's
-# exit status, seconds and command). The exit status is 0 when every part passed.
+# exit status, seconds and command), and out_dir/logs.tar.gz holds every log, JSON and config (no checkpoints): the
+# two files to copy off the machine. The exit status is 0 when every part passed.
+# On a machine with no package index, first run scripts/bench/gpu_wheels.sh where pip reaches one and bring its
+# folder (.gpu_wheels/) with the checkout: the install below uses it.
 #
 #   bash scripts/bench/gpu_checks.sh [out_dir]                     # default out_dir: gpu_checks
 #   GPU_CHECKS_PARTS="ring train" bash scripts/bench/gpu_checks.sh out   # only these parts (a re-run after a fix)
@@ -30,11 +33,32 @@ mkdir -p "$out"
 device=${GPU_CHECKS_DEVICE:-cuda}
 budget=${GPU_CHECKS_BUDGET_S:-480}
 parts=" ${GPU_CHECKS_PARTS:-env cuda_tests ring train mfu planner throughput longest} "
-py=${PYTHON:-python}
+py=${PYTHON:-$(command -v python || command -v python3)}
 checks="$py scripts/bench/gpu_checks.py"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
-$py -c "import seqpar" 2>/dev/null || $py -m pip install -q -e ".[dev]" || { echo "seqpar does not install"; exit 2; }
+# With the folder of scripts/bench/gpu_wheels.sh (a machine with no package index): those wheels and seqpar from
+# this checkout go into a folder of their own on PYTHONPATH, with no index, no dependencies and no build isolation,
+# so the machine's CUDA torch stays; it is made anew each run, so a re-run after a fix runs the fixed code.
+# Otherwise seqpar as installed, or `pip install -e .[dev]` where it is not.
+wheels=${GPU_CHECKS_WHEELS:-.gpu_wheels}
+if [[ -d $wheels ]]; then
+  site=$(realpath -m "${GPU_CHECKS_SITE:-/tmp/seqpar-gpu-site}")
+  rm -rf "$site"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  shopt -s nullglob
+  found=("$wheels"/*.whl)
+  shopt -u nullglob
+  tree=$(mktemp -d)  # seqpar built from a copy: a build in the checkout leaves build/, whose stale files persist
+  cp -r pyproject.toml setup.py README.md src configs "$tree"
+  { ((${#found[@]} == 0)) || $py -m pip install -q --no-index --no-deps --no-compile --target "$site" "${found[@]}"; } &&
+    $py -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$site" "$tree" ||
+    { echo "seqpar does not install from $wheels into $site"; exit 2; }
+  rm -rf "$tree"
+elif ! $py -c "import seqpar" 2>/dev/null; then
+  $py -m pip install -q -e ".[dev]" || { echo "seqpar does not install"; exit 2; }
+fi
+$py -c "import seqpar.train" || { echo "seqpar does not import (see above)"; exit 2; }
 
 start=$SECONDS
 : > "$out/status.tsv"

@@ -36,9 +36,11 @@ import torch
 
 
 def matmul_gflops(threads: int, n: int = 2048, reps: int = 10, dtype: torch.dtype = torch.float32,
-                  device: torch.device = torch.device("cpu")) -> float:
-    """The device's matmul rate (GFLOP/s) in `dtype` on n x n matrices, best of `reps` (8192 x 8192 on a GPU)."""
+                  device: torch.device | None = None) -> float:
+    """The device's (default: CPU) matmul rate (GFLOP/s) in `dtype` on n x n matrices, best of `reps` (8192 x 8192
+    on a GPU)."""
     torch.set_num_threads(threads)
+    device = device or torch.device("cpu")
     n = n if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     best = float("inf")

@@ -1,11 +1,15 @@
 """The GPU check's own logic on CPU (`scripts/bench/gpu_checks.sh` and its Python parts), so it works when a GPU
 run comes: ring attention with its ranks as threads against SDPA (and a corrupted exchange caught), the loss
-comparisons, pytest's junit summary and the merge of the parts' results."""
+comparisons, pytest's junit summary, the merge of the parts' results and their bundle, and the install from a
+folder of wheels with no package index."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tarfile
 from unittest import mock
 
 import pytest
@@ -95,3 +99,46 @@ def test_throughput_part_reports_each_model_and_the_llama_goal(tmp_path, cache_d
     assert good["model"] == "llama_tiny" and good["seqpar"]["step_s"] > 0 and good["transformers"]["step_s"] > 0
     assert report["goal"] == {"ok": True, "speedup": good["speedup"], "target": 0.01}
     assert bad["model"] == "no_such_model" and bad["error"] and not report["ok"]
+
+
+def test_merge_bundles_the_records_but_no_checkpoints(tmp_path):
+    """logs.tar.gz: results.json, every part's log and JSON, the runs' configs and metrics; no checkpoint, and no
+    file over the size cap (listed instead)."""
+    (tmp_path / "status.tsv").write_text("env\t0\t1\tpython env\n")
+    (tmp_path / "env.json").write_text(json.dumps({"ok": True}))
+    (tmp_path / "env.log").write_text("versions")
+    run = tmp_path / "train" / "gpt2_small" / "bf16"
+    (run / "checkpoints" / "step_00000100").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000100" / "__0_0.distcp").write_bytes(b"\0" * 1000)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "config.yaml").write_text("model: gpt2_small\n")
+    (tmp_path / "mfu").mkdir()
+    (tmp_path / "mfu" / "trace.json").write_text("x" * (5 * 2**20))
+    assert gpu_checks.main(["merge", str(tmp_path)]) == 0
+    names = set(tarfile.open(tmp_path / "logs.tar.gz").getnames())
+    assert names == {"status.tsv", "env.json", "env.log", "results.json", "train/gpt2_small/bf16/metrics.jsonl",
+                     "train/gpt2_small/bf16/config.yaml"}
+    bundle = gpu_checks.write_bundle(tmp_path)
+    assert bundle["files"] == 6 and bundle["left_out_for_size"] == ["mfu/trace.json"]
+
+
+def test_script_installs_from_a_wheel_folder_with_no_index(tmp_path):
+    """With GPU_CHECKS_WHEELS (what gpu_wheels.sh fetches), gpu_checks.sh installs those wheels and seqpar from the
+    checkout into their own folder with no index and no dependencies, and the parts import seqpar from there."""
+    probe = tmp_path / "probe"
+    (probe / "gpu_probe_pkg").mkdir(parents=True)
+    (probe / "gpu_probe_pkg" / "__init__.py").write_text("VALUE = 7\n")
+    (probe / "pyproject.toml").write_text('[project]\nname = "gpu-probe-pkg"\nversion = "1.0"\n')
+    wheels, site, out = tmp_path / "wheels", tmp_path / "site", tmp_path / "out"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index",
+                            "--no-build-isolation", "-w", str(wheels), str(probe)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    env = {**os.environ, "GPU_CHECKS_WHEELS": str(wheels), "GPU_CHECKS_SITE": str(site), "GPU_CHECKS_PARTS": "env",
+           "GPU_CHECKS_DEVICE": "cpu", "PYTHON": sys.executable, "PIP_NO_INDEX": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "bench" / "gpu_checks.sh"), str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (site / "gpu_probe_pkg" / "__init__.py").is_file()
+    assert json.loads((out / "env.json").read_text())["seqpar_from"] == str(site / "seqpar")
+    assert (site / "seqpar" / "configs" / "config.yaml").is_file()
+    assert {"results.json", "env.json"} <= set(tarfile.open(out / "logs.tar.gz").getnames())
