@@ -120,6 +120,22 @@ def default_store():
     return dist.distributed_c10d._get_default_store()
 
 
+def all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group=None) -> None:
+    """Every rank's `tensor` into `output`, concatenated along dim 0: `dist.all_gather_single`, which torch 2.13
+    named so; before, the same collective is `all_gather_into_tensor` (GPU images often ship an older torch)."""
+    import torch.distributed as dist
+
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(output, tensor, group=group)
+
+
+def reduce_scatter_single(output: torch.Tensor, tensor: torch.Tensor, group=None) -> None:
+    """The sum over ranks of `tensor`'s dim-0 part of this rank, into `output`: `dist.reduce_scatter_single` (torch
+    2.13's name; before, `reduce_scatter_tensor`)."""
+    import torch.distributed as dist
+
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(output, tensor, group=group)
+
+
 def checkpoint_wrapper(module: torch.nn.Module, checkpoint_fn=None) -> torch.nn.Module:
     """`module` wrapped to recompute its forward in backward (activation checkpointing) with `checkpoint_fn(fn,
     *args, **kwargs)` (None: torch's non-reentrant checkpoint); the wrapped module is the wrapper's

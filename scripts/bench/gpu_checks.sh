@@ -33,7 +33,7 @@ mkdir -p "$out"
 device=${GPU_CHECKS_DEVICE:-cuda}
 budget=${GPU_CHECKS_BUDGET_S:-480}
 parts=" ${GPU_CHECKS_PARTS:-env cuda_tests ring train mfu planner throughput longest} "
-py=${PYTHON:-$(command -v python || command -v python3)}
+py=${PYTHON:-$(command -v python3 || command -v python)}  # python3 first: on some images `python` is another one
 checks="$py scripts/bench/gpu_checks.py"
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 

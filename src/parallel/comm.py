@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from seqpar.torch_compat import all_gather_single, reduce_scatter_single
+
 
 class RingExchange:
     """One step of a ring: rank r sends to r+1 and receives from r-1 (ranks within `group`, cyclic)."""
@@ -158,7 +160,7 @@ class _GatherAlong(torch.autograd.Function):
         n = dist.get_world_size(group)
         front = x.movedim(dim, 0).contiguous()
         out = torch.empty((n * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_single(out, front, group=group)
+        all_gather_single(out, front, group=group)
         return out.movedim(0, dim)
 
     @staticmethod
@@ -166,7 +168,7 @@ class _GatherAlong(torch.autograd.Function):
         n = dist.get_world_size(ctx.group)
         front = g.movedim(ctx.dim, 0).contiguous()
         out = torch.empty((front.shape[0] // n, *front.shape[1:]), dtype=g.dtype, device=g.device)
-        dist.reduce_scatter_single(out, front, group=ctx.group)
+        reduce_scatter_single(out, front, group=ctx.group)
         return out.movedim(0, ctx.dim), None, None
 
 

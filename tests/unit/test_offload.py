@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 
 import pytest
 import torch
@@ -54,9 +55,10 @@ def test_offloaded_checkpointing_moves_block_inputs_to_the_host_and_keeps_the_gr
     grads = {kind: _grads(m, batch) for kind, m in models.items()}
     hidden = (2, 24, 32)
     # Each block's forward saves its tensor inputs for the recomputation, nothing else: the hidden states, the
-    # positions (rotary models read them) and BERT's padding mask.
+    # positions (rotary models read them) and BERT's padding mask (torch 2.11's checkpoint also saves an empty
+    # placeholder a block, which holds no memory).
     per_block = [hidden, (24,), (2, 24)] if arch == "bert" else [hidden, (24,)]
-    assert sorted(packed) == sorted(per_block * cfg.num_layers)
+    assert sorted(s for s in packed if math.prod(s)) == sorted(per_block * cfg.num_layers)
     for kind in ("checkpoint", "offload"):
         assert grads[kind].keys() == grads["none"].keys()
         for name, g in grads["none"].items():

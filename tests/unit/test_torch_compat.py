@@ -50,3 +50,21 @@ def test_a_changed_kernel_signature_is_caught(monkeypatch):
 def test_pyproject_asks_for_the_tested_range():
     assert f'"{torch_compat.REQUIREMENT}"' in (ROOT / "pyproject.toml").read_text()
     assert torch.__version__.startswith(torch_compat.TESTED + ".")
+
+
+@pytest.mark.parametrize("name, older", [("all_gather_single", "all_gather_into_tensor"),
+                                         ("reduce_scatter_single", "reduce_scatter_tensor")])
+def test_collectives_renamed_in_2_13_fall_back_to_their_older_names(monkeypatch, name, older):
+    """torch 2.13 named these collectives; on an older torch (GPU images often ship one) the same collective under
+    its older name is called, with the same arguments."""
+    import torch.distributed as dist
+
+    calls = []
+    out, x = torch.zeros(4), torch.ones(2)
+    monkeypatch.setattr(dist, name, lambda *a, **k: calls.append((name, a, k)), raising=False)
+    monkeypatch.setattr(dist, older, lambda *a, **k: calls.append((older, a, k)), raising=False)
+    getattr(torch_compat, name)(out, x, group="g")
+    monkeypatch.delattr(dist, name)
+    getattr(torch_compat, name)(out, x, group="g")
+    assert [c[0] for c in calls] == [name, older]
+    assert all(c[1][0] is out and c[1][1] is x and c[2] == {"group": "g"} for c in calls)
