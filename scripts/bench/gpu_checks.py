@@ -534,17 +534,23 @@ def cmd_env(args) -> dict:
     info = {"ok": True, "python": platform.python_version(), "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "transformers": transformers.__version__,
             "seqpar_from": str(Path(seqpar.__file__).parent), "device": args.device, "cpus": os.cpu_count()}
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    info["commit"] = git.stdout.strip() or None
+    try:  # a copy of the checkout without its .git, or a machine without git: no commit
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        info["commit"] = git.stdout.strip() or None
+    except OSError:
+        info["commit"] = None
     if args.device == "cuda":
         if not torch.cuda.is_available():
             return {**info, "ok": False, "error": "torch sees no CUDA device"}
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_mem_gib=p.total_memory / 2**30, capability=f"{p.major}.{p.minor}",
                     cudnn=torch.backends.cudnn.version())
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True)
-        info["nvidia_smi"] = smi.stdout.strip()
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                  "--format=csv,noheader"], capture_output=True, text=True)
+            info["nvidia_smi"] = smi.stdout.strip()
+        except OSError:
+            info["nvidia_smi"] = None
     return info
 
 

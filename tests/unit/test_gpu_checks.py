@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -142,3 +143,13 @@ def test_script_installs_from_a_wheel_folder_with_no_index(tmp_path):
     assert json.loads((out / "env.json").read_text())["seqpar_from"] == str(site / "seqpar")
     assert (site / "seqpar" / "configs" / "config.yaml").is_file()
     assert {"results.json", "env.json"} <= set(tarfile.open(out / "logs.tar.gz").getnames())
+
+
+def test_env_part_without_git(monkeypatch):
+    """A copy of the checkout on a GPU machine may have no git: the env part records no commit and passes."""
+    def no_git(cmd, *a, **k):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(gpu_checks.subprocess, "run", no_git)
+    info = gpu_checks.cmd_env(gpu_checks.parser().parse_args(["env", "--device", "cpu"]))
+    assert info["ok"] and info["commit"] is None and (Path(info["seqpar_from"]) / "torch_compat.py").is_file()
