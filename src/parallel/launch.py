@@ -186,10 +186,14 @@ def launch_local(fn, world: int, *args, device_type: str = "cpu", timeout_s: flo
     errors, done = ctx.SimpleQueue(), ctx.Barrier(world)
     port = int(os.environ.get("MASTER_PORT") or free_port())
     forward = SignalForwarder(stop)
-    pc = mp.start_processes(
-        _local_worker, args=(world, port, device_type, timeout_s, errors, done, fn, args),
-        nprocs=world, join=False, start_method=method,
-    )
+    try:
+        pc = mp.start_processes(
+            _local_worker, args=(world, port, device_type, timeout_s, errors, done, fn, args),
+            nprocs=world, join=False, start_method=method,
+        )
+    except BaseException:
+        forward.restore()  # else this process would keep passing its SIGTERM on to no one
+        raise
     forward.processes = pc.processes
     start = time.monotonic()
     try:

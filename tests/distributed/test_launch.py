@@ -139,3 +139,18 @@ def test_ranks_take_their_thread_count_from_omp_num_threads_even_when_set_after_
     want = str(max(1, (os.cpu_count() or 1) // 2))
     assert [(tmp_path / f"unset.{r}").read_text() for r in range(2)] == [want, want]
     assert torch.get_num_threads() == before  # the parent's own count is untouched
+
+
+def test_a_launch_that_cannot_start_its_ranks_gives_the_signals_back(monkeypatch):
+    """The launcher forwards SIGTERM/SIGUSR1 to its ranks; if the ranks cannot be started, this process gets its
+    own handlers back (else it would pass its SIGTERM on to no one, and every process it forks later inherits that)."""
+    import torch.multiprocessing as mp
+
+    def fails(*a, **k):
+        raise OSError("cannot start")
+
+    monkeypatch.setattr(mp, "start_processes", fails)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    with pytest.raises(OSError, match="cannot start"):
+        launch_local(_ok, 2, "unused")
+    assert {s: signal.getsignal(s) for s in before} == before

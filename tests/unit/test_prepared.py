@@ -183,6 +183,40 @@ def test_worker_processes_write_what_one_process_writes(corpus, prepared, tmp_pa
         assert f.read_bytes() == (two / f.name).read_bytes(), f.name
 
 
+# One of two encoding workers never starts (as one whose fork copied a held lock would), and the parent has a
+# SIGTERM handler that only records the signal (as a trainer or launcher installs): the other worker encodes
+# everything, and the pool's shutdown must still stop the stuck one.
+STUCK_WORKER = """
+import os, signal, sys, time
+from tokenizers import Tokenizer, models, pre_tokenizers
+from seqpar.data.prepared import encode
+
+marker = sys.argv[1]
+def stuck_once(tokenizer_json):
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return encode._init_worker_original(tokenizer_json)
+    while True:
+        time.sleep(1)
+
+encode._init_worker_original, encode._init_worker = encode._init_worker, stuck_once
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+out = list(encode.encode(tok.to_str(), [["a b a"] * 4 for _ in range(6)], 2))
+assert len(out) == 6 and all(ids.tolist() == [0, 1, 0] * 4 for ids, _ in out)
+assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the caller's handler is back
+print("done")
+"""
+
+
+def test_a_stuck_worker_does_not_hang_the_pools_shutdown(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", STUCK_WORKER, str(tmp_path / "marker")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+
+
 def _one_line(excinfo) -> str:
     text = str(excinfo.value)
     assert "\n" not in text
