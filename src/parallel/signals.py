@@ -31,16 +31,27 @@ class StopSignal:
     def listening(self):
         """Record SIGTERM/SIGUSR1 here while the block runs (only the main thread can set handlers); the previous
         handlers come back after it."""
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                previous[sig] = signal.signal(sig, self.record)
-                signal.siginterrupt(sig, False)  # restart interrupted system calls (sockets of collectives)
-        try:
+        # Interrupted system calls restart (the sockets of collectives).
+        with handling(self.SIGNALS, self.record, restart_syscalls=True):
             yield self
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def handling(signals, handler, restart_syscalls: bool = False):
+    """`handler` for `signals` while the block runs, then the previous handlers again. Only the main thread can set
+    handlers: elsewhere nothing changes. A previous handler set outside Python cannot be put back and stays replaced."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in signals:
+            previous[sig] = signal.signal(sig, handler)
+            if restart_syscalls:
+                signal.siginterrupt(sig, False)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            if old is not None:
+                signal.signal(sig, old)
 
 
 class SignalForwarder:

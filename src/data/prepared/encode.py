@@ -10,11 +10,9 @@ encoding object per document whose size grows with its tokens (docs/benchmarks.m
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import signal
-import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -22,6 +20,7 @@ import numpy as np
 
 from seqpar.config import Config
 from seqpar.data.tokenizer import check_vocab, load_tokenizer_dir, train_tokenizer
+from seqpar.parallel.signals import handling
 
 BATCH_CHARS = 1 << 18  # characters of text per encoding batch
 IN_FLIGHT = 3  # batches queued per worker
@@ -93,22 +92,6 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return encode_batch(_WORKER_TOKENIZER, texts)
 
 
-@contextlib.contextmanager
-def _default_sigterm():
-    """SIGTERM's default action while the workers are forked, so that they inherit it: the pool's shutdown stops
-    a worker with SIGTERM, and one that inherited a handler that only records it (a trainer's, a launcher's) and
-    never started (a fork can copy a lock another thread held) would keep the shutdown waiting forever."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread sets handlers
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        yield
-    finally:
-        if previous is not None:  # None: a handler set outside Python, which cannot be put back
-            signal.signal(signal.SIGTERM, previous)
-
-
 def encode(tokenizer_json: str, text_batches: Iterable[list[str]], num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`encode_batch` of each batch, in order: in this process for `num_proc` 1, else in a pool of `num_proc`
     workers. Workers are forked where the platform can (spawning would import the caller's main module again);
@@ -124,7 +107,10 @@ def encode(tokenizer_json: str, text_batches: Iterable[list[str]], num_proc: int
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with _default_sigterm():
+    # The workers inherit SIGTERM's default action: the pool's shutdown stops a worker with SIGTERM, and one that
+    # inherited a handler that only records it (a trainer's, a launcher's) and never started (a fork can copy a
+    # lock another thread held) would keep the shutdown waiting forever.
+    with handling((signal.SIGTERM,), signal.SIG_DFL):
         pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer_json,))
     with pool:
         pending: deque = deque()
